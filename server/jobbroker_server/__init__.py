@@ -1,0 +1,1 @@
+"""The jobbroker server: ``broker serve`` and the operator CLI."""

@@ -1,0 +1,40 @@
+"""The broker's errors. rpc/errors.py maps each to one gRPC status code.
+
+BrokerError
+├── InvalidArgument      bad input; nothing was written
+├── NotFound             no such job
+├── FailedPrecondition   the job's state does not allow it
+│   ├── IllegalTransition
+│   └── LeaseLost        stale fencing token, or the job no longer runs
+└── ResourceExhausted    payload or batch over a configured limit
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    reason = "BROKER_ERROR"
+
+
+class InvalidArgument(BrokerError):
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(BrokerError):
+    reason = "NOT_FOUND"
+
+
+class FailedPrecondition(BrokerError):
+    reason = "FAILED_PRECONDITION"
+
+
+class IllegalTransition(FailedPrecondition):
+    reason = "ILLEGAL_TRANSITION"
+
+
+class LeaseLost(FailedPrecondition):
+    reason = "LEASE_LOST"
+
+
+class ResourceExhausted(BrokerError):
+    reason = "RESOURCE_EXHAUSTED"

@@ -1,0 +1,171 @@
+"""The broker's records: what a job is, and what flows in and out of the store."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from jobbroker_server.domain.retry import RetryPolicy
+from jobbroker_server.domain.states import JobState
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class AttemptOutcome(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LEASE_EXPIRED = "lease_expired"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    RELEASED = "released"  # handed back by the worker; not counted as an attempt
+
+
+class ReportStatus(enum.StrEnum):
+    OK = "ok"
+    LEASE_LOST = "lease_lost"
+    NOT_FOUND = "not_found"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    data: bytes = b""
+    content_type: str = JSON_CONTENT_TYPE
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated submit, ready to store."""
+
+    id: str
+    queue: str
+    task: str
+    payload: Payload
+    priority: int
+    run_at: datetime | None  # None: runnable at once
+    retry: RetryPolicy
+    timeout: timedelta | None
+    soft_timeout: timedelta | None
+    idempotency_key: str | None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    number: int
+    worker_id: str
+    fencing_token: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: AttemptOutcome
+    error: ErrorInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    queue: str
+    task: str
+    payload: Payload
+    priority: int
+    state: JobState
+    attempts: int
+    retry: RetryPolicy
+    timeout: timedelta | None
+    soft_timeout: timedelta | None
+    idempotency_key: str | None
+    metadata: Mapping[str, str]
+    tags: tuple[str, ...]
+    created_at: datetime
+    scheduled_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Payload | None
+    last_error: ErrorInfo | None
+    progress: float
+    progress_message: str
+    fencing_token: int
+    lease_expires_at: datetime | None
+    history: tuple[Attempt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    job_id: str
+    state: JobState
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    job: Job
+    fencing_token: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    job_id: str
+    fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    lease: LeaseRef
+    result: Payload | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    lease: LeaseRef
+    error: ErrorInfo
+    permanent: bool = False
+    retry_after: timedelta | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    lease: LeaseRef
+    progress: float
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    job_id: str
+    status: ReportStatus
+    message: str = ""
+    lease_expires_at: datetime | None = None
+    # Set when the report moved the job: the state it ended in.
+    state: JobState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    queue: str | None = None
+    states: tuple[JobState, ...] = ()
+    task: str | None = None
+    after_id: str | None = None  # page token: ids sort by creation time
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ReapedLease:
+    """A lease the reaper ended: the worker holding it must stop."""
+
+    lease: LeaseRef
+    queue: str
+    outcome: AttemptOutcome
+    state: JobState

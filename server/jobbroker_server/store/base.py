@@ -1,0 +1,123 @@
+"""The store contract: one method per thing the broker does, each one transaction.
+
+Every method that changes jobs takes ``now`` from the caller's clock, moves jobs
+only along the edges of ``domain.states``, and has committed before it returns.
+A write that needs a lease names the job, state running and the fencing token in
+its WHERE clause: zero rows changed means the lease was lost.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from jobbroker_server.domain.models import (
+    Completion,
+    Failure,
+    Job,
+    JobFilter,
+    Lease,
+    LeaseRef,
+    NewJob,
+    Progress,
+    ReapedLease,
+    ReportResult,
+    SubmitResult,
+)
+from jobbroker_server.domain.states import JobState
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    async def migrate(self) -> None:
+        """Create or upgrade the schema to this version."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def submit_many(
+        self, jobs: Sequence[NewJob], now: datetime, dedup_window: timedelta
+    ) -> list[SubmitResult]:
+        """Store jobs all-or-nothing. A job whose idempotency key matches one
+        created inside ``dedup_window`` is not stored; its result names the
+        existing job with ``duplicate=True``."""
+
+    @abc.abstractmethod
+    async def lease_many(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        worker_id: str,
+        lease_for: timedelta,
+        now: datetime,
+    ) -> list[Lease]:
+        """Move up to ``limit`` pending jobs of ``queues`` to running, highest
+        priority first and FIFO within a priority, each with a new fencing token."""
+
+    @abc.abstractmethod
+    async def heartbeat_many(
+        self, leases: Sequence[LeaseRef], lease_for: timedelta, now: datetime
+    ) -> list[ReportResult]:
+        """Extend each lease that is still current to ``now + lease_for``."""
+
+    @abc.abstractmethod
+    async def progress(self, report: Progress, now: datetime) -> ReportResult: ...
+
+    @abc.abstractmethod
+    async def complete_many(
+        self, completions: Sequence[Completion], now: datetime
+    ) -> list[ReportResult]: ...
+
+    @abc.abstractmethod
+    async def fail_many(self, failures: Sequence[Failure], now: datetime) -> list[ReportResult]:
+        """Retry (with backoff, or after ``retry_after``) or dead-letter each job;
+        a cancelled failure ends the job cancelled."""
+
+    @abc.abstractmethod
+    async def release_many(self, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
+        """Hand jobs back to pending without counting the attempt."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str, now: datetime) -> Job:
+        """Cancel a pending or scheduled job at once. A running job is returned
+        unchanged; the caller asks its worker to stop it. Raises NotFound, or
+        IllegalTransition for a finished job."""
+
+    @abc.abstractmethod
+    async def reap_expired(self, now: datetime) -> list[ReapedLease]:
+        """End every running attempt whose lease expired or whose hard timeout
+        passed, and retry or dead-letter its job."""
+
+    @abc.abstractmethod
+    async def promote_scheduled(self, now: datetime) -> int:
+        """Move scheduled jobs whose time has come to pending."""
+
+    @abc.abstractmethod
+    async def next_scheduled_at(self) -> datetime | None: ...
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str, *, history: bool = True) -> Job:
+        """Raises NotFound."""
+
+    @abc.abstractmethod
+    async def list_jobs(self, where: JobFilter) -> list[Job]: ...
+
+    @abc.abstractmethod
+    async def replay_dead(
+        self, queue: str | None, job_ids: Sequence[str], now: datetime
+    ) -> list[str]:
+        """Put dead jobs back to pending with fresh attempts; an empty
+        ``job_ids`` means every dead job (of ``queue`` when given)."""
+
+    @abc.abstractmethod
+    async def purge_dead(self, queue: str | None, job_ids: Sequence[str]) -> int: ...
+
+    @abc.abstractmethod
+    async def delete_finished(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` succeeded or cancelled jobs finished before
+        ``before``; dead jobs stay until replayed or purged."""
+
+    @abc.abstractmethod
+    async def queue_depths(self) -> dict[tuple[str, JobState], int]: ...

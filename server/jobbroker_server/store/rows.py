@@ -1,0 +1,125 @@
+"""Rows of the shared schema to and from the domain's records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from jobbroker_server.domain.models import Attempt, AttemptOutcome, ErrorInfo, Job, NewJob, Payload
+from jobbroker_server.domain.retry import RetryPolicy
+from jobbroker_server.domain.states import JobState
+
+
+def _seconds(value: timedelta | None) -> float | None:
+    return None if value is None else value.total_seconds()
+
+
+def _delta(value: float | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
+
+def error_to_json(error: ErrorInfo | None) -> dict[str, str] | None:
+    if error is None:
+        return None
+    return {"type": error.type, "message": error.message, "traceback": error.traceback}
+
+
+def error_from_json(value: Any) -> ErrorInfo | None:
+    if not value:
+        return None
+    return ErrorInfo(value.get("type", ""), value.get("message", ""), value.get("traceback", ""))
+
+
+def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
+    run_at = job.run_at if job.run_at is not None and job.run_at > now else now
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "task": job.task,
+        "payload": job.payload.data,
+        "content_type": job.payload.content_type,
+        "priority": job.priority,
+        "state": (JobState.SCHEDULED if run_at > now else JobState.PENDING).value,
+        "attempts": 0,
+        "max_attempts": job.retry.max_attempts,
+        "backoff_base_s": job.retry.backoff_base.total_seconds(),
+        "backoff_factor": job.retry.backoff_factor,
+        "backoff_cap_s": job.retry.backoff_cap.total_seconds(),
+        "backoff_jitter": job.retry.jitter,
+        "timeout_s": _seconds(job.timeout),
+        "soft_timeout_s": _seconds(job.soft_timeout),
+        "idempotency_key": job.idempotency_key,
+        "metadata": dict(job.metadata),
+        "tags": list(job.tags),
+        "created_at": now,
+        "scheduled_at": run_at,
+        "started_at": None,
+        "finished_at": None,
+        "result": None,
+        "result_content_type": None,
+        "last_error": None,
+        "progress": 0.0,
+        "progress_message": "",
+        "fencing_token": 0,
+        "leased_by": None,
+        "lease_expires_at": None,
+        "deadline_at": None,
+        "cancel_requested": False,
+    }
+
+
+def retry_policy(row: sa.Row[Any]) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=row.max_attempts,
+        backoff_base=timedelta(seconds=row.backoff_base_s),
+        backoff_factor=row.backoff_factor,
+        backoff_cap=timedelta(seconds=row.backoff_cap_s),
+        jitter=row.backoff_jitter,
+    )
+
+
+def job_from_row(row: sa.Row[Any], history: Sequence[Attempt] = ()) -> Job:
+    result = None
+    if row.result is not None:
+        result = Payload(row.result, row.result_content_type or "")
+    return Job(
+        id=row.id,
+        queue=row.queue,
+        task=row.task,
+        payload=Payload(row.payload, row.content_type),
+        priority=row.priority,
+        state=JobState(row.state),
+        attempts=row.attempts,
+        retry=retry_policy(row),
+        timeout=_delta(row.timeout_s),
+        soft_timeout=_delta(row.soft_timeout_s),
+        idempotency_key=row.idempotency_key,
+        metadata=dict(row.metadata),
+        tags=tuple(row.tags),
+        created_at=row.created_at,
+        scheduled_at=row.scheduled_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        result=result,
+        last_error=error_from_json(row.last_error),
+        progress=row.progress,
+        progress_message=row.progress_message,
+        fencing_token=row.fencing_token,
+        lease_expires_at=row.lease_expires_at,
+        history=tuple(history),
+    )
+
+
+def attempt_from_row(row: sa.Row[Any]) -> Attempt:
+    return Attempt(
+        number=row.number,
+        worker_id=row.worker_id,
+        fencing_token=row.fencing_token,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        outcome=AttemptOutcome(row.outcome),
+        error=error_from_json(row.error),
+    )

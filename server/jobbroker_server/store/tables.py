@@ -1,0 +1,122 @@
+"""The schema every dialect shares (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+SCHEMA_VERSION = 1
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the dialect stores."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("queue", sa.String(200), nullable=False),
+    sa.Column("task", sa.String(200), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("content_type", sa.String(100), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("backoff_base_s", sa.Float, nullable=False),
+    sa.Column("backoff_factor", sa.Float, nullable=False),
+    sa.Column("backoff_cap_s", sa.Float, nullable=False),
+    sa.Column("backoff_jitter", sa.Float, nullable=False),
+    sa.Column("timeout_s", sa.Float),
+    sa.Column("soft_timeout_s", sa.Float),
+    sa.Column("idempotency_key", sa.String(200), unique=True),
+    sa.Column("metadata", sa.JSON, nullable=False),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("scheduled_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("result", sa.LargeBinary),
+    sa.Column("result_content_type", sa.String(100)),
+    sa.Column("last_error", sa.JSON),
+    sa.Column("progress", sa.Float, nullable=False),
+    sa.Column("progress_message", sa.Text, nullable=False),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False),
+    sa.Column("leased_by", sa.String(200)),
+    sa.Column("lease_expires_at", UTCDateTime),
+    sa.Column("deadline_at", UTCDateTime),  # hard timeout of the running attempt
+    # Set when a running job is cancelled: however its attempt ends, it ends cancelled.
+    sa.Column("cancel_requested", sa.Boolean, nullable=False),
+)
+
+_pending = jobs.c.state == "pending"
+_scheduled = jobs.c.state == "scheduled"
+_running = jobs.c.state == "running"
+
+sa.Index(
+    "ix_jobs_ready",
+    jobs.c.queue,
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    sqlite_where=_pending,
+    postgresql_where=_pending,
+)
+sa.Index(
+    "ix_jobs_scheduled",
+    jobs.c.scheduled_at,
+    sqlite_where=_scheduled,
+    postgresql_where=_scheduled,
+)
+sa.Index(
+    "ix_jobs_running",
+    jobs.c.lease_expires_at,
+    sqlite_where=_running,
+    postgresql_where=_running,
+)
+sa.Index("ix_jobs_state_finished", jobs.c.state, jobs.c.finished_at)
+sa.Index("ix_jobs_queue_state", jobs.c.queue, jobs.c.state, jobs.c.id)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column(
+        "job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("fencing_token", sa.BigInteger, primary_key=True),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("worker_id", sa.String(200), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", sa.JSON),
+)
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
