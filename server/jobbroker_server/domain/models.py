@@ -148,8 +148,9 @@ class ReportResult:
     status: ReportStatus
     message: str = ""
     lease_expires_at: datetime | None = None
-    # Set when the report moved the job: the state it ended in.
+    # Set when the report moved the job: the state it ended in, and its queue.
     state: JobState | None = None
+    queue: str = ""
 
 
 @dataclass(frozen=True, slots=True)

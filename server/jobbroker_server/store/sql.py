@@ -252,10 +252,14 @@ class SqlStore(Store):
                         progress=1.0,
                         **_LEASE_CLEARED,
                     )
+                    .returning(jobs.c.queue)
                 )
-                if changed.rowcount == 1:
+                queue = changed.scalar()
+                if queue is not None:
                     await _end_attempt(conn, c.lease, AttemptOutcome.SUCCEEDED, None, now)
-                    results.append(ReportResult(c.lease.job_id, ReportStatus.OK, state=done))
+                    results.append(
+                        ReportResult(c.lease.job_id, ReportStatus.OK, state=done, queue=queue)
+                    )
                 else:
                     results.append(await _lost(conn, c.lease))
         return results
@@ -272,7 +276,9 @@ class SqlStore(Store):
                 state = await self._end_running(
                     conn, row, outcome, f.error, now, f.permanent, f.retry_after
                 )
-                results.append(ReportResult(f.lease.job_id, ReportStatus.OK, state=state))
+                results.append(
+                    ReportResult(f.lease.job_id, ReportStatus.OK, state=state, queue=row.queue)
+                )
         return results
 
     async def release_many(self, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
@@ -368,14 +374,12 @@ class SqlStore(Store):
             return int(changed.rowcount)
 
     async def next_scheduled_at(self) -> datetime | None:
+        stmt = sa.select(sa.func.min(jobs.c.scheduled_at)).where(
+            jobs.c.state == JobState.SCHEDULED.value
+        )
         async with self._tx() as conn:
-            return (
-                await conn.execute(
-                    sa.select(sa.func.min(jobs.c.scheduled_at)).where(
-                        jobs.c.state == JobState.SCHEDULED.value
-                    )
-                )
-            ).scalar()
+            due: datetime | None = (await conn.execute(stmt)).scalar()
+            return due
 
     # --- operators ---
 

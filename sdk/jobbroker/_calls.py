@@ -1,0 +1,192 @@
+"""What Client and AsyncClient share: request building, validation, call retry."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from jobbroker.v1 import broker_pb2, job_pb2
+
+from ._convert import (
+    duration_to_pb,
+    encode_payload,
+    job_from_pb,
+    retry_to_pb,
+    state_to_pb,
+    timestamp_to_pb,
+)
+from .errors import InvalidArgumentError, from_rpc_error
+from .task import Task
+from .types import JobRequest, JobState, Page, RetryPolicy
+
+T = TypeVar("T")
+
+CALL_ATTEMPTS = 5
+_BACKOFF_BASE = 0.05
+_BACKOFF_CAP = 1.0
+
+
+def to_timedelta(value: timedelta | float) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
+
+
+def to_seconds(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (0-based), with full jitter."""
+    return random.uniform(0.5, 1.0) * min(_BACKOFF_BASE * 2**attempt, _BACKOFF_CAP)
+
+
+def _retryable(error: grpc.RpcError, attempt: int) -> bool:
+    return error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < CALL_ATTEMPTS
+
+
+def call(fn: Callable[[], T]) -> T:
+    """Run a unary call, retrying UNAVAILABLE a few times; errors come out mapped.
+
+    Every call the clients make is safe to repeat: reads, and submits, which
+    always carry an idempotency key.
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as error:
+            if not _retryable(error, attempt):
+                raise from_rpc_error(error) from error
+        time.sleep(backoff(attempt))
+        attempt += 1
+
+
+async def acall(fn: Callable[[], Awaitable[T]]) -> T:
+    """`call` for grpc.aio."""
+    attempt = 0
+    while True:
+        try:
+            return await fn()
+        except grpc.RpcError as error:
+            if not _retryable(error, attempt):
+                raise from_rpc_error(error) from error
+        await asyncio.sleep(backoff(attempt))
+        attempt += 1
+
+
+# --- submit ---
+
+
+def _merged_retry(request: JobRequest, task: Task[Any, Any] | None) -> RetryPolicy | None:
+    retry = request.retry or (task.retry if task else None)
+    max_attempts = request.max_attempts or (task.max_attempts if task else None)
+    if max_attempts is None:
+        return retry
+    if max_attempts < 1:
+        raise InvalidArgumentError("max_attempts must be at least 1")
+    base = retry or RetryPolicy()
+    return RetryPolicy(
+        max_attempts, base.backoff_base, base.backoff_factor, base.backoff_cap, base.jitter
+    )
+
+
+def _check_schedule(delay: timedelta | None, run_at: datetime | None) -> None:
+    if delay is not None and run_at is not None:
+        raise InvalidArgumentError("give delay or run_at, not both")
+    if delay is not None and delay < timedelta(0):
+        raise InvalidArgumentError("delay must not be negative")
+    if run_at is not None and run_at.utcoffset() is None:
+        raise InvalidArgumentError("run_at must be an aware datetime")
+
+
+def build_spec(request: JobRequest) -> job_pb2.JobSpec:
+    """Validate one job and build its JobSpec; a Task's options are the defaults.
+
+    Without an idempotency key, a fresh one is made here, once per submit, so
+    that retrying the call after UNAVAILABLE can never store a second job.
+    """
+    task = request.task if isinstance(request.task, Task) else None
+    name = task.name if task else str(request.task)
+    queue = request.queue or (task.queue if task else "default")
+    if not name:
+        raise InvalidArgumentError("task name must not be empty")
+    if not queue:
+        raise InvalidArgumentError("queue must not be empty")
+    delay = to_timedelta(request.delay) if request.delay is not None else None
+    _check_schedule(delay, request.run_at)
+    priority = request.priority if request.priority is not None else (task.priority if task else 0)
+    spec = job_pb2.JobSpec(
+        queue=queue,
+        task=name,
+        payload=encode_payload(request.payload),
+        priority=priority,
+        idempotency_key=request.idempotency_key or str(uuid.uuid4()),
+        metadata=dict(request.metadata),
+        tags=list(request.tags),
+    )
+    if delay is not None:
+        spec.delay.CopyFrom(duration_to_pb(delay))
+    if request.run_at is not None:
+        spec.run_at.CopyFrom(timestamp_to_pb(request.run_at))
+    retry = _merged_retry(request, task)
+    if retry is not None:
+        spec.retry.CopyFrom(retry_to_pb(retry))
+    timeout = request.timeout or (task.timeout if task else None)
+    if timeout is not None:
+        spec.timeout.CopyFrom(duration_to_pb(timeout))
+    soft_timeout = request.soft_timeout or (task.soft_timeout if task else None)
+    if soft_timeout is not None:
+        spec.soft_timeout.CopyFrom(duration_to_pb(soft_timeout))
+    return spec
+
+
+# --- other requests ---
+
+
+def list_jobs_request(
+    queue: str | None,
+    states: Iterable[JobState] | None,
+    task: str | None,
+    page_size: int,
+    page_token: str | None,
+) -> broker_pb2.ListJobsRequest:
+    return broker_pb2.ListJobsRequest(
+        queue=queue or "",
+        states=[state_to_pb(JobState(s)) for s in states or ()],
+        task=task or "",
+        page_size=page_size,
+        page_token=page_token or "",
+    )
+
+
+def dlq_list_request(
+    queue: str | None, page_size: int, page_token: str | None
+) -> broker_pb2.ListDeadJobsRequest:
+    return broker_pb2.ListDeadJobsRequest(
+        queue=queue or "", page_size=page_size, page_token=page_token or ""
+    )
+
+
+def check_bulk(job_ids: Iterable[str], all_: bool) -> list[str]:
+    """DLQ replay/purge: the named jobs, or `all=True` (of one queue, or every queue)."""
+    ids = list(job_ids)
+    if ids and all_:
+        raise InvalidArgumentError("give job_ids or all=True, not both")
+    if not ids and not all_:
+        raise InvalidArgumentError("give job_ids, or all=True to act on every dead job")
+    return ids
+
+
+def page_from_pb(pb: broker_pb2.ListJobsResponse) -> Page:
+    return Page(
+        jobs=tuple(job_from_pb(j) for j in pb.jobs),
+        next_page_token=pb.next_page_token or None,
+    )

@@ -1,0 +1,193 @@
+"""Protobuf <-> public types, and payload encoding (JSON unless given bytes)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from jobbroker.v1 import broker_pb2, job_pb2
+
+from .types import (
+    BYTES_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    Attempt,
+    AttemptOutcome,
+    CancelReason,
+    ErrorInfo,
+    Job,
+    JobState,
+    RetryPolicy,
+    is_json,
+)
+
+_STATE_TO_PB = {
+    JobState.PENDING: job_pb2.JOB_STATE_PENDING,
+    JobState.SCHEDULED: job_pb2.JOB_STATE_SCHEDULED,
+    JobState.RUNNING: job_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: job_pb2.JOB_STATE_SUCCEEDED,
+    JobState.DEAD: job_pb2.JOB_STATE_DEAD,
+    JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+_OUTCOME_FROM_PB = {
+    job_pb2.ATTEMPT_OUTCOME_RUNNING: AttemptOutcome.RUNNING,
+    job_pb2.ATTEMPT_OUTCOME_SUCCEEDED: AttemptOutcome.SUCCEEDED,
+    job_pb2.ATTEMPT_OUTCOME_FAILED: AttemptOutcome.FAILED,
+    job_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED: AttemptOutcome.LEASE_EXPIRED,
+    job_pb2.ATTEMPT_OUTCOME_TIMED_OUT: AttemptOutcome.TIMED_OUT,
+    job_pb2.ATTEMPT_OUTCOME_CANCELLED: AttemptOutcome.CANCELLED,
+    job_pb2.ATTEMPT_OUTCOME_RELEASED: AttemptOutcome.RELEASED,
+}
+
+_CANCEL_REASON_FROM_PB = {
+    broker_pb2.CANCEL_REASON_CANCELLED: CancelReason.CANCELLED,
+    broker_pb2.CANCEL_REASON_TIMED_OUT: CancelReason.TIMED_OUT,
+    broker_pb2.CANCEL_REASON_LEASE_EXPIRED: CancelReason.LEASE_EXPIRED,
+}
+
+
+# --- payloads ---
+
+
+def encode_payload(value: Any) -> job_pb2.Payload:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return job_pb2.Payload(data=bytes(value), content_type=BYTES_CONTENT_TYPE)
+    data = json.dumps(value, separators=(",", ":")).encode()
+    return job_pb2.Payload(data=data, content_type=JSON_CONTENT_TYPE)
+
+
+def decode_payload(data: bytes, content_type: str) -> Any:
+    """JSON content types decode to Python values; anything else stays bytes."""
+    if is_json(content_type):
+        return json.loads(data)
+    return data
+
+
+# --- time ---
+
+
+def duration_to_pb(value: timedelta) -> duration_pb2.Duration:
+    pb = duration_pb2.Duration()
+    pb.FromTimedelta(value)
+    return pb
+
+
+def timestamp_to_pb(value: datetime) -> timestamp_pb2.Timestamp:
+    pb = timestamp_pb2.Timestamp()
+    pb.FromDatetime(value.astimezone(UTC))
+    return pb
+
+
+def duration_from_pb(msg: Any, name: str) -> timedelta | None:
+    if not msg.HasField(name):
+        return None
+    value: timedelta = getattr(msg, name).ToTimedelta()
+    return value
+
+
+def timestamp_from_pb(msg: Any, name: str) -> datetime | None:
+    if not msg.HasField(name):
+        return None
+    value: datetime = getattr(msg, name).ToDatetime(tzinfo=UTC)
+    return value
+
+
+# --- enums ---
+
+
+def state_to_pb(state: JobState) -> job_pb2.JobState.ValueType:
+    return _STATE_TO_PB[state]
+
+
+def state_from_pb(value: job_pb2.JobState.ValueType) -> JobState:
+    try:
+        return _STATE_FROM_PB[value]
+    except KeyError:
+        raise ValueError(f"unknown job state {value}") from None
+
+
+def cancel_reason_from_pb(value: broker_pb2.CancelReason.ValueType) -> CancelReason:
+    return _CANCEL_REASON_FROM_PB.get(value, CancelReason.UNKNOWN)
+
+
+# --- messages ---
+
+
+def retry_to_pb(policy: RetryPolicy) -> job_pb2.RetryPolicy:
+    pb = job_pb2.RetryPolicy(
+        max_attempts=policy.max_attempts or 0,
+        backoff_factor=policy.backoff_factor or 0.0,
+        jitter=policy.jitter or 0.0,
+    )
+    if policy.backoff_base is not None:
+        pb.backoff_base.CopyFrom(duration_to_pb(policy.backoff_base))
+    if policy.backoff_cap is not None:
+        pb.backoff_cap.CopyFrom(duration_to_pb(policy.backoff_cap))
+    return pb
+
+
+def retry_from_pb(pb: job_pb2.RetryPolicy) -> RetryPolicy:
+    # proto3 scalars cannot say "unset": zero reads as the broker default.
+    return RetryPolicy(
+        max_attempts=pb.max_attempts or None,
+        backoff_base=duration_from_pb(pb, "backoff_base"),
+        backoff_factor=pb.backoff_factor or None,
+        backoff_cap=duration_from_pb(pb, "backoff_cap"),
+        jitter=pb.jitter or None,
+    )
+
+
+def error_to_pb(error: ErrorInfo) -> job_pb2.ErrorInfo:
+    return job_pb2.ErrorInfo(type=error.type, message=error.message, traceback=error.traceback)
+
+
+def error_from_pb(msg: Any, name: str) -> ErrorInfo | None:
+    if not msg.HasField(name):
+        return None
+    pb: job_pb2.ErrorInfo = getattr(msg, name)
+    return ErrorInfo(type=pb.type, message=pb.message, traceback=pb.traceback)
+
+
+def attempt_from_pb(pb: job_pb2.Attempt) -> Attempt:
+    return Attempt(
+        number=pb.number,
+        worker_id=pb.worker_id,
+        started_at=timestamp_from_pb(pb, "started_at"),
+        finished_at=timestamp_from_pb(pb, "finished_at"),
+        outcome=_OUTCOME_FROM_PB.get(pb.outcome),
+        error=error_from_pb(pb, "error"),
+    )
+
+
+def job_from_pb(pb: job_pb2.Job) -> Job:
+    has_result = pb.HasField("result")
+    return Job(
+        id=pb.id,
+        queue=pb.queue,
+        task=pb.task,
+        payload=pb.payload.data,
+        content_type=pb.payload.content_type,
+        priority=pb.priority,
+        state=state_from_pb(pb.state),
+        attempts=pb.attempts,
+        retry=retry_from_pb(pb.retry),
+        timeout=duration_from_pb(pb, "timeout"),
+        soft_timeout=duration_from_pb(pb, "soft_timeout"),
+        idempotency_key=pb.idempotency_key,
+        metadata=dict(pb.metadata),
+        tags=tuple(pb.tags),
+        created_at=timestamp_from_pb(pb, "created_at"),
+        scheduled_at=timestamp_from_pb(pb, "scheduled_at"),
+        started_at=timestamp_from_pb(pb, "started_at"),
+        finished_at=timestamp_from_pb(pb, "finished_at"),
+        result=pb.result.data if has_result else None,
+        result_content_type=pb.result.content_type if has_result else "",
+        last_error=error_from_pb(pb, "last_error"),
+        history=tuple(attempt_from_pb(a) for a in pb.history),
+        progress=pb.progress,
+        progress_message=pb.progress_message,
+    )

@@ -1,0 +1,136 @@
+"""The SDK's exceptions; callers never see a raw grpc.RpcError.
+
+JobBrokerError                   .code (grpc.StatusCode | None), .reason, .message
+├── InvalidArgumentError         the broker refused the input; nothing was written
+├── JobNotFoundError             no such job
+├── FailedPreconditionError      the job's state does not allow it
+│   └── LeaseLostError           stale fencing token, or the job no longer runs
+├── ResourceExhaustedError       payload or batch over a broker limit
+├── BrokerUnavailableError       the broker cannot be reached (retried first)
+├── AuthenticationError          unauthenticated or permission denied
+├── DeadlineExceededError        also a TimeoutError
+├── JobFailedError               the awaited job is dead; .job, .error
+└── JobCancelledError            the awaited job was cancelled; .job
+
+Raised by task handlers to steer the retry (not broker errors):
+
+PermanentError                   fail without retry: straight to the dead-letter queue
+RetryAfter                       retry no sooner than .delay
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+
+from .types import ErrorInfo, Job
+
+REASON_KEY = "jobbroker-reason"
+
+
+class JobBrokerError(Exception):
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+
+
+class InvalidArgumentError(JobBrokerError, ValueError):
+    pass
+
+
+class JobNotFoundError(JobBrokerError):
+    pass
+
+
+class FailedPreconditionError(JobBrokerError):
+    pass
+
+
+class LeaseLostError(FailedPreconditionError):
+    pass
+
+
+class ResourceExhaustedError(JobBrokerError):
+    pass
+
+
+class BrokerUnavailableError(JobBrokerError):
+    pass
+
+
+class AuthenticationError(JobBrokerError):
+    pass
+
+
+class DeadlineExceededError(JobBrokerError, TimeoutError):
+    pass
+
+
+class JobFailedError(JobBrokerError):
+    def __init__(self, job: Job) -> None:
+        error = job.last_error
+        detail = f"{error.type}: {error.message}" if error else "no error recorded"
+        super().__init__(f"job {job.id} is dead ({detail})")
+        self.job = job
+        self.error: ErrorInfo | None = error
+
+
+class JobCancelledError(JobBrokerError):
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} was cancelled")
+        self.job = job
+
+
+class PermanentError(Exception):
+    """Raise from a handler to fail the job without retrying it."""
+
+
+class RetryAfter(Exception):  # noqa: N818 - reads as an instruction: raise RetryAfter(30)
+    """Raise from a handler to retry the job no sooner than `delay`."""
+
+    def __init__(self, delay: timedelta | float, message: str = "") -> None:
+        self.delay = delay if isinstance(delay, timedelta) else timedelta(seconds=delay)
+        super().__init__(message or f"retry after {self.delay.total_seconds():g}s")
+
+
+_BY_REASON: dict[str, type[JobBrokerError]] = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "NOT_FOUND": JobNotFoundError,
+    "FAILED_PRECONDITION": FailedPreconditionError,
+    "ILLEGAL_TRANSITION": FailedPreconditionError,
+    "LEASE_LOST": LeaseLostError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[JobBrokerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: JobNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: BrokerUnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> JobBrokerError:
+    """The SDK exception for a failed call (sync or grpc.aio)."""
+    code = error.code()
+    reason = _reason(error)
+    cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, JobBrokerError)
+    message = error.details() or code.name
+    return cls(message, code=code, reason=reason)
+
+
+def _reason(error: grpc.RpcError) -> str | None:
+    # Sync errors give a tuple of pairs, grpc.aio a Metadata; both iterate as pairs.
+    for key, value in error.trailing_metadata() or ():
+        if key == REASON_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return None

@@ -1,0 +1,278 @@
+"""Leases: one attempt of a job held by a worker, and the reports made on it.
+
+A lease reports over the LeaseStream it came from (see `_sync_stream` and
+`_async_stream`); each report waits for the broker's Ack and raises the mapped
+error. After a reconnect the worker moves its leases onto the new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import traceback
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from jobbroker.v1 import broker_pb2
+
+from ._convert import (
+    decode_payload,
+    duration_from_pb,
+    duration_to_pb,
+    encode_payload,
+    error_to_pb,
+    job_from_pb,
+    timestamp_from_pb,
+)
+from .errors import (
+    InvalidArgumentError,
+    JobBrokerError,
+    JobNotFoundError,
+    LeaseLostError,
+)
+from .types import CancelReason, ErrorInfo, Job
+
+ReportResult = broker_pb2.ReportResult
+
+
+class SyncReporter(Protocol):
+    def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
+
+
+class AsyncReporter(Protocol):
+    async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
+
+
+class _LeaseBase:
+    def __init__(
+        self,
+        job: Job,
+        fencing_token: int,
+        expires_at: datetime | None,
+        heartbeat_interval: timedelta | None,
+    ) -> None:
+        self.job = job
+        self.fencing_token = fencing_token
+        self.expires_at = expires_at
+        self.heartbeat_interval = heartbeat_interval
+        self.cancel_reason: CancelReason | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the broker asked this worker to stop running the job."""
+        return self.cancel_reason is not None
+
+    def payload(self) -> Any:
+        """The job's payload: a JSON value, or bytes for any other content type."""
+        return decode_payload(self.job.payload, self.job.content_type)
+
+    def ref(self) -> broker_pb2.LeaseRef:
+        return broker_pb2.LeaseRef(job_id=self.job.id, fencing_token=self.fencing_token)
+
+    def _apply(self, results: Sequence[ReportResult]) -> None:
+        for result in results:
+            if result.job_id == self.job.id:
+                check_result(result)
+                self.expires_at = timestamp_from_pb(result, "lease_expires_at") or self.expires_at
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} job={self.job.id} token={self.fencing_token}>"
+
+
+class Lease(_LeaseBase):
+    """A lease from the sync `Client.lease_stream`; every report blocks for its Ack."""
+
+    def __init__(self, stream: SyncReporter, leased: broker_pb2.LeasedJob) -> None:
+        super().__init__(*lease_fields(leased))
+        self.stream = stream
+        self._cancelled = threading.Event()
+
+    def mark_cancelled(self, reason: CancelReason) -> None:
+        self.cancel_reason = reason
+        self._cancelled.set()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block until the broker cancels this lease (True) or `timeout` passes (False)."""
+        return self._cancelled.wait(timeout)
+
+    def heartbeat(self) -> None:
+        self._apply(self.stream.exchange(heartbeat_message([self])))
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self._apply(self.stream.exchange(progress_message(self, fraction, message)))
+
+    def complete(self, result: Any = None) -> None:
+        self._apply(self.stream.exchange(complete_message(self, result)))
+
+    def fail(
+        self,
+        error: BaseException | str,
+        *,
+        retryable: bool = True,
+        retry_after: timedelta | None = None,
+        cancelled: bool = False,
+    ) -> None:
+        message = fail_message(self, error, retryable, retry_after, cancelled)
+        self._apply(self.stream.exchange(message))
+
+    def release(self) -> None:
+        self._apply(self.stream.exchange(release_message([self])))
+
+
+class AsyncLease(_LeaseBase):
+    """A lease from `AsyncClient.lease_stream`; every report awaits its Ack."""
+
+    def __init__(self, stream: AsyncReporter, leased: broker_pb2.LeasedJob) -> None:
+        super().__init__(*lease_fields(leased))
+        self.stream = stream
+        self._cancelled = asyncio.Event()
+
+    def mark_cancelled(self, reason: CancelReason) -> None:
+        self.cancel_reason = reason
+        self._cancelled.set()
+
+    async def wait_cancelled(self) -> CancelReason:
+        """Wait until the broker cancels this lease, and say why."""
+        await self._cancelled.wait()
+        assert self.cancel_reason is not None
+        return self.cancel_reason
+
+    async def heartbeat(self) -> None:
+        self._apply(await self.stream.exchange(heartbeat_message([self])))
+
+    async def progress(self, fraction: float, message: str = "") -> None:
+        self._apply(await self.stream.exchange(progress_message(self, fraction, message)))
+
+    async def complete(self, result: Any = None) -> None:
+        self._apply(await self.stream.exchange(complete_message(self, result)))
+
+    async def fail(
+        self,
+        error: BaseException | str,
+        *,
+        retryable: bool = True,
+        retry_after: timedelta | None = None,
+        cancelled: bool = False,
+    ) -> None:
+        message = fail_message(self, error, retryable, retry_after, cancelled)
+        self._apply(await self.stream.exchange(message))
+
+    async def release(self) -> None:
+        self._apply(await self.stream.exchange(release_message([self])))
+
+
+# --- the protocol's messages and answers, shared by both streams ---
+
+
+def lease_fields(
+    leased: broker_pb2.LeasedJob,
+) -> tuple[Job, int, datetime | None, timedelta | None]:
+    return (
+        job_from_pb(leased.job),
+        leased.fencing_token,
+        timestamp_from_pb(leased, "lease_expires_at"),
+        duration_from_pb(leased, "heartbeat_interval"),
+    )
+
+
+def heartbeat_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
+    heartbeat = broker_pb2.Heartbeat(leases=[lease.ref() for lease in leases])
+    return broker_pb2.WorkerMessage(heartbeat=heartbeat)
+
+
+def progress_message(
+    lease: _LeaseBase, fraction: float, message: str
+) -> broker_pb2.WorkerMessage:
+    if not 0.0 <= fraction <= 1.0:
+        raise InvalidArgumentError(f"progress must be within [0, 1], got {fraction}")
+    progress = broker_pb2.Progress(lease=lease.ref(), progress=fraction, message=message)
+    return broker_pb2.WorkerMessage(progress=progress)
+
+
+def complete_message(lease: _LeaseBase, result: Any) -> broker_pb2.WorkerMessage:
+    completion = broker_pb2.Completion(lease=lease.ref(), result=encode_payload(result))
+    return broker_pb2.WorkerMessage(complete=broker_pb2.Complete(completions=[completion]))
+
+
+def fail_message(
+    lease: _LeaseBase,
+    error: BaseException | str,
+    retryable: bool,
+    retry_after: timedelta | None,
+    cancelled: bool,
+) -> broker_pb2.WorkerMessage:
+    failure = broker_pb2.Failure(
+        lease=lease.ref(),
+        error=error_to_pb(error_info(error)),
+        permanent=not retryable,
+        cancelled=cancelled,
+    )
+    if retry_after is not None:
+        failure.retry_after.CopyFrom(duration_to_pb(retry_after))
+    return broker_pb2.WorkerMessage(fail=broker_pb2.Fail(failures=[failure]))
+
+
+def release_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
+    release = broker_pb2.Release(leases=[lease.ref() for lease in leases])
+    return broker_pb2.WorkerMessage(release=release)
+
+
+def error_info(error: BaseException | str) -> ErrorInfo:
+    if isinstance(error, str):
+        return ErrorInfo(type="Error", message=error)
+    return ErrorInfo(
+        type=type(error).__qualname__,
+        message=str(error),
+        traceback="".join(traceback.format_exception(error)),
+    )
+
+
+_ERRORS: dict[int, type[JobBrokerError]] = {
+    broker_pb2.REPORT_STATUS_LEASE_LOST: LeaseLostError,
+    broker_pb2.REPORT_STATUS_NOT_FOUND: JobNotFoundError,
+    broker_pb2.REPORT_STATUS_INVALID: InvalidArgumentError,
+}
+
+
+def check_result(result: ReportResult) -> None:
+    """Raise the error an Ack's result stands for; OK (or unspecified) passes."""
+    if result.status in (broker_pb2.REPORT_STATUS_OK, broker_pb2.REPORT_STATUS_UNSPECIFIED):
+        return
+    cls = _ERRORS.get(result.status, JobBrokerError)
+    reason = broker_pb2.ReportStatus.Name(result.status).removeprefix("REPORT_STATUS_")
+    message = result.message or f"job {result.job_id}: {reason.lower()}"
+    raise cls(message, reason=reason)
+
+
+def settled(message: broker_pb2.WorkerMessage, results: Sequence[ReportResult]) -> list[str]:
+    """Job ids whose lease this report ended: the stream stops holding them.
+
+    Complete, Fail and Release end a lease unless the broker found the report
+    invalid (the lease is still the worker's to settle); any report ends a
+    lease the broker says is lost or gone.
+    """
+    status = {r.job_id: r.status for r in results}
+    gone = (broker_pb2.REPORT_STATUS_LEASE_LOST, broker_pb2.REPORT_STATUS_NOT_FOUND)
+    ending = message.WhichOneof("kind") in ("complete", "fail", "release")
+    return [
+        ref.job_id
+        for ref in report_refs(message)
+        if status.get(ref.job_id) in gone
+        or (ending and status.get(ref.job_id) != broker_pb2.REPORT_STATUS_INVALID)
+    ]
+
+
+def report_refs(message: broker_pb2.WorkerMessage) -> list[broker_pb2.LeaseRef]:
+    kind = message.WhichOneof("kind")
+    if kind == "complete":
+        return [c.lease for c in message.complete.completions]
+    if kind == "fail":
+        return [f.lease for f in message.fail.failures]
+    if kind == "release":
+        return list(message.release.leases)
+    if kind == "heartbeat":
+        return list(message.heartbeat.leases)
+    if kind == "progress":
+        return [message.progress.lease]
+    return []

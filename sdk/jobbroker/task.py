@@ -1,0 +1,132 @@
+"""`@task`: a typed handle on a handler function, usable by producers and workers.
+
+`Task[I, R]` carries the payload type I and the result type R (for an async
+function, the awaited type), so `client.submit(send_email, payload)` checks
+the payload and returns a `JobHandle[R]`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Generic, Protocol, TypeVar, overload
+
+from .types import RetryPolicy
+
+I = TypeVar("I")  # noqa: E741 - the payload type, next to R the result type
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """A task's defaults for the jobs submitted to it."""
+
+    name: str | None = None
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int | None = None
+    retry: RetryPolicy | None = None
+    timeout: timedelta | None = None
+    soft_timeout: timedelta | None = None
+
+
+class Task(Generic[I, R]):
+    """A named handler with its queue and job defaults; call it to run it locally."""
+
+    def __init__(self, fn: Callable[[I], Any], options: TaskOptions) -> None:
+        self.fn = fn
+        self.name = options.name or f"{fn.__module__}.{fn.__qualname__}"
+        self.queue = options.queue
+        self.priority = options.priority
+        self.max_attempts = options.max_attempts
+        self.retry = options.retry
+        self.timeout = options.timeout
+        self.soft_timeout = options.soft_timeout
+        self.is_async = inspect.iscoroutinefunction(fn)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} queue={self.queue!r}>"
+
+
+class SyncTask(Task[I, R]):
+    def __call__(self, payload: I) -> R:
+        result: R = self.fn(payload)
+        return result
+
+
+class AsyncTask(Task[I, R]):
+    def __call__(self, payload: I) -> Coroutine[Any, Any, R]:
+        result: Coroutine[Any, Any, R] = self.fn(payload)
+        return result
+
+
+class TaskDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[[I], Coroutine[Any, Any, R]], /) -> AsyncTask[I, R]: ...
+    @overload
+    def __call__(self, fn: Callable[[I], R], /) -> SyncTask[I, R]: ...
+
+
+class _Decorator:
+    def __init__(
+        self, options: TaskOptions, on_create: Callable[[Task[Any, Any]], None] | None
+    ) -> None:
+        self._options = options
+        self._on_create = on_create
+
+    def __call__(self, fn: Callable[[Any], Any], /) -> Any:
+        made: Task[Any, Any] = (
+            AsyncTask(fn, self._options)
+            if inspect.iscoroutinefunction(fn)
+            else SyncTask(fn, self._options)
+        )
+        if self._on_create is not None:
+            self._on_create(made)
+        return made
+
+
+def make_decorator(
+    name_or_fn: str | Callable[[Any], Any] | None,
+    options: TaskOptions,
+    on_create: Callable[[Task[Any, Any]], None] | None = None,
+) -> Any:
+    """`@task` and `@task(...)` in one: decorate now or return the decorator."""
+    if callable(name_or_fn):
+        return _Decorator(options, on_create)(name_or_fn)
+    return _Decorator(replace(options, name=name_or_fn), on_create)
+
+
+@overload
+def task(fn: Callable[[I], Coroutine[Any, Any, R]], /) -> AsyncTask[I, R]: ...
+@overload
+def task(fn: Callable[[I], R], /) -> SyncTask[I, R]: ...
+@overload
+def task(
+    name: str | None = None,
+    *,
+    queue: str = "default",
+    max_attempts: int | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: timedelta | None = None,
+    soft_timeout: timedelta | None = None,
+    priority: int = 0,
+) -> TaskDecorator: ...
+def task(
+    name: str | Callable[[Any], Any] | None = None,
+    *,
+    queue: str = "default",
+    max_attempts: int | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: timedelta | None = None,
+    soft_timeout: timedelta | None = None,
+    priority: int = 0,
+) -> Any:
+    """Turn `def f(payload: I) -> R` (or `async def`) into a `Task[I, R]`.
+
+    The name defaults to "<module>.<qualname>"; the other options are the
+    defaults of every job submitted to this task.
+    """
+    options = TaskOptions(None, queue, priority, max_attempts, retry, timeout, soft_timeout)
+    return make_decorator(name, options)

@@ -1,0 +1,153 @@
+"""The SDK's public data types: frozen dataclasses and enums, never protobuf."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .task import Task
+
+JSON_CONTENT_TYPE = "application/json"
+BYTES_CONTENT_TYPE = "application/octet-stream"
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job will not change again (short of a DLQ replay)."""
+        return self in (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
+
+
+class AttemptOutcome(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LEASE_EXPIRED = "lease_expired"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    RELEASED = "released"
+
+
+class CancelReason(StrEnum):
+    """Why the broker took a running job back from a worker."""
+
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    LEASE_EXPIRED = "lease_expired"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retry with exponential backoff; None in a field means the broker's default."""
+
+    max_attempts: int | None = None
+    backoff_base: timedelta | None = None
+    backoff_factor: float | None = None
+    backoff_cap: timedelta | None = None
+    jitter: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    number: int
+    worker_id: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    outcome: AttemptOutcome | None
+    error: ErrorInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    queue: str
+    task: str
+    payload: bytes
+    content_type: str
+    priority: int
+    state: JobState
+    attempts: int
+    retry: RetryPolicy
+    timeout: timedelta | None
+    soft_timeout: timedelta | None
+    idempotency_key: str
+    metadata: Mapping[str, str]
+    tags: tuple[str, ...]
+    created_at: datetime | None
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: bytes | None
+    result_content_type: str
+    last_error: ErrorInfo | None
+    history: tuple[Attempt, ...]
+    progress: float
+    progress_message: str
+
+    def json(self) -> Any:
+        """The payload decoded as JSON; ValueError if it is not JSON."""
+        return _json_loads(self.payload, self.content_type)
+
+    def result_json(self) -> Any:
+        """The result decoded as JSON; ValueError if there is none or it is not JSON."""
+        if self.result is None:
+            raise ValueError(f"job {self.id} has no result")
+        return _json_loads(self.result, self.result_content_type)
+
+
+def _json_loads(data: bytes, content_type: str) -> Any:
+    if not is_json(content_type):
+        raise ValueError(f"content type {content_type!r} is not JSON")
+    return json.loads(data)
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == JSON_CONTENT_TYPE or media.endswith("+json")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; pass next_page_token back for the next one."""
+
+    jobs: tuple[Job, ...]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One job of a `submit_many` batch; the options mean what they mean in `submit`."""
+
+    task: str | Task[Any, Any]
+    payload: Any = None
+    queue: str | None = None
+    priority: int | None = None
+    delay: timedelta | float | None = None
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+    retry: RetryPolicy | None = None
+    timeout: timedelta | None = None
+    soft_timeout: timedelta | None = None
+    idempotency_key: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    tags: Sequence[str] = ()

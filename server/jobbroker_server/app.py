@@ -1,0 +1,146 @@
+"""Wiring only: build the store, the services and the gRPC server from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+from prometheus_client import start_http_server
+
+from jobbroker_server.clock import Clock, SystemClock
+from jobbroker_server.config import Settings
+from jobbroker_server.metrics import Metrics
+from jobbroker_server.rpc.convert import Limits
+from jobbroker_server.rpc.lease_stream import LeaseStreams
+from jobbroker_server.rpc.servicer import BrokerServicer
+from jobbroker_server.services.background import DepthSampler, Reaper, Retention, Scheduler
+from jobbroker_server.services.dispatcher import Dispatcher
+from jobbroker_server.services.jobs import Jobs
+from jobbroker_server.services.reports import Reports
+from jobbroker_server.services.watch import JobWatch
+from jobbroker_server.store import Store, open_store
+
+log = logging.getLogger("jobbroker")
+
+SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
+
+
+class BrokerApp:
+    """One running broker: ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: grpc.aio.Server | None = None
+        self._store: Store | None = None
+        self._metrics_http: Any = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._store = store = open_store(s.database)
+        await store.migrate()
+        watch = JobWatch()
+        dispatcher = Dispatcher(
+            store,
+            self.clock,
+            self.metrics,
+            watch,
+            lease_duration=s.lease_duration,
+            poll_interval=s.poll_interval,
+        )
+        scheduler = Scheduler(store, dispatcher, self.clock, s.poll_interval)
+        reaper = Reaper(store, dispatcher, self.clock, self.metrics, watch, s.reap_interval)
+        retention = Retention(store, self.clock, s.retention, interval=s.poll_interval * 60)
+        depths = DepthSampler(store, self.metrics, interval=s.poll_interval * 5)
+        jobs = Jobs(
+            store,
+            dispatcher,
+            scheduler,
+            self.clock,
+            self.metrics,
+            watch,
+            dedup_window=s.dedup_window,
+            poll_interval=s.poll_interval,
+        )
+        reports = Reports(store, dispatcher, self.clock, self.metrics, watch)
+        self._dispatcher = dispatcher
+        servicer = BrokerServicer(
+            jobs,
+            LeaseStreams(dispatcher, reports),
+            self.clock,
+            Limits(s.max_payload_bytes, s.retry),
+            s.max_batch,
+        )
+        message_limit = max(64 * 1024 * 1024, 2 * s.max_payload_bytes)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+            ]
+        )
+        broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lag
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        await server.start()
+        self._server = server
+        for status_of in ("", SERVICE_NAME):
+            await self._health.set(status_of, health_pb2.HealthCheckResponse.SERVING)
+        for service in (scheduler, reaper, retention, depths):
+            self._tasks.append(asyncio.create_task(service.run()))
+        if s.metrics_port >= 0 and s.metrics_port != 0:
+            http, _thread = start_http_server(s.metrics_port, s.host, self.metrics.registry)
+            self._metrics_http = http
+            self.metrics_port = http.server_port
+        log.info("jobbroker listening on %s:%d, database %s", s.host, self.port, s.database)
+
+    async def stop(self) -> None:
+        """Stop leasing, refuse new calls, let open streams report, close the store."""
+        if self._server is not None:
+            self._dispatcher.drain()
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(self.settings.shutdown_grace.total_seconds())
+            self._server = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+
+async def serve(settings: Settings) -> None:
+    """Run a broker until SIGINT or SIGTERM."""
+    app = BrokerApp(settings)
+    await app.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+        log.info("shutting down: letting workers report for up to %s", settings.shutdown_grace)
+    finally:
+        await app.stop()
+    log.info("jobbroker stopped")

@@ -1,0 +1,49 @@
+"""Every Prometheus metric of the broker. Seconds as the unit; labels bounded
+to queue and state, never a job id."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.submitted = Counter(
+            "jobbroker_jobs_submitted", "Jobs stored by submit", ["queue"], registry=r
+        )
+        self.leased = Counter("jobbroker_jobs_leased", "Attempts started", ["queue"], registry=r)
+        self.succeeded = Counter(
+            "jobbroker_jobs_succeeded", "Jobs that succeeded", ["queue"], registry=r
+        )
+        self.failed = Counter(
+            "jobbroker_jobs_failed",
+            "Attempts that failed (error, timeout or expired lease)",
+            ["queue"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "jobbroker_jobs_dead_lettered", "Jobs moved to the dead-letter queue", ["queue"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "jobbroker_queue_depth", "Jobs per queue and state", ["queue", "state"], registry=r
+        )
+        self.run_seconds = Histogram(
+            "jobbroker_job_run_seconds",
+            "Time from lease to the attempt's report",
+            ["queue"],
+            buckets=_RUN_BUCKETS,
+            registry=r,
+        )
+        self.start_latency_seconds = Histogram(
+            "jobbroker_submit_to_start_seconds",
+            "Time from a job becoming runnable to its lease",
+            ["queue"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.streams = Gauge("jobbroker_worker_streams", "Open LeaseStreams", registry=r)

@@ -1,0 +1,1 @@
+"""The gRPC edge: a thin servicer, pb <-> domain conversion, error -> status."""

@@ -1,0 +1,175 @@
+"""The Broker service: each method converts, calls one service, converts back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+
+from jobbroker_server.clock import Clock
+from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
+from jobbroker_server.domain.models import JobFilter, NewJob, SubmitResult
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.rpc import convert
+from jobbroker_server.rpc.errors import streaming, unary
+from jobbroker_server.rpc.lease_stream import LeaseStreams
+from jobbroker_server.services.jobs import Jobs
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def _submit_pb(result: SubmitResult) -> broker_pb2.SubmitResponse:
+    return broker_pb2.SubmitResponse(
+        job_id=result.job_id, state=convert.STATE_TO_PB[result.state], duplicate=result.duplicate
+    )
+
+
+def _page_size(requested: int) -> int:
+    return min(requested or DEFAULT_PAGE, MAX_PAGE)
+
+
+def _page(jobs: list[Any], size: int) -> broker_pb2.ListJobsResponse:
+    token = jobs[-1].id if len(jobs) == size else ""
+    return broker_pb2.ListJobsResponse(
+        jobs=[convert.job_pb(j) for j in jobs], next_page_token=token
+    )
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+    def __init__(
+        self,
+        jobs: Jobs,
+        streams: LeaseStreams,
+        clock: Clock,
+        limits: convert.Limits,
+        max_batch: int,
+    ) -> None:
+        self._jobs = jobs
+        self._streams = streams
+        self._clock = clock
+        self._limits = limits
+        self._max_batch = max_batch
+
+    def _new_job(self, request: broker_pb2.SubmitRequest) -> NewJob:
+        if not request.HasField("job"):
+            raise InvalidArgument("job must be set")
+        return convert.new_job(request.job, self._limits, self._clock.now())
+
+    @unary
+    async def Submit(
+        self, request: broker_pb2.SubmitRequest, context: Ctx
+    ) -> broker_pb2.SubmitResponse:
+        [result] = await self._jobs.submit_many([self._new_job(request)])
+        return _submit_pb(result)
+
+    @unary
+    async def SubmitBatch(
+        self, request: broker_pb2.SubmitBatchRequest, context: Ctx
+    ) -> broker_pb2.SubmitBatchResponse:
+        if not request.jobs:
+            raise InvalidArgument("jobs must not be empty")
+        if len(request.jobs) > self._max_batch:
+            raise ResourceExhausted(
+                f"a batch holds at most {self._max_batch} jobs (got {len(request.jobs)})"
+            )
+        now = self._clock.now()
+        new_jobs = []
+        for i, spec in enumerate(request.jobs):
+            try:
+                new_jobs.append(convert.new_job(spec, self._limits, now))
+            except (InvalidArgument, ResourceExhausted) as error:
+                raise type(error)(f"jobs[{i}]: {error}") from None
+        results = await self._jobs.submit_many(new_jobs)
+        return broker_pb2.SubmitBatchResponse(results=[_submit_pb(r) for r in results])
+
+    @streaming
+    async def SubmitStream(
+        self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Ctx
+    ) -> AsyncIterator[broker_pb2.SubmitResponse]:
+        async for request in request_iterator:
+            [result] = await self._jobs.submit_many([self._new_job(request)])
+            yield _submit_pb(result)
+
+    @unary
+    async def GetJob(
+        self, request: broker_pb2.GetJobRequest, context: Ctx
+    ) -> broker_pb2.GetJobResponse:
+        job = await self._jobs.get(convert.job_id(request.job_id))
+        return broker_pb2.GetJobResponse(job=convert.job_pb(job))
+
+    @streaming
+    async def WaitJob(
+        self, request: broker_pb2.WaitJobRequest, context: Ctx
+    ) -> AsyncIterator[broker_pb2.JobEvent]:
+        async for job in self._jobs.wait(convert.job_id(request.job_id)):
+            yield broker_pb2.JobEvent(job=convert.job_pb(job))
+
+    @unary
+    async def CancelJob(
+        self, request: broker_pb2.CancelJobRequest, context: Ctx
+    ) -> broker_pb2.CancelJobResponse:
+        job = await self._jobs.cancel(convert.job_id(request.job_id))
+        return broker_pb2.CancelJobResponse(job=convert.job_pb(job))
+
+    @unary
+    async def ListJobs(
+        self, request: broker_pb2.ListJobsRequest, context: Ctx
+    ) -> broker_pb2.ListJobsResponse:
+        size = _page_size(request.page_size)
+        states = []
+        for pb in request.states:
+            if pb not in convert.STATE_FROM_PB:
+                raise InvalidArgument(f"unknown job state {pb}")
+            states.append(convert.STATE_FROM_PB[pb])
+        where = JobFilter(
+            queue=request.queue or None,
+            states=tuple(states),
+            task=request.task or None,
+            after_id=request.page_token or None,
+            limit=size,
+        )
+        return _page(await self._jobs.find(where), size)
+
+    @unary
+    async def ListDeadJobs(
+        self, request: broker_pb2.ListDeadJobsRequest, context: Ctx
+    ) -> broker_pb2.ListJobsResponse:
+        size = _page_size(request.page_size)
+        where = JobFilter(
+            queue=request.queue or None,
+            states=(JobState.DEAD,),
+            after_id=request.page_token or None,
+            limit=size,
+        )
+        return _page(await self._jobs.find(where), size)
+
+    @unary
+    async def ReplayDeadJobs(
+        self, request: broker_pb2.ReplayDeadJobsRequest, context: Ctx
+    ) -> broker_pb2.ReplayDeadJobsResponse:
+        _check_selection(request.job_ids, request.all, "replay")
+        ids = await self._jobs.replay_dead(request.queue or None, list(request.job_ids))
+        return broker_pb2.ReplayDeadJobsResponse(job_ids=ids)
+
+    @unary
+    async def PurgeDeadJobs(
+        self, request: broker_pb2.PurgeDeadJobsRequest, context: Ctx
+    ) -> broker_pb2.PurgeDeadJobsResponse:
+        _check_selection(request.job_ids, request.all, "purge")
+        purged = await self._jobs.purge_dead(request.queue or None, list(request.job_ids))
+        return broker_pb2.PurgeDeadJobsResponse(purged=purged)
+
+    def LeaseStream(
+        self, request_iterator: AsyncIterator[broker_pb2.WorkerMessage], context: Ctx
+    ) -> AsyncIterator[broker_pb2.BrokerMessage]:
+        return self._streams.serve(request_iterator, context)
+
+
+def _check_selection(job_ids: Any, everything: bool, verb: str) -> None:
+    if bool(job_ids) == everything:
+        raise InvalidArgument(f"{verb} takes job ids or all=true, exactly one of them")

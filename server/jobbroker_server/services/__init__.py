@@ -1,0 +1,1 @@
+"""Broker operations and the background services around the store."""

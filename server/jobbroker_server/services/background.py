@@ -1,0 +1,153 @@
+"""Background services, each a ``run_once`` body that tests call directly and
+a ``run`` loop that the app starts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from jobbroker_server.clock import Clock
+from jobbroker_server.domain.models import AttemptOutcome, ReapedLease
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
+from jobbroker_server.services.reports import count_outcome
+from jobbroker_server.services.watch import JobWatch
+from jobbroker_server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+async def _every(interval: float, name: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run ``step()`` forever, ``interval`` seconds apart, logging its errors."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; retrying in %.1fs", name, interval)
+        await asyncio.sleep(interval)
+
+
+class Reaper:
+    """Ends attempts whose lease expired or whose hard timeout passed."""
+
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        metrics: Metrics,
+        watch: JobWatch,
+        interval: timedelta,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._metrics = metrics
+        self._watch = watch
+        self._interval = interval.total_seconds()
+
+    async def run_once(self) -> list[ReapedLease]:
+        reaped = await self._store.reap_expired(self._clock.now())
+        for outcome, reason in (
+            (AttemptOutcome.TIMED_OUT, CancelReason.TIMED_OUT),
+            (AttemptOutcome.LEASE_EXPIRED, CancelReason.LEASE_EXPIRED),
+        ):
+            refs = [r.lease for r in reaped if r.outcome is outcome]
+            if refs:
+                self._dispatcher.cancel(refs, reason)
+        for r in reaped:
+            count_outcome(self._metrics, r.queue, r.state)
+        self._watch.publish((r.lease.job_id, r.state) for r in reaped)
+        retried = {r.queue for r in reaped if r.state is JobState.PENDING}
+        if retried:
+            self._dispatcher.wake(retried)
+        return reaped
+
+    async def run(self) -> None:
+        await _every(self._interval, "reaper", self.run_once)
+
+
+class Scheduler:
+    """Moves scheduled jobs (delayed, or retrying after a backoff) to pending
+    when their time comes, sleeping until the next one is due."""
+
+    def __init__(
+        self, store: Store, dispatcher: Dispatcher, clock: Clock, max_sleep: timedelta
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._max_sleep = max_sleep.total_seconds()
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """A job was scheduled: it may be due before the current sleep ends."""
+        self._poked.set()
+
+    async def run_once(self) -> float:
+        """Promote what is due; return how long to sleep until the next is."""
+        if await self._store.promote_scheduled(self._clock.now()):
+            self._dispatcher.wake()
+        due = await self._store.next_scheduled_at()
+        if due is None:
+            return self._max_sleep
+        wait = (due - self._clock.now()).total_seconds()
+        return min(max(wait, 0.0), self._max_sleep)
+
+    async def run(self) -> None:
+        while True:
+            self._poked.clear()
+            try:
+                sleep = await self.run_once()
+            except Exception:
+                log.exception("scheduler failed; retrying")
+                sleep = self._max_sleep
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poked.wait(), sleep)
+
+
+class Retention:
+    """Deletes succeeded and cancelled jobs older than the retention period;
+    dead jobs stay until replayed or purged."""
+
+    def __init__(self, store: Store, clock: Clock, keep: timedelta, interval: timedelta) -> None:
+        self._store = store
+        self._clock = clock
+        self._keep = keep
+        self._interval = interval.total_seconds()
+
+    async def run_once(self, batch: int = 5000) -> int:
+        deleted = 0
+        cutoff = self._clock.now() - self._keep
+        while True:
+            n = await self._store.delete_finished(cutoff, batch)
+            deleted += n
+            if n < batch:
+                return deleted
+
+    async def run(self) -> None:
+        await _every(self._interval, "retention", self.run_once)
+
+
+class DepthSampler:
+    """Refreshes the queue-depth gauge from the store."""
+
+    def __init__(self, store: Store, metrics: Metrics, interval: timedelta) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._interval = interval.total_seconds()
+
+    async def run_once(self) -> None:
+        depths = await self._store.queue_depths()
+        self._metrics.queue_depth.clear()
+        for (queue, state), n in depths.items():
+            self._metrics.queue_depth.labels(queue, state.value).set(n)
+
+    async def run(self) -> None:
+        await _every(self._interval, "queue depth sampler", self.run_once)

@@ -1,0 +1,193 @@
+"""Streams × credits: push leased jobs to the worker streams that have room.
+
+Each open LeaseStream is a Session with a prefetch window. A session's pump
+leases up to its free room in one query whenever it is woken (a submit to one
+of its queues, a report that freed a slot, the scheduler) or, as a safety net,
+every poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from jobbroker_server.clock import Clock
+from jobbroker_server.domain.models import Lease, LeaseRef, ReportResult
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.watch import JobWatch
+from jobbroker_server.store import Store
+
+
+class CancelReason(enum.StrEnum):
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    LEASE_EXPIRED = "lease_expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    leases: list[Lease]
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    seq: int
+    results: list[ReportResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    leases: list[LeaseRef]
+    reason: CancelReason
+
+
+Outgoing = Leased | Acked | Cancel
+
+
+@dataclass(slots=True)
+class Held:
+    token: int
+    queue: str
+    leased_at: float  # monotonic
+
+
+@dataclass(eq=False)
+class Session:
+    worker_id: str
+    queues: tuple[str, ...]
+    prefetch: int
+    held: dict[str, Held] = field(default_factory=dict)
+    outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def room(self) -> int:
+        return self.prefetch - len(self.held)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        metrics: Metrics,
+        watch: JobWatch,
+        *,
+        lease_duration: timedelta,
+        poll_interval: timedelta,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._watch = watch
+        self.lease_duration = lease_duration
+        self._poll = poll_interval.total_seconds()
+        self._sessions: dict[Session, asyncio.Task[None]] = {}
+        self._holder: dict[str, Session] = {}
+        self._draining = False
+
+    def open(
+        self, worker_id: str, queues: Sequence[str], prefetch: int, held: Iterable[LeaseRef]
+    ) -> Session:
+        session = Session(worker_id, tuple(queues), prefetch)
+        now = self._clock.monotonic()
+        for ref in held:
+            session.held[ref.job_id] = Held(ref.fencing_token, "", now)
+            self._holder[ref.job_id] = session
+        self._sessions[session] = asyncio.create_task(self._pump(session))
+        self._metrics.streams.set(len(self._sessions))
+        session.wake.set()
+        return session
+
+    async def close(self, session: Session) -> None:
+        """The stream ended. Its leases stay running until they are reported
+        on another stream or expire: the worker may only have reconnected."""
+        pump = self._sessions.pop(session, None)
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        for job_id in session.held:
+            if self._holder.get(job_id) is session:
+                del self._holder[job_id]
+        self._metrics.streams.set(len(self._sessions))
+
+    def set_prefetch(self, session: Session, prefetch: int) -> None:
+        session.prefetch = prefetch
+        session.wake.set()
+
+    def drain(self) -> None:
+        """Stop leasing on every stream: the broker is shutting down."""
+        self._draining = True
+
+    def wake(self, queues: Iterable[str] | None = None) -> None:
+        wanted = None if queues is None else set(queues)
+        for session in self._sessions:
+            if wanted is None or wanted.intersection(session.queues):
+                session.wake.set()
+
+    def settle(self, session: Session, job_ids: Iterable[str]) -> dict[str, Held]:
+        """Free the slots of reported jobs; return what the session held of them."""
+        freed = {}
+        for job_id in job_ids:
+            held = session.held.pop(job_id, None)
+            if held is not None:
+                freed[job_id] = held
+                if self._holder.get(job_id) is session:
+                    del self._holder[job_id]
+        if freed:
+            session.wake.set()
+        return freed
+
+    def adopt(self, session: Session, refs: Iterable[LeaseRef]) -> None:
+        """Reports for leases this stream did not hand out (after a reconnect)."""
+        now = self._clock.monotonic()
+        for ref in refs:
+            if ref.job_id not in session.held:
+                session.held[ref.job_id] = Held(ref.fencing_token, "", now)
+                self._holder[ref.job_id] = session
+
+    def cancel(self, refs: Iterable[LeaseRef], reason: CancelReason) -> None:
+        """Tell the streams holding these leases to stop running them."""
+        by_session: dict[Session, list[LeaseRef]] = {}
+        for ref in refs:
+            session = self._holder.get(ref.job_id)
+            if session is not None:
+                by_session.setdefault(session, []).append(ref)
+        for session, mine in by_session.items():
+            session.outbox.put_nowait(Cancel(mine, reason))
+            if reason is not CancelReason.CANCELLED:
+                # The attempt is over in the store: its slot is free now.
+                self.settle(session, (ref.job_id for ref in mine))
+
+    async def _pump(self, session: Session) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.wake.wait(), self._poll)
+            session.wake.clear()
+            if self._draining or session.room <= 0:
+                continue
+            await self._lease(session)
+
+    async def _lease(self, session: Session) -> None:
+        now = self._clock.now()
+        leases = await self._store.lease_many(
+            session.queues, session.room, session.worker_id, self.lease_duration, now
+        )
+        if not leases:
+            return
+        started = self._clock.monotonic()
+        for lease in leases:
+            job = lease.job
+            session.held[job.id] = Held(lease.fencing_token, job.queue, started)
+            self._holder[job.id] = session
+            self._metrics.leased.labels(job.queue).inc()
+            wait = (now - job.scheduled_at).total_seconds()
+            self._metrics.start_latency_seconds.labels(job.queue).observe(max(wait, 0.0))
+        self._watch.publish((lease.job.id, JobState.RUNNING) for lease in leases)
+        session.outbox.put_nowait(Leased(leases))

@@ -1,0 +1,103 @@
+"""What producers and operators do to jobs: submit, read, wait, cancel, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from datetime import timedelta
+
+from jobbroker_server.clock import Clock
+from jobbroker_server.domain.models import Job, JobFilter, LeaseRef, NewJob, SubmitResult
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.background import Scheduler
+from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
+from jobbroker_server.services.watch import JobWatch
+from jobbroker_server.store import Store
+
+
+class Jobs:
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        scheduler: Scheduler,
+        clock: Clock,
+        metrics: Metrics,
+        watch: JobWatch,
+        *,
+        dedup_window: timedelta,
+        poll_interval: timedelta,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._scheduler = scheduler
+        self._clock = clock
+        self._metrics = metrics
+        self._watch = watch
+        self._dedup_window = dedup_window
+        self._poll = poll_interval.total_seconds()
+
+    async def submit_many(self, jobs: Sequence[NewJob]) -> list[SubmitResult]:
+        results = await self._store.submit_many(jobs, self._clock.now(), self._dedup_window)
+        ready: set[str] = set()
+        for job, result in zip(jobs, results, strict=True):
+            if result.duplicate:
+                continue
+            self._metrics.submitted.labels(job.queue).inc()
+            if result.state is JobState.PENDING:
+                ready.add(job.queue)
+            else:
+                self._scheduler.poke()
+        if ready:
+            self._dispatcher.wake(ready)
+        return results
+
+    async def get(self, job_id: str) -> Job:
+        return await self._store.get_job(job_id)
+
+    async def wait(self, job_id: str) -> AsyncIterator[Job]:
+        """The job now, then the job at each change of state until it is terminal."""
+        with self._watch.subscribe(job_id) as changes:
+            job = await self._store.get_job(job_id)
+            yield job
+            last = job.state
+            while not last.terminal:
+                state: JobState | None = None
+                with contextlib.suppress(TimeoutError):
+                    state = await asyncio.wait_for(changes.get(), self._poll)
+                job = await self._store.get_job(job_id)
+                if state is None:
+                    state = job.state  # the poll: a change not published here
+                if state is not last:
+                    yield job if job.state is state else _as_of(job, state)
+                    last = state
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self._store.cancel(job_id, self._clock.now())
+        if job.state is JobState.RUNNING:
+            ref = LeaseRef(job.id, job.fencing_token)
+            self._dispatcher.cancel([ref], CancelReason.CANCELLED)
+        else:
+            self._watch.publish([(job.id, job.state)])
+        return job
+
+    async def find(self, where: JobFilter) -> list[Job]:
+        return await self._store.list_jobs(where)
+
+    async def replay_dead(self, queue: str | None, job_ids: Sequence[str]) -> list[str]:
+        replayed = await self._store.replay_dead(queue, job_ids, self._clock.now())
+        if replayed:
+            self._watch.publish((job_id, JobState.PENDING) for job_id in replayed)
+            self._dispatcher.wake()
+        return replayed
+
+    async def purge_dead(self, queue: str | None, job_ids: Sequence[str]) -> int:
+        return await self._store.purge_dead(queue, job_ids)
+
+
+def _as_of(job: Job, state: JobState) -> Job:
+    """The job as it is now, showing a state it passed through since."""
+    return replace(job, state=state)

@@ -1,0 +1,107 @@
+"""What a worker reports on its stream, applied to the store.
+
+Each report is committed before its Ack is queued; the slots of finished
+attempts are freed so the stream's pump can lease more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jobbroker_server.clock import Clock
+from jobbroker_server.domain.models import (
+    Completion,
+    Failure,
+    LeaseRef,
+    Progress,
+    ReportResult,
+    ReportStatus,
+)
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.dispatcher import Dispatcher, Session
+from jobbroker_server.services.watch import JobWatch
+from jobbroker_server.store import Store
+
+
+class Reports:
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        metrics: Metrics,
+        watch: JobWatch,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._metrics = metrics
+        self._watch = watch
+
+    async def heartbeat(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
+        self._dispatcher.adopt(session, leases)
+        results = await self._store.heartbeat_many(
+            leases, self._dispatcher.lease_duration, self._clock.now()
+        )
+        self._dispatcher.settle(session, _lost(results))
+        return results
+
+    async def progress(self, session: Session, report: Progress) -> list[ReportResult]:
+        result = await self._store.progress(report, self._clock.now())
+        self._dispatcher.settle(session, _lost([result]))
+        return [result]
+
+    async def complete(
+        self, session: Session, completions: Sequence[Completion]
+    ) -> list[ReportResult]:
+        results = await self._store.complete_many(completions, self._clock.now())
+        self._finish(session, results)
+        return results
+
+    async def fail(self, session: Session, failures: Sequence[Failure]) -> list[ReportResult]:
+        results = await self._store.fail_many(failures, self._clock.now())
+        self._finish(session, results)
+        return results
+
+    async def release(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
+        results = await self._store.release_many(leases, self._clock.now())
+        self._finish(session, results, counted=False)
+        queues = {r.queue for r in results if r.status is ReportStatus.OK}
+        self._dispatcher.wake(queues or None)
+        return results
+
+    def _finish(
+        self, session: Session, results: Sequence[ReportResult], *, counted: bool = True
+    ) -> None:
+        freed = self._dispatcher.settle(session, (r.job_id for r in results))
+        now = self._clock.monotonic()
+        changes = []
+        for r in results:
+            if r.status is not ReportStatus.OK or r.state is None:
+                continue
+            changes.append((r.job_id, r.state))
+            held = freed.get(r.job_id)
+            if counted and held is not None:
+                self._metrics.run_seconds.labels(r.queue).observe(now - held.leased_at)
+            if counted:
+                count_outcome(self._metrics, r.queue, r.state)
+        self._watch.publish(changes)
+        retried = {r.queue for r in results if r.state is JobState.PENDING}
+        if retried:
+            self._dispatcher.wake(retried)
+
+
+def count_outcome(metrics: Metrics, queue: str, state: JobState) -> None:
+    """Count an ended attempt by the state it left its job in."""
+    if state is JobState.SUCCEEDED:
+        metrics.succeeded.labels(queue).inc()
+        return
+    if state is not JobState.CANCELLED:
+        metrics.failed.labels(queue).inc()
+    if state is JobState.DEAD:
+        metrics.dead_lettered.labels(queue).inc()
+
+
+def _lost(results: Sequence[ReportResult]) -> list[str]:
+    return [r.job_id for r in results if r.status is not ReportStatus.OK]

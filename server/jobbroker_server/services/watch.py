@@ -1,0 +1,39 @@
+"""Who is waiting on which job: WaitJob subscribes, state changes publish.
+
+In-process only: a change made by another replica, or one the broker does not
+publish by id (the scheduler's bulk promotion), reaches a waiter through its
+slow poll instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from jobbroker_server.domain.states import JobState
+
+
+class JobWatch:
+    def __init__(self) -> None:
+        self._waiters: defaultdict[str, set[asyncio.Queue[JobState]]] = defaultdict(set)
+
+    @contextmanager
+    def subscribe(self, job_id: str) -> Iterator[asyncio.Queue[JobState]]:
+        queue: asyncio.Queue[JobState] = asyncio.Queue()
+        self._waiters[job_id].add(queue)
+        try:
+            yield queue
+        finally:
+            waiters = self._waiters[job_id]
+            waiters.discard(queue)
+            if not waiters:
+                del self._waiters[job_id]
+
+    def publish(self, changes: Iterable[tuple[str, JobState]]) -> None:
+        if not self._waiters:
+            return
+        for job_id, state in changes:
+            for queue in self._waiters.get(job_id, ()):
+                queue.put_nowait(state)
