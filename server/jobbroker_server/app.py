@@ -59,7 +59,7 @@ class BrokerApp:
             lease_duration=s.lease_duration,
             poll_interval=s.poll_interval,
         )
-        scheduler = Scheduler(store, dispatcher, self.clock, s.poll_interval)
+        scheduler = Scheduler(store, dispatcher, self.clock, watch, s.poll_interval)
         reaper = Reaper(store, dispatcher, self.clock, self.metrics, watch, s.reap_interval)
         retention = Retention(store, self.clock, s.retention, interval=s.poll_interval * 60)
         depths = DepthSampler(store, self.metrics, interval=s.poll_interval * 5)

@@ -164,10 +164,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         purged = await self._jobs.purge_dead(request.queue or None, list(request.job_ids))
         return broker_pb2.PurgeDeadJobsResponse(purged=purged)
 
-    def LeaseStream(
+    async def LeaseStream(
         self, request_iterator: AsyncIterator[broker_pb2.WorkerMessage], context: Ctx
     ) -> AsyncIterator[broker_pb2.BrokerMessage]:
-        return self._streams.serve(request_iterator, context)
+        # grpc.aio serves a stream only from an async generator function.
+        async for message in self._streams.serve(request_iterator, context):
+            yield message
 
 
 def _check_selection(job_ids: Any, everything: bool, verb: str) -> None:

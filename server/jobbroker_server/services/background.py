@@ -78,11 +78,17 @@ class Scheduler:
     when their time comes, sleeping until the next one is due."""
 
     def __init__(
-        self, store: Store, dispatcher: Dispatcher, clock: Clock, max_sleep: timedelta
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        watch: JobWatch,
+        max_sleep: timedelta,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._clock = clock
+        self._watch = watch
         self._max_sleep = max_sleep.total_seconds()
         self._poked = asyncio.Event()
 
@@ -92,8 +98,10 @@ class Scheduler:
 
     async def run_once(self) -> float:
         """Promote what is due; return how long to sleep until the next is."""
-        if await self._store.promote_scheduled(self._clock.now()):
-            self._dispatcher.wake()
+        promoted = await self._store.promote_scheduled(self._clock.now())
+        if promoted:
+            self._watch.publish((job_id, JobState.PENDING) for job_id, _ in promoted)
+            self._dispatcher.wake({queue for _, queue in promoted})
         due = await self._store.next_scheduled_at()
         if due is None:
             return self._max_sleep

@@ -91,8 +91,9 @@ class Store(abc.ABC):
         passed, and retry or dead-letter its job."""
 
     @abc.abstractmethod
-    async def promote_scheduled(self, now: datetime) -> int:
-        """Move scheduled jobs whose time has come to pending."""
+    async def promote_scheduled(self, now: datetime) -> list[tuple[str, str]]:
+        """Move scheduled jobs whose time has come to pending; return their
+        (job id, queue)."""
 
     @abc.abstractmethod
     async def next_scheduled_at(self) -> datetime | None: ...

@@ -363,15 +363,16 @@ class SqlStore(Store):
                 reaped.append(ReapedLease(ref, row.queue, outcome, state))
         return reaped
 
-    async def promote_scheduled(self, now: datetime) -> int:
-        dst = JobState.PENDING
+    async def promote_scheduled(self, now: datetime) -> list[tuple[str, str]]:
+        dst = states.check(JobState.SCHEDULED, JobState.PENDING)
         async with self._tx() as conn:
             changed = await conn.execute(
                 jobs.update()
                 .where(jobs.c.state == JobState.SCHEDULED.value, jobs.c.scheduled_at <= now)
-                .values(state=states.check(JobState.SCHEDULED, dst).value)
+                .values(state=dst.value)
+                .returning(jobs.c.id, jobs.c.queue)
             )
-            return int(changed.rowcount)
+            return [(job_id, queue) for job_id, queue in changed]
 
     async def next_scheduled_at(self) -> datetime | None:
         stmt = sa.select(sa.func.min(jobs.c.scheduled_at)).where(
