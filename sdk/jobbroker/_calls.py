@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,7 +24,7 @@ from ._convert import (
     state_to_pb,
     timestamp_to_pb,
 )
-from .errors import InvalidArgumentError, from_rpc_error
+from .errors import DeadlineExceededError, InvalidArgumentError, from_rpc_error
 from .task import Task
 from .types import JobRequest, JobState, Page, RetryPolicy
 
@@ -31,6 +33,10 @@ T = TypeVar("T")
 CALL_ATTEMPTS = 5
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def to_timedelta(value: timedelta | float) -> timedelta:
@@ -45,10 +51,10 @@ def to_seconds(value: timedelta | float | None) -> float | None:
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry number `attempt` (0-based), with full jitter."""
-    return random.uniform(0.5, 1.0) * min(_BACKOFF_BASE * 2**attempt, _BACKOFF_CAP)
+    return random.uniform(0.5, 1.0) * min(_BACKOFF_BASE * 2.0**attempt, _BACKOFF_CAP)
 
 
-def _retryable(error: grpc.RpcError, attempt: int) -> bool:
+def retryable(error: grpc.RpcError, attempt: int) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < CALL_ATTEMPTS
 
 
@@ -63,7 +69,7 @@ def call(fn: Callable[[], T]) -> T:
         try:
             return fn()
         except grpc.RpcError as error:
-            if not _retryable(error, attempt):
+            if not retryable(error, attempt):
                 raise from_rpc_error(error) from error
         time.sleep(backoff(attempt))
         attempt += 1
@@ -76,7 +82,7 @@ async def acall(fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
         except grpc.RpcError as error:
-            if not _retryable(error, attempt):
+            if not retryable(error, attempt):
                 raise from_rpc_error(error) from error
         await asyncio.sleep(backoff(attempt))
         attempt += 1
@@ -190,3 +196,18 @@ def page_from_pb(pb: broker_pb2.ListJobsResponse) -> Page:
         jobs=tuple(job_from_pb(j) for j in pb.jobs),
         next_page_token=pb.next_page_token or None,
     )
+
+
+def deadline_after(timeout: timedelta | float | None) -> float | None:
+    seconds = to_seconds(timeout)
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until a monotonic deadline; DeadlineExceededError once it passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError("the wait timed out")
+    return left

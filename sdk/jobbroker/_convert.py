@@ -99,18 +99,18 @@ def timestamp_from_pb(msg: Any, name: str) -> datetime | None:
 # --- enums ---
 
 
-def state_to_pb(state: JobState) -> job_pb2.JobState.ValueType:
+def state_to_pb(state: JobState) -> job_pb2.JobState:
     return _STATE_TO_PB[state]
 
 
-def state_from_pb(value: job_pb2.JobState.ValueType) -> JobState:
+def state_from_pb(value: job_pb2.JobState) -> JobState:
     try:
         return _STATE_FROM_PB[value]
     except KeyError:
         raise ValueError(f"unknown job state {value}") from None
 
 
-def cancel_reason_from_pb(value: broker_pb2.CancelReason.ValueType) -> CancelReason:
+def cancel_reason_from_pb(value: broker_pb2.CancelReason) -> CancelReason:
     return _CANCEL_REASON_FROM_PB.get(value, CancelReason.UNKNOWN)
 
 

@@ -20,7 +20,9 @@ RetryAfter                       retry no sooner than .delay
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
+from typing import cast
 
 import grpc
 
@@ -129,8 +131,10 @@ def from_rpc_error(error: grpc.RpcError) -> JobBrokerError:
 
 
 def _reason(error: grpc.RpcError) -> str | None:
-    # Sync errors give a tuple of pairs, grpc.aio a Metadata; both iterate as pairs.
-    for key, value in error.trailing_metadata() or ():
+    # Sync errors give a tuple of (key, value) namedtuples (the stubs say otherwise),
+    # grpc.aio a Metadata: both iterate as pairs.
+    pairs = cast(Iterable[tuple[str, str | bytes]], error.trailing_metadata() or ())
+    for key, value in pairs:
         if key == REASON_KEY:
             return value.decode() if isinstance(value, bytes) else value
     return None

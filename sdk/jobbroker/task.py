@@ -64,7 +64,9 @@ class AsyncTask(Task[I, R]):
 
 class TaskDecorator(Protocol):
     @overload
-    def __call__(self, fn: Callable[[I], Coroutine[Any, Any, R]], /) -> AsyncTask[I, R]: ...
+    def __call__(  # type: ignore[overload-overlap]  # an async def matches both; the first wins
+        self, fn: Callable[[I], Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[I, R]: ...
     @overload
     def __call__(self, fn: Callable[[I], R], /) -> SyncTask[I, R]: ...
 
@@ -99,7 +101,9 @@ def make_decorator(
 
 
 @overload
-def task(fn: Callable[[I], Coroutine[Any, Any, R]], /) -> AsyncTask[I, R]: ...
+def task(  # type: ignore[overload-overlap]  # an async def matches both; the first wins
+    fn: Callable[[I], Coroutine[Any, Any, R]], /
+) -> AsyncTask[I, R]: ...
 @overload
 def task(fn: Callable[[I], R], /) -> SyncTask[I, R]: ...
 @overload

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from .task import Task
@@ -151,3 +151,26 @@ class JobRequest:
     idempotency_key: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     tags: Sequence[str] = ()
+
+
+class SubmitOptions(TypedDict, total=False):
+    """The keyword options of `submit`; each defaults to the Task's, then the broker's.
+
+    queue: where the job goes ("default" for a bare task name). priority: higher
+    runs first. delay / run_at: run no earlier than that (not both). max_attempts
+    and retry: the retry policy. timeout: hard limit of one attempt; soft_timeout:
+    the worker cancels the handler after this long. idempotency_key: the same key
+    returns the existing job (one is generated per call when not given).
+    """
+
+    queue: str | None
+    priority: int | None
+    delay: timedelta | float | None
+    run_at: datetime | None
+    max_attempts: int | None
+    retry: RetryPolicy | None
+    timeout: timedelta | None
+    soft_timeout: timedelta | None
+    idempotency_key: str | None
+    metadata: Mapping[str, str]
+    tags: Sequence[str]

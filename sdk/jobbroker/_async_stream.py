@@ -1,0 +1,147 @@
+"""The async LeaseStream: a grpc.aio bidi call, written with write(), read by one task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from types import TracebackType
+
+import grpc
+
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+
+from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_message
+from .errors import BrokerUnavailableError, DeadlineExceededError, JobBrokerError, from_rpc_error
+from .lease import AsyncLease, ReportResult, heartbeat_message
+
+_Call = grpc.aio.StreamStreamCall[broker_pb2.WorkerMessage, broker_pb2.BrokerMessage]
+
+
+class AsyncLeaseStream:
+    """Leased jobs as they are pushed: `async for lease in stream: ...`.
+
+    The RPC opens on `async with` or on the first iteration. Iteration ends
+    when the stream is closed; it raises BrokerUnavailableError when the
+    connection breaks.
+    """
+
+    def __init__(
+        self,
+        stub: broker_pb2_grpc.BrokerAsyncStub,
+        queues: Sequence[str],
+        *,
+        prefetch: int,
+        worker_id: str,
+        report_timeout: float,
+        held: Sequence[AsyncLease] = (),
+    ) -> None:
+        self.worker_id = worker_id
+        self._stub = stub
+        self._subscribe = subscribe_message(worker_id, queues, prefetch, held)
+        self._report_timeout = report_timeout
+        self._core = StreamCore[AsyncLease](held)
+        for lease in held:
+            lease.stream = self
+        self._inbox: asyncio.Queue[AsyncLease | None] = asyncio.Queue()
+        self._write_lock = asyncio.Lock()
+        self._call: _Call | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        if self._call is not None:
+            return
+        self._call = self._stub.LeaseStream(None)
+        await self._write(self._subscribe)
+        self._reader = asyncio.create_task(self._read(self._call), name="jobbroker-lease-reader")
+
+    def __aiter__(self) -> AsyncLeaseStream:
+        return self
+
+    async def __anext__(self) -> AsyncLease:
+        await self.open()
+        lease = await self._inbox.get()
+        if lease is None:
+            self._inbox.put_nowait(None)  # every later call ends too
+            if self._closing or self._core.error is None:
+                raise StopAsyncIteration
+            raise self._core.error
+        return lease
+
+    @property
+    def held(self) -> list[AsyncLease]:
+        """Leases pushed to this stream and not yet completed, failed or released."""
+        return list(self._core.held.values())
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Change the window; 0 stops leasing, as a worker shutting down does."""
+        await self._write(flow_message(prefetch))
+
+    async def heartbeat(self, leases: Sequence[AsyncLease]) -> list[AsyncLease]:
+        """One heartbeat for many leases; returns those the broker no longer honours."""
+        if not leases:
+            return []
+        return lost_leases(leases, await self.exchange(heartbeat_message(leases)))
+
+    async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
+        """Send a report and wait for its Ack."""
+        waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()
+        seq = self._core.register(message, waiter)
+        try:
+            await self._write(message)
+            return await asyncio.wait_for(waiter, self._report_timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(f"no ack for report {seq}") from None
+        finally:
+            self._core.forget(seq)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        else:
+            self._finish(JobBrokerError("the lease stream is closed"))
+
+    async def __aenter__(self) -> AsyncLeaseStream:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _write(self, message: broker_pb2.WorkerMessage) -> None:
+        if self._call is None:
+            raise JobBrokerError("the lease stream is not open")
+        async with self._write_lock:
+            try:
+                await self._call.write(message)
+            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as error:
+                raise self._core.error or BrokerUnavailableError(str(error)) from error
+
+    async def _read(self, call: _Call) -> None:
+        error: JobBrokerError = BrokerUnavailableError("the broker ended the lease stream")
+        try:
+            async for message in call:
+                for lease in self._core.dispatch(message, lambda leased: AsyncLease(self, leased)):
+                    self._inbox.put_nowait(lease)
+        except grpc.RpcError as rpc_error:
+            error = from_rpc_error(rpc_error)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+        if self._closing:
+            error = JobBrokerError("the lease stream is closed")
+        self._finish(error)
+
+    def _finish(self, error: JobBrokerError) -> None:
+        self._core.end(error)
+        self._inbox.put_nowait(None)

@@ -1,0 +1,290 @@
+"""Client (sync, grpc channel) and AsyncClient (grpc.aio channel): thin shells over _calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar, Unpack, cast, overload
+
+import grpc
+
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+
+from . import _calls
+from ._async_stream import AsyncLeaseStream
+from ._convert import job_from_pb
+from ._sync_stream import LeaseStream
+from .errors import from_rpc_error
+from .handle import AsyncJobHandle, JobHandle
+from .lease import AsyncLease, Lease
+from .task import Task
+from .types import Job, JobRequest, JobState, Page, SubmitOptions
+
+I = TypeVar("I")  # noqa: E741 - payload type, as in task.py
+R = TypeVar("R")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class Client:
+    """A blocking client of one broker. Use it from threads freely; close it when done."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: timedelta | float = 30.0) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        self._timeout = _calls.to_timedelta(timeout).total_seconds()
+
+    @overload
+    def submit(
+        self, task: Task[I, R], payload: I, **options: Unpack[SubmitOptions]
+    ) -> JobHandle[R]: ...
+    @overload
+    def submit(
+        self, task: str, payload: Any = None, **options: Unpack[SubmitOptions]
+    ) -> JobHandle[Any]: ...
+    def submit(
+        self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
+    ) -> JobHandle[Any]:
+        """Store a job and return its handle once the broker committed it."""
+        request = broker_pb2.SubmitRequest(job=_calls.build_spec(JobRequest(task, payload, **options)))
+        reply = _calls.call(lambda: self._stub.Submit(request, timeout=self._timeout))
+        return JobHandle(self, reply.job_id, reply.duplicate)
+
+    def submit_many(self, jobs: Sequence[JobRequest]) -> list[JobHandle[Any]]:
+        """Store many jobs in one transaction: all or none."""
+        request = broker_pb2.SubmitBatchRequest(jobs=[_calls.build_spec(j) for j in jobs])
+        reply = _calls.call(lambda: self._stub.SubmitBatch(request, timeout=self._timeout))
+        return [JobHandle(self, r.job_id, r.duplicate) for r in reply.results]
+
+    def get_job(self, job_id: str) -> Job:
+        request = broker_pb2.GetJobRequest(job_id=job_id)
+        return job_from_pb(self._unary(self._stub.GetJob, request).job)
+
+    def cancel(self, job_id: str) -> Job:
+        request = broker_pb2.CancelJobRequest(job_id=job_id)
+        return job_from_pb(self._unary(self._stub.CancelJob, request).job)
+
+    def list_jobs(
+        self,
+        queue: str | None = None,
+        states: Iterable[JobState] | None = None,
+        task: str | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Page:
+        request = _calls.list_jobs_request(queue, states, task, page_size, page_token)
+        return _calls.page_from_pb(self._unary(self._stub.ListJobs, request))
+
+    def wait_job(self, job_id: str, timeout: timedelta | float | None = None) -> Iterator[Job]:
+        """The job now, then each change of its state until it is terminal."""
+        deadline = _calls.deadline_after(timeout)
+        attempt = 0
+        while True:
+            call = self._stub.WaitJob(
+                broker_pb2.WaitJobRequest(job_id=job_id), timeout=_calls.remaining(deadline)
+            )
+            try:
+                for event in call:
+                    attempt = 0
+                    yield job_from_pb(event.job)
+                return
+            except grpc.RpcError as error:
+                if not _calls.retryable(error, attempt):
+                    raise from_rpc_error(error) from error
+            finally:
+                cast(Callable[[], bool], call.cancel)()
+            time.sleep(_calls.backoff(attempt))
+            attempt += 1
+
+    def dlq_list(
+        self, queue: str | None = None, page_size: int = 100, page_token: str | None = None
+    ) -> Page:
+        request = _calls.dlq_list_request(queue, page_size, page_token)
+        return _calls.page_from_pb(self._unary(self._stub.ListDeadJobs, request))
+
+    def dlq_replay(
+        self, job_ids: Iterable[str] = (), *, queue: str | None = None, all: bool = False
+    ) -> list[str]:
+        """Put dead jobs back to pending; returns the ids replayed."""
+        ids = _calls.check_bulk(job_ids, all)
+        request = broker_pb2.ReplayDeadJobsRequest(queue=queue or "", job_ids=ids, all=all)
+        return list(self._unary(self._stub.ReplayDeadJobs, request).job_ids)
+
+    def dlq_purge(
+        self, job_ids: Iterable[str] = (), *, queue: str | None = None, all: bool = False
+    ) -> int:
+        """Delete dead jobs; returns how many."""
+        ids = _calls.check_bulk(job_ids, all)
+        request = broker_pb2.PurgeDeadJobsRequest(queue=queue or "", job_ids=ids, all=all)
+        return self._unary(self._stub.PurgeDeadJobs, request).purged
+
+    def lease_stream(
+        self,
+        queues: Sequence[str],
+        *,
+        prefetch: int = 16,
+        worker_id: str | None = None,
+        held: Sequence[Lease] = (),
+    ) -> LeaseStream:
+        """Open a LeaseStream; `held` hands leases of a broken stream over to this one."""
+        return LeaseStream(
+            self._stub,
+            queues,
+            prefetch=prefetch,
+            worker_id=worker_id or _calls.default_worker_id(),
+            report_timeout=self._timeout,
+            held=held,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _unary(self, method: grpc.UnaryUnaryMultiCallable[Any, R], request: Any) -> R:
+        return _calls.call(lambda: method(request, timeout=self._timeout))
+
+
+class AsyncClient:
+    """The asyncio client; create and use it inside one event loop."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: timedelta | float = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        self._timeout = _calls.to_timedelta(timeout).total_seconds()
+
+    @overload
+    async def submit(
+        self, task: Task[I, R], payload: I, **options: Unpack[SubmitOptions]
+    ) -> AsyncJobHandle[R]: ...
+    @overload
+    async def submit(
+        self, task: str, payload: Any = None, **options: Unpack[SubmitOptions]
+    ) -> AsyncJobHandle[Any]: ...
+    async def submit(
+        self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
+    ) -> AsyncJobHandle[Any]:
+        """Store a job and return its handle once the broker committed it."""
+        request = broker_pb2.SubmitRequest(job=_calls.build_spec(JobRequest(task, payload, **options)))
+        reply = await _calls.acall(lambda: self._stub.Submit(request, timeout=self._timeout))
+        return AsyncJobHandle(self, reply.job_id, reply.duplicate)
+
+    async def submit_many(self, jobs: Sequence[JobRequest]) -> list[AsyncJobHandle[Any]]:
+        """Store many jobs in one transaction: all or none."""
+        request = broker_pb2.SubmitBatchRequest(jobs=[_calls.build_spec(j) for j in jobs])
+        reply = await _calls.acall(lambda: self._stub.SubmitBatch(request, timeout=self._timeout))
+        return [AsyncJobHandle(self, r.job_id, r.duplicate) for r in reply.results]
+
+    async def get_job(self, job_id: str) -> Job:
+        request = broker_pb2.GetJobRequest(job_id=job_id)
+        return job_from_pb((await self._unary(self._stub.GetJob, request)).job)
+
+    async def cancel(self, job_id: str) -> Job:
+        request = broker_pb2.CancelJobRequest(job_id=job_id)
+        return job_from_pb((await self._unary(self._stub.CancelJob, request)).job)
+
+    async def list_jobs(
+        self,
+        queue: str | None = None,
+        states: Iterable[JobState] | None = None,
+        task: str | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Page:
+        request = _calls.list_jobs_request(queue, states, task, page_size, page_token)
+        return _calls.page_from_pb(await self._unary(self._stub.ListJobs, request))
+
+    async def wait_job(
+        self, job_id: str, timeout: timedelta | float | None = None
+    ) -> AsyncIterator[Job]:
+        """The job now, then each change of its state until it is terminal."""
+        deadline = _calls.deadline_after(timeout)
+        attempt = 0
+        while True:
+            call = self._stub.WaitJob(
+                broker_pb2.WaitJobRequest(job_id=job_id), timeout=_calls.remaining(deadline)
+            )
+            try:
+                async for event in call:
+                    attempt = 0
+                    yield job_from_pb(event.job)
+                return
+            except grpc.RpcError as error:
+                if not _calls.retryable(error, attempt):
+                    raise from_rpc_error(error) from error
+            finally:
+                call.cancel()
+            await asyncio.sleep(_calls.backoff(attempt))
+            attempt += 1
+
+    async def dlq_list(
+        self, queue: str | None = None, page_size: int = 100, page_token: str | None = None
+    ) -> Page:
+        request = _calls.dlq_list_request(queue, page_size, page_token)
+        return _calls.page_from_pb(await self._unary(self._stub.ListDeadJobs, request))
+
+    async def dlq_replay(
+        self, job_ids: Iterable[str] = (), *, queue: str | None = None, all: bool = False
+    ) -> list[str]:
+        """Put dead jobs back to pending; returns the ids replayed."""
+        ids = _calls.check_bulk(job_ids, all)
+        request = broker_pb2.ReplayDeadJobsRequest(queue=queue or "", job_ids=ids, all=all)
+        return list((await self._unary(self._stub.ReplayDeadJobs, request)).job_ids)
+
+    async def dlq_purge(
+        self, job_ids: Iterable[str] = (), *, queue: str | None = None, all: bool = False
+    ) -> int:
+        """Delete dead jobs; returns how many."""
+        ids = _calls.check_bulk(job_ids, all)
+        request = broker_pb2.PurgeDeadJobsRequest(queue=queue or "", job_ids=ids, all=all)
+        return (await self._unary(self._stub.PurgeDeadJobs, request)).purged
+
+    def lease_stream(
+        self,
+        queues: Sequence[str],
+        *,
+        prefetch: int = 16,
+        worker_id: str | None = None,
+        held: Sequence[AsyncLease] = (),
+    ) -> AsyncLeaseStream:
+        """A LeaseStream, opened by `async with` or the first iteration.
+
+        `held` hands the leases of a broken stream over to this one.
+        """
+        return AsyncLeaseStream(
+            self._stub,
+            queues,
+            prefetch=prefetch,
+            worker_id=worker_id or _calls.default_worker_id(),
+            report_timeout=self._timeout,
+            held=held,
+        )
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, R], request: Any) -> R:
+        return await _calls.acall(lambda: method(request, timeout=self._timeout))

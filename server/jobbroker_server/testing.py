@@ -1,0 +1,55 @@
+"""A broker running in a background thread, for tests and embedding.
+
+The broker gets its own event loop, so synchronous code (the sync Client, a
+test) can talk to it over a real loopback port while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from jobbroker_server.app import BrokerApp
+from jobbroker_server.config import Settings
+
+T = TypeVar("T")
+
+
+class BrokerThread:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = replace(settings, host="127.0.0.1")
+        self.app = BrokerApp(self.settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the broker's loop and return its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    def start(self) -> BrokerThread:
+        self._thread.start()
+        self.run(self.app.start())
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.run(self.app.stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def __enter__(self) -> BrokerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,81 @@
+"""The pure rules: the transition table and the retry policy."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+from jobbroker_server.domain import states
+from jobbroker_server.domain.errors import IllegalTransition
+from jobbroker_server.domain.ids import new_job_id
+from jobbroker_server.domain.retry import RetryPolicy, after_failure
+from jobbroker_server.domain.states import JobState
+
+ALLOWED = {
+    ("scheduled", "pending"),
+    ("scheduled", "cancelled"),
+    ("pending", "running"),
+    ("pending", "cancelled"),
+    ("running", "succeeded"),
+    ("running", "dead"),
+    ("running", "cancelled"),
+    ("running", "pending"),
+    ("running", "scheduled"),
+    ("dead", "pending"),
+}
+
+
+@pytest.mark.parametrize("src", list(JobState))
+@pytest.mark.parametrize("dst", list(JobState))
+def test_transition_table_is_the_documented_one(src: JobState, dst: JobState) -> None:
+    expected = (src.value, dst.value) in ALLOWED
+    assert states.allowed(src, dst) is expected
+    if expected:
+        assert states.check(src, dst) is dst
+    else:
+        with pytest.raises(IllegalTransition, match=f"a {src} job cannot become {dst}"):
+            states.check(src, dst)
+
+
+def test_terminal_states_have_no_way_out_but_replay() -> None:
+    assert {s for s in JobState if s.terminal} == {"succeeded", "dead", "cancelled"}
+    assert states.sources(JobState.PENDING) == {"scheduled", "running", "dead"}
+
+
+def test_backoff_grows_exponentially_up_to_the_cap() -> None:
+    policy = RetryPolicy(
+        max_attempts=10,
+        backoff_base=timedelta(seconds=1),
+        backoff_factor=2,
+        backoff_cap=timedelta(seconds=5),
+        jitter=0,
+    )
+    delays = [policy.delay(n).total_seconds() for n in range(1, 6)]
+    assert delays == [1, 2, 4, 5, 5]
+
+
+def test_jitter_spreads_within_its_fraction() -> None:
+    policy = RetryPolicy(backoff_base=timedelta(seconds=10), jitter=0.2)
+    rng = random.Random(7)
+    seen = [policy.delay(1, rng).total_seconds() for _ in range(200)]
+    assert all(8 <= d <= 12 for d in seen)
+    assert max(seen) - min(seen) > 2  # it does spread
+
+
+def test_after_failure_dead_when_exhausted_or_permanent() -> None:
+    policy = RetryPolicy(max_attempts=3, jitter=0)
+    assert after_failure(attempts=1, policy=policy, permanent=False, retry_after=None) == (
+        timedelta(seconds=1)
+    )
+    assert after_failure(attempts=3, policy=policy, permanent=False, retry_after=None) is None
+    assert after_failure(attempts=1, policy=policy, permanent=True, retry_after=None) is None
+    wait = timedelta(seconds=42)
+    assert after_failure(attempts=1, policy=policy, permanent=False, retry_after=wait) == wait
+
+
+def test_job_ids_sort_in_creation_order() -> None:
+    ids = [new_job_id() for _ in range(1000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 1000
+    assert all(i[14] == "7" for i in ids)  # UUID version 7

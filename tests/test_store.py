@@ -1,0 +1,229 @@
+"""The store contract, run against a real database (SQLite file; PostgreSQL too
+when configured). Each operation must move jobs only along allowed edges."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from jobbroker_server.domain.errors import IllegalTransition, NotFound
+from jobbroker_server.domain.ids import new_job_id
+from jobbroker_server.domain.models import (
+    AttemptOutcome,
+    Completion,
+    ErrorInfo,
+    Failure,
+    JobFilter,
+    LeaseRef,
+    NewJob,
+    Payload,
+    ReportStatus,
+)
+from jobbroker_server.domain.retry import RetryPolicy
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.store import Store, open_store
+
+T = TypeVar("T")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+LEASE = timedelta(seconds=30)
+WINDOW = timedelta(hours=1)
+
+
+class Harness:
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Harness]:
+    loop = asyncio.new_event_loop()
+    store = open_store(str(tmp_path / "store.db"))
+    loop.run_until_complete(store.migrate())
+    yield Harness(store, loop)
+    loop.run_until_complete(store.close())
+    loop.close()
+
+
+def job(
+    queue: str = "q",
+    *,
+    priority: int = 0,
+    run_at: datetime | None = None,
+    key: str | None = None,
+    max_attempts: int = 3,
+    timeout: timedelta | None = None,
+) -> NewJob:
+    return NewJob(
+        id=new_job_id(),
+        queue=queue,
+        task="t",
+        payload=Payload(b"{}"),
+        priority=priority,
+        run_at=run_at,
+        retry=RetryPolicy(max_attempts=max_attempts, backoff_base=timedelta(seconds=10), jitter=0),
+        timeout=timeout,
+        soft_timeout=None,
+        idempotency_key=key,
+    )
+
+
+def test_lease_takes_highest_priority_first_then_fifo(db: Harness) -> None:
+    jobs = [job(priority=p) for p in (0, 5, 0, 5, 1)]
+    db(db.store.submit_many(jobs, T0, WINDOW))
+    leases = db(db.store.lease_many(["q"], 10, "w", LEASE, T0))
+    got = [lease.job.id for lease in leases]
+    assert got == [jobs[1].id, jobs[3].id, jobs[4].id, jobs[0].id, jobs[2].id]
+    assert all(lease.job.state is JobState.RUNNING for lease in leases)
+    assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
+
+
+def test_lease_respects_the_limit_and_the_queues(db: Harness) -> None:
+    db(db.store.submit_many([job("a"), job("a"), job("b")], T0, WINDOW))
+    assert len(db(db.store.lease_many(["a"], 1, "w", LEASE, T0))) == 1
+    assert [x.job.queue for x in db(db.store.lease_many(["b"], 5, "w", LEASE, T0))] == ["b"]
+
+
+def test_delayed_job_waits_for_the_scheduler(db: Harness) -> None:
+    [r] = db(db.store.submit_many([job(run_at=T0 + timedelta(minutes=5))], T0, WINDOW))
+    assert r.state is JobState.SCHEDULED
+    assert db(db.store.lease_many(["q"], 1, "w", LEASE, T0)) == []
+    assert db(db.store.next_scheduled_at()) == T0 + timedelta(minutes=5)
+    assert db(db.store.promote_scheduled(T0 + timedelta(minutes=4))) == []
+    assert db(db.store.promote_scheduled(T0 + timedelta(minutes=5))) == [(r.job_id, "q")]
+    assert len(db(db.store.lease_many(["q"], 1, "w", LEASE, T0))) == 1
+
+
+def test_stale_fencing_token_changes_nothing(db: Harness) -> None:
+    db(db.store.submit_many([job()], T0, WINDOW))
+    [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    stale = LeaseRef(lease.job.id, lease.fencing_token - 1)
+    [done] = db(db.store.complete_many([Completion(stale, Payload(b"1"))], T0))
+    assert done.status is ReportStatus.LEASE_LOST
+    [beat] = db(db.store.heartbeat_many([stale], LEASE, T0))
+    assert beat.status is ReportStatus.LEASE_LOST
+    after = db(db.store.get_job(lease.job.id))
+    assert after.state is JobState.RUNNING and after.result is None
+    current = LeaseRef(lease.job.id, lease.fencing_token)
+    [ok] = db(db.store.complete_many([Completion(current, Payload(b"1"))], T0))
+    assert ok.status is ReportStatus.OK and ok.state is JobState.SUCCEEDED
+    [again] = db(db.store.complete_many([Completion(current, Payload(b"2"))], T0))
+    assert again.status is ReportStatus.LEASE_LOST
+    assert db(db.store.get_job(lease.job.id)).result == Payload(b"1")
+
+
+def test_unknown_job_reports_not_found(db: Harness) -> None:
+    [r] = db(db.store.heartbeat_many([LeaseRef("nope", 1)], LEASE, T0))
+    assert r.status is ReportStatus.NOT_FOUND
+    with pytest.raises(NotFound, match="nope"):
+        db(db.store.get_job("nope"))
+
+
+def test_failures_back_off_then_dead_letter_with_history(db: Harness) -> None:
+    [r] = db(db.store.submit_many([job(max_attempts=2)], T0, WINDOW))
+    [lease] = db(db.store.lease_many(["q"], 1, "w1", LEASE, T0))
+    ref = LeaseRef(r.job_id, lease.fencing_token)
+    [f1] = db(db.store.fail_many([Failure(ref, ErrorInfo("E", "one"))], T0))
+    assert f1.state is JobState.SCHEDULED
+    assert db(db.store.get_job(r.job_id)).scheduled_at == T0 + timedelta(seconds=10)
+    db(db.store.promote_scheduled(T0 + timedelta(seconds=10)))
+    [lease2] = db(db.store.lease_many(["q"], 1, "w2", LEASE, T0))
+    ref2 = LeaseRef(r.job_id, lease2.fencing_token)
+    [f2] = db(db.store.fail_many([Failure(ref2, ErrorInfo("E", "two", "tb"))], T0))
+    assert f2.state is JobState.DEAD
+    dead = db(db.store.get_job(r.job_id))
+    assert dead.attempts == 2 and dead.last_error == ErrorInfo("E", "two", "tb")
+    assert [(a.worker_id, a.outcome, a.error.message if a.error else "") for a in dead.history] == [
+        ("w1", AttemptOutcome.FAILED, "one"),
+        ("w2", AttemptOutcome.FAILED, "two"),
+    ]
+    assert [j.id for j in db(db.store.list_jobs(JobFilter(states=(JobState.DEAD,))))] == [r.job_id]
+    assert db(db.store.replay_dead(None, [], T0)) == [r.job_id]
+    replayed = db(db.store.get_job(r.job_id))
+    assert replayed.state is JobState.PENDING and replayed.attempts == 0
+    assert len(replayed.history) == 2  # the history survives a replay
+
+
+def test_permanent_failure_skips_retries(db: Harness) -> None:
+    [r] = db(db.store.submit_many([job(max_attempts=5)], T0, WINDOW))
+    [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    ref = LeaseRef(r.job_id, lease.fencing_token)
+    [f] = db(db.store.fail_many([Failure(ref, ErrorInfo("E", "x"), permanent=True)], T0))
+    assert f.state is JobState.DEAD
+
+
+def test_idempotency_key_returns_the_existing_job_inside_the_window(db: Harness) -> None:
+    first, dup, other = db(db.store.submit_many([job(key="k"), job(key="k"), job()], T0, WINDOW))
+    assert not first.duplicate and dup.duplicate and dup.job_id == first.job_id
+    [later] = db(db.store.submit_many([job(key="k")], T0 + timedelta(minutes=59), WINDOW))
+    assert later.duplicate and later.job_id == first.job_id
+    [fresh] = db(db.store.submit_many([job(key="k")], T0 + timedelta(hours=2), WINDOW))
+    assert not fresh.duplicate and fresh.job_id != first.job_id
+
+
+def test_reaper_retries_expired_leases_and_times_out_overdue_attempts(db: Harness) -> None:
+    quiet, slow = job(), job(timeout=timedelta(seconds=5))
+    db(db.store.submit_many([quiet, slow], T0, WINDOW))
+    leases = db(db.store.lease_many(["q"], 2, "w", timedelta(seconds=60), T0))
+    assert db(db.store.reap_expired(T0 + timedelta(seconds=1))) == []
+    # The slow one heartbeats but passes its hard timeout.
+    db(db.store.heartbeat_many([LeaseRef(slow.id, 1)], timedelta(seconds=60), T0))
+    [timed_out] = db(db.store.reap_expired(T0 + timedelta(seconds=6)))
+    assert timed_out.lease.job_id == slow.id and timed_out.outcome is AttemptOutcome.TIMED_OUT
+    [expired] = db(db.store.reap_expired(T0 + timedelta(seconds=61)))
+    assert expired.lease.job_id == quiet.id
+    assert expired.outcome is AttemptOutcome.LEASE_EXPIRED
+    assert expired.state is JobState.SCHEDULED
+    assert len(leases) == 2
+
+
+def test_cancel_pending_at_once_running_on_report_finished_refused(db: Harness) -> None:
+    a, b = job(), job()
+    db(db.store.submit_many([a], T0, WINDOW))
+    db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    db(db.store.submit_many([b], T0, WINDOW))
+    assert db(db.store.cancel(b.id, T0)).state is JobState.CANCELLED
+    running = db(db.store.cancel(a.id, T0))
+    assert running.state is JobState.RUNNING  # its worker is told; the report ends it
+    [r] = db(db.store.fail_many([Failure(LeaseRef(a.id, 1), ErrorInfo("E", "x"))], T0))
+    assert r.state is JobState.CANCELLED
+    with pytest.raises(IllegalTransition, match="cancelled job cannot become cancelled"):
+        db(db.store.cancel(a.id, T0))
+
+
+def test_release_hands_back_without_counting_an_attempt(db: Harness) -> None:
+    db(db.store.submit_many([job()], T0, WINDOW))
+    [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    [r] = db(db.store.release_many([LeaseRef(lease.job.id, lease.fencing_token)], T0))
+    assert r.state is JobState.PENDING
+    again = db(db.store.get_job(lease.job.id))
+    assert again.attempts == 0 and again.history[0].outcome is AttemptOutcome.RELEASED
+
+
+def test_retention_deletes_finished_jobs_but_keeps_dead_ones(db: Harness) -> None:
+    ok, dead = job(), job(max_attempts=1)
+    db(db.store.submit_many([ok, dead], T0, WINDOW))
+    db(db.store.lease_many(["q"], 2, "w", LEASE, T0))
+    db(db.store.complete_many([Completion(LeaseRef(ok.id, 1), None)], T0))
+    db(db.store.fail_many([Failure(LeaseRef(dead.id, 1), ErrorInfo("E", "x"))], T0))
+    assert db(db.store.delete_finished(T0, 100)) == 0
+    assert db(db.store.delete_finished(T0 + timedelta(days=1), 100)) == 1
+    with pytest.raises(NotFound):
+        db(db.store.get_job(ok.id))
+    assert db(db.store.get_job(dead.id)).state is JobState.DEAD
+    assert db(db.store.purge_dead(None, [dead.id])) == 1
+    assert db(db.store.queue_depths()) == {}
+
+
+def test_submit_many_is_all_or_nothing(db: Harness) -> None:
+    a = job()
+    with pytest.raises(Exception, match="UNIQUE|unique|duplicate"):
+        db(db.store.submit_many([job(), a, a], T0, WINDOW))  # the same id twice
+    assert db(db.store.queue_depths()) == {}
