@@ -1,7 +1,16 @@
-"""Fixtures: a real broker on a loopback port over a real SQLite file."""
+"""Fixtures: a real broker on a loopback port over a real database.
+
+Every test that takes ``database`` runs twice: on a fresh SQLite file and on a
+fresh schema of the PostgreSQL named by JOBBROKER_TEST_POSTGRES_DSN. Without
+that variable the PostgreSQL half is skipped, unless CI=true, where it fails.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -32,9 +41,62 @@ FAST = Settings(
 )
 
 
+DSN_ENV = "JOBBROKER_TEST_POSTGRES_DSN"
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@functools.cache
+def _postgres_problem() -> str | None:
+    dsn = os.environ.get(DSN_ENV)
+    if not dsn:
+        return f"PostgreSQL tests need {DSN_ENV}=postgresql://user@host:port/db"
+    try:
+        asyncio.run(_execute(dsn, "SELECT 1"))
+    except Exception as exc:
+        return f"PostgreSQL at {dsn} is unreachable: {exc}"
+    return None
+
+
+def postgres_dsn() -> str:
+    """The test PostgreSQL's DSN; skips the test (fails it under CI=true) without one."""
+    problem = _postgres_problem()
+    if problem is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI requires PostgreSQL: {problem}")
+        pytest.skip(problem)
+    return os.environ[DSN_ENV]
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return replace(FAST, database=str(tmp_path / "broker.db"))
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema on the test PostgreSQL; its DSN names it."""
+    dsn = postgres_dsn()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_execute(dsn, f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in dsn else "?"
+    yield f"{dsn}{sep}schema={schema}"
+    asyncio.run(_execute(dsn, f"DROP SCHEMA {schema} CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "broker.db")
+    return str(request.getfixturevalue("postgres_schema"))
+
+
+@pytest.fixture
+def settings(database: str) -> Settings:
+    return replace(FAST, database=database)
 
 
 @pytest.fixture

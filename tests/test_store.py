@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -43,9 +42,9 @@ class Harness:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Harness]:
+def db(database: str) -> Iterator[Harness]:
     loop = asyncio.new_event_loop()
-    store = open_store(str(tmp_path / "store.db"))
+    store = open_store(database)
     loop.run_until_complete(store.migrate())
     yield Harness(store, loop)
     loop.run_until_complete(store.close())

@@ -7,8 +7,10 @@ from jobbroker_server.store.base import Store
 
 def open_store(database: str) -> Store:
     """``postgresql://...`` opens PostgreSQL; anything else is a SQLite file path."""
-    if database.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
-        raise NotImplementedError("the PostgreSQL store is not available yet")
+    if database.startswith(("postgresql://", "postgres://")):
+        from jobbroker_server.store.postgres import PostgresStore
+
+        return PostgresStore(database)
     from jobbroker_server.store.sqlite import SqliteStore
 
     path = database.removeprefix("sqlite:///").removeprefix("sqlite://")

@@ -67,10 +67,6 @@ class SqlStore(Store):
     def _insert_ignoring_conflicts(self) -> sa.Insert:
         """INSERT INTO jobs that skips rows whose idempotency key exists."""
 
-    def _lock_rows(self, stmt: sa.Select[Any]) -> sa.Select[Any]:
-        """Lock the selected rows for this transaction, skipping locked ones."""
-        return stmt
-
     # --- schema ---
 
     async def migrate(self) -> None:
@@ -143,11 +139,14 @@ class SqlStore(Store):
         if limit <= 0 or not queues:
             return []
         states.check(JobState.PENDING, JobState.RUNNING)
-        pick = self._lock_rows(
+        # SKIP LOCKED: replicas leasing at once never pick the same job
+        # (SQLite, with one writer, renders no locking clause).
+        pick = (
             sa.select(jobs)
             .where(jobs.c.state == JobState.PENDING.value, jobs.c.queue.in_(list(queues)))
             .order_by(jobs.c.priority.desc(), jobs.c.id)
             .limit(limit)
+            .with_for_update(skip_locked=True)
         )
         expires = now + lease_for
         async with self._tx() as conn:
@@ -268,7 +267,8 @@ class SqlStore(Store):
         results = []
         async with self._tx() as conn:
             for f in failures:
-                row = (await conn.execute(sa.select(jobs).where(*_held(f.lease)))).first()
+                held = sa.select(jobs).where(*_held(f.lease)).with_for_update()
+                row = (await conn.execute(held)).first()
                 if row is None:
                     results.append(await _lost(conn, f.lease))
                     continue
@@ -344,10 +344,11 @@ class SqlStore(Store):
     async def reap_expired(self, now: datetime) -> list[ReapedLease]:
         expired = jobs.c.lease_expires_at < now
         overdue = jobs.c.deadline_at < now
-        pick = self._lock_rows(
+        pick = (
             sa.select(jobs, overdue.label("overdue"))
             .where(jobs.c.state == RUNNING, sa.or_(expired, overdue))
             .limit(500)
+            .with_for_update(skip_locked=True)
         )
         reaped = []
         async with self._tx() as conn:
@@ -387,7 +388,8 @@ class SqlStore(Store):
     async def cancel(self, job_id: str, now: datetime) -> Job:
         dst = JobState.CANCELLED
         async with self._tx() as conn:
-            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+            found = sa.select(jobs.c.state).where(jobs.c.id == job_id).with_for_update()
+            row = (await conn.execute(found)).first()
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}")
             state = JobState(row.state)
