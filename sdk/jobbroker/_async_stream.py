@@ -124,7 +124,9 @@ class AsyncLeaseStream:
         async with self._write_lock:
             try:
                 await self._call.write(message)
-            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as error:
+            except grpc.RpcError as error:
+                raise self._core.error or from_rpc_error(error) from error
+            except (asyncio.InvalidStateError, grpc.aio.UsageError) as error:  # call is over
                 raise self._core.error or BrokerUnavailableError(str(error)) from error
 
     async def _read(self, call: _Call) -> None:

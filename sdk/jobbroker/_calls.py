@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -91,17 +92,19 @@ async def acall(fn: Callable[[], Awaitable[T]]) -> T:
 # --- submit ---
 
 
+def _pick(explicit: T | None, default: T | None) -> T | None:
+    """A submit option: what the caller gave, else the Task's default."""
+    return explicit if explicit is not None else default
+
+
 def _merged_retry(request: JobRequest, task: Task[Any, Any] | None) -> RetryPolicy | None:
-    retry = request.retry or (task.retry if task else None)
-    max_attempts = request.max_attempts or (task.max_attempts if task else None)
+    retry = _pick(request.retry, task.retry if task else None)
+    max_attempts = _pick(request.max_attempts, task.max_attempts if task else None)
     if max_attempts is None:
         return retry
     if max_attempts < 1:
         raise InvalidArgumentError("max_attempts must be at least 1")
-    base = retry or RetryPolicy()
-    return RetryPolicy(
-        max_attempts, base.backoff_base, base.backoff_factor, base.backoff_cap, base.jitter
-    )
+    return replace(retry or RetryPolicy(), max_attempts=max_attempts)
 
 
 def _check_schedule(delay: timedelta | None, run_at: datetime | None) -> None:
@@ -121,14 +124,14 @@ def build_spec(request: JobRequest) -> job_pb2.JobSpec:
     """
     task = request.task if isinstance(request.task, Task) else None
     name = task.name if task else str(request.task)
-    queue = request.queue or (task.queue if task else "default")
+    queue = _pick(request.queue, task.queue if task else "default")
     if not name:
         raise InvalidArgumentError("task name must not be empty")
     if not queue:
         raise InvalidArgumentError("queue must not be empty")
     delay = to_timedelta(request.delay) if request.delay is not None else None
     _check_schedule(delay, request.run_at)
-    priority = request.priority if request.priority is not None else (task.priority if task else 0)
+    priority = _pick(request.priority, task.priority if task else 0) or 0
     spec = job_pb2.JobSpec(
         queue=queue,
         task=name,
@@ -145,10 +148,10 @@ def build_spec(request: JobRequest) -> job_pb2.JobSpec:
     retry = _merged_retry(request, task)
     if retry is not None:
         spec.retry.CopyFrom(retry_to_pb(retry))
-    timeout = request.timeout or (task.timeout if task else None)
+    timeout = _pick(request.timeout, task.timeout if task else None)
     if timeout is not None:
         spec.timeout.CopyFrom(duration_to_pb(timeout))
-    soft_timeout = request.soft_timeout or (task.soft_timeout if task else None)
+    soft_timeout = _pick(request.soft_timeout, task.soft_timeout if task else None)
     if soft_timeout is not None:
         spec.soft_timeout.CopyFrom(duration_to_pb(soft_timeout))
     return spec

@@ -121,8 +121,9 @@ def retry_to_pb(policy: RetryPolicy) -> job_pb2.RetryPolicy:
     pb = job_pb2.RetryPolicy(
         max_attempts=policy.max_attempts or 0,
         backoff_factor=policy.backoff_factor or 0.0,
-        jitter=policy.jitter or 0.0,
     )
+    if policy.jitter is not None:
+        pb.jitter = policy.jitter  # optional on the wire: 0 means no jitter
     if policy.backoff_base is not None:
         pb.backoff_base.CopyFrom(duration_to_pb(policy.backoff_base))
     if policy.backoff_cap is not None:
@@ -137,7 +138,7 @@ def retry_from_pb(pb: job_pb2.RetryPolicy) -> RetryPolicy:
         backoff_base=duration_from_pb(pb, "backoff_base"),
         backoff_factor=pb.backoff_factor or None,
         backoff_cap=duration_from_pb(pb, "backoff_cap"),
-        jitter=pb.jitter or None,
+        jitter=pb.jitter if pb.HasField("jitter") else None,
     )
 
 

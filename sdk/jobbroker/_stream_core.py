@@ -115,7 +115,10 @@ def lost_leases(leases: Sequence[L], results: Sequence[ReportResult]) -> list[L]
         result = by_id.get(lease.job.id)
         if result is None:
             continue
-        if result.status in (broker_pb2.REPORT_STATUS_LEASE_LOST, broker_pb2.REPORT_STATUS_NOT_FOUND):
+        if result.status in (
+            broker_pb2.REPORT_STATUS_LEASE_LOST,
+            broker_pb2.REPORT_STATUS_NOT_FOUND,
+        ):
             lost.append(lease)
         else:
             lease.expires_at = timestamp_from_pb(result, "lease_expires_at") or lease.expires_at

@@ -17,6 +17,7 @@ from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_messa
 from .errors import BrokerUnavailableError, DeadlineExceededError, JobBrokerError, from_rpc_error
 from .lease import Lease, ReportResult, heartbeat_message
 
+
 class LeaseStream:
     """Leased jobs as they are pushed: `for lease in stream: ...`.
 

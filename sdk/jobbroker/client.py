@@ -49,7 +49,9 @@ class Client:
         self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
     ) -> JobHandle[Any]:
         """Store a job and return its handle once the broker committed it."""
-        request = broker_pb2.SubmitRequest(job=_calls.build_spec(JobRequest(task, payload, **options)))
+        request = broker_pb2.SubmitRequest(
+            job=_calls.build_spec(JobRequest(task, payload, **options))
+        )
         reply = _calls.call(lambda: self._stub.Submit(request, timeout=self._timeout))
         return JobHandle(self, reply.job_id, reply.duplicate)
 
@@ -177,7 +179,9 @@ class AsyncClient:
         self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
     ) -> AsyncJobHandle[Any]:
         """Store a job and return its handle once the broker committed it."""
-        request = broker_pb2.SubmitRequest(job=_calls.build_spec(JobRequest(task, payload, **options)))
+        request = broker_pb2.SubmitRequest(
+            job=_calls.build_spec(JobRequest(task, payload, **options))
+        )
         reply = await _calls.acall(lambda: self._stub.Submit(request, timeout=self._timeout))
         return AsyncJobHandle(self, reply.job_id, reply.duplicate)
 
@@ -207,7 +211,9 @@ class AsyncClient:
         return _calls.page_from_pb(await self._unary(self._stub.ListJobs, request))
 
     async def wait_job(
-        self, job_id: str, timeout: timedelta | float | None = None
+        self,
+        job_id: str,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - same API as Client
     ) -> AsyncIterator[Job]:
         """The job now, then each change of its state until it is terminal."""
         deadline = _calls.deadline_after(timeout)

@@ -92,7 +92,7 @@ class PermanentError(Exception):
     """Raise from a handler to fail the job without retrying it."""
 
 
-class RetryAfter(Exception):  # noqa: N818 - reads as an instruction: raise RetryAfter(30)
+class RetryAfter(Exception):
     """Raise from a handler to retry the job no sooner than `delay`."""
 
     def __init__(self, delay: timedelta | float, message: str = "") -> None:

@@ -76,7 +76,10 @@ class AsyncJobHandle(Generic[R]):
     async def job(self) -> Job:
         return await self._client.get_job(self.id)
 
-    async def result(self, timeout: float | timedelta | None = None) -> R:
+    async def result(
+        self,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109 - same API as JobHandle
+    ) -> R:
         """Wait until the job ends and return its result (see JobHandle.result)."""
         async for job in self._client.wait_job(self.id, timeout=timeout):
             if job.state.terminal:

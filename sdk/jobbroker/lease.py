@@ -107,7 +107,7 @@ class Lease(_LeaseBase):
 
     def fail(
         self,
-        error: BaseException | str,
+        error: BaseException | ErrorInfo | str,
         *,
         retryable: bool = True,
         retry_after: timedelta | None = None,
@@ -149,7 +149,7 @@ class AsyncLease(_LeaseBase):
 
     async def fail(
         self,
-        error: BaseException | str,
+        error: BaseException | ErrorInfo | str,
         *,
         retryable: bool = True,
         retry_after: timedelta | None = None,
@@ -181,9 +181,7 @@ def heartbeat_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
     return broker_pb2.WorkerMessage(heartbeat=heartbeat)
 
 
-def progress_message(
-    lease: _LeaseBase, fraction: float, message: str
-) -> broker_pb2.WorkerMessage:
+def progress_message(lease: _LeaseBase, fraction: float, message: str) -> broker_pb2.WorkerMessage:
     if not 0.0 <= fraction <= 1.0:
         raise InvalidArgumentError(f"progress must be within [0, 1], got {fraction}")
     progress = broker_pb2.Progress(lease=lease.ref(), progress=fraction, message=message)
@@ -197,7 +195,7 @@ def complete_message(lease: _LeaseBase, result: Any) -> broker_pb2.WorkerMessage
 
 def fail_message(
     lease: _LeaseBase,
-    error: BaseException | str,
+    error: BaseException | ErrorInfo | str,
     retryable: bool,
     retry_after: timedelta | None,
     cancelled: bool,
@@ -218,7 +216,9 @@ def release_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
     return broker_pb2.WorkerMessage(release=release)
 
 
-def error_info(error: BaseException | str) -> ErrorInfo:
+def error_info(error: BaseException | ErrorInfo | str) -> ErrorInfo:
+    if isinstance(error, ErrorInfo):
+        return error
     if isinstance(error, str):
         return ErrorInfo(type="Error", message=error)
     return ErrorInfo(

@@ -17,6 +17,8 @@ from .types import RetryPolicy
 
 I = TypeVar("I")  # noqa: E741 - the payload type, next to R the result type
 R = TypeVar("R")
+I_contra = TypeVar("I_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +34,10 @@ class TaskOptions:
     soft_timeout: timedelta | None = None
 
 
-class Task(Generic[I, R]):
+class Task(Generic[I_contra, R_co]):
     """A named handler with its queue and job defaults; call it to run it locally."""
 
-    def __init__(self, fn: Callable[[I], Any], options: TaskOptions) -> None:
+    def __init__(self, fn: Callable[[I_contra], Any], options: TaskOptions) -> None:
         self.fn = fn
         self.name = options.name or f"{fn.__module__}.{fn.__qualname__}"
         self.queue = options.queue
@@ -50,15 +52,15 @@ class Task(Generic[I, R]):
         return f"<Task {self.name!r} queue={self.queue!r}>"
 
 
-class SyncTask(Task[I, R]):
-    def __call__(self, payload: I) -> R:
-        result: R = self.fn(payload)
+class SyncTask(Task[I_contra, R_co]):
+    def __call__(self, payload: I_contra) -> R_co:
+        result: R_co = self.fn(payload)
         return result
 
 
-class AsyncTask(Task[I, R]):
-    def __call__(self, payload: I) -> Coroutine[Any, Any, R]:
-        result: Coroutine[Any, Any, R] = self.fn(payload)
+class AsyncTask(Task[I_contra, R_co]):
+    def __call__(self, payload: I_contra) -> Coroutine[Any, Any, R_co]:
+        result: Coroutine[Any, Any, R_co] = self.fn(payload)
         return result
 
 
@@ -73,7 +75,7 @@ class TaskDecorator(Protocol):
 
 class _Decorator:
     def __init__(
-        self, options: TaskOptions, on_create: Callable[[Task[Any, Any]], None] | None
+        self, options: TaskOptions, on_create: Callable[[Task[Any, Any]], object] | None
     ) -> None:
         self._options = options
         self._on_create = on_create
@@ -92,7 +94,7 @@ class _Decorator:
 def make_decorator(
     name_or_fn: str | Callable[[Any], Any] | None,
     options: TaskOptions,
-    on_create: Callable[[Task[Any, Any]], None] | None = None,
+    on_create: Callable[[Task[Any, Any]], object] | None = None,
 ) -> Any:
     """`@task` and `@task(...)` in one: decorate now or return the decorator."""
     if callable(name_or_fn):

@@ -90,7 +90,7 @@ def _retry(spec: job_pb2.JobSpec, defaults: RetryPolicy) -> RetryPolicy:
     if not spec.HasField("retry"):
         return defaults
     r = spec.retry
-    jitter = r.jitter if r.jitter else defaults.jitter
+    jitter = r.jitter if r.HasField("jitter") else defaults.jitter
     if not 0.0 <= jitter <= 1.0:
         raise InvalidArgument(f"retry.jitter must be between 0 and 1 (got {jitter})")
     if r.backoff_factor and r.backoff_factor < 1.0:

@@ -159,11 +159,10 @@ class Dispatcher:
             session = self._holder.get(ref.job_id)
             if session is not None:
                 by_session.setdefault(session, []).append(ref)
+        # The slots stay taken until the worker reports (and is refused): a
+        # worker told to stop may still be busy with the job.
         for session, mine in by_session.items():
             session.outbox.put_nowait(Cancel(mine, reason))
-            if reason is not CancelReason.CANCELLED:
-                # The attempt is over in the store: its slot is free now.
-                self.settle(session, (ref.job_id for ref in mine))
 
     async def _pump(self, session: Session) -> None:
         while True:

@@ -1,0 +1,121 @@
+"""One attempt of one job: run the handler, watch for cancel, soft timeout and lost
+lease, and decide what to report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from .context import JobContext, bind
+from .errors import JobBrokerError, PermanentError, RetryAfter
+from .lease import AsyncLease
+from .task import Task
+from .types import ErrorInfo
+
+Report = Callable[[AsyncLease], Awaitable[None]]
+"""What to tell the broker about the attempt, given the lease (which may have moved
+to a new stream by the time it is sent)."""
+
+
+async def run_job(
+    task: Task[Any, Any],
+    lease: AsyncLease,
+    context: JobContext,
+    executor: Executor,
+    lost: asyncio.Event,
+) -> Report | None:
+    """Run the attempt; None when there is nothing to report (the lease was lost)."""
+    try:
+        payload = lease.payload()
+    except ValueError as error:
+        return _fail(error, retryable=False)
+    handler = _start(task, payload, context, executor)
+    stop = await _supervise(handler, lease, context, lost)
+    if stop is None:
+        return _from_handler(handler)
+    context.stop()
+    handler.cancel()
+    if stop == "lost":
+        return None
+    if stop == "cancelled":
+        message = f"the broker cancelled the job ({lease.cancel_reason})"
+        info = ErrorInfo(type="Cancelled", message=message)
+        return lambda lease: lease.fail(info, cancelled=True)
+    limit = lease.job.soft_timeout.total_seconds() if lease.job.soft_timeout else 0.0
+    info = ErrorInfo(type="SoftTimeout", message=f"the handler ran longer than {limit:g}s")
+    return _fail(info)
+
+
+def _start(
+    task: Task[Any, Any], payload: Any, context: JobContext, executor: Executor
+) -> asyncio.Future[Any]:
+    """Async handlers run as a task on the loop, sync ones in the executor; both see
+    `current_job()` through a copied context."""
+    ctx = contextvars.copy_context()
+    ctx.run(bind, context)
+    if task.is_async:
+        return asyncio.create_task(task.fn(payload), context=ctx)
+    future = asyncio.get_running_loop().run_in_executor(executor, ctx.run, task.fn, payload)
+    # A thread cannot be stopped: when the attempt is given up its outcome is dropped.
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
+
+
+async def _supervise(
+    handler: asyncio.Future[Any], lease: AsyncLease, context: JobContext, lost: asyncio.Event
+) -> str | None:
+    """Wait for the handler; the reason to stop it early if something came first."""
+    cancel_wait = asyncio.create_task(lease.wait_cancelled())
+    lost_wait = asyncio.create_task(lost.wait())
+    soft = lease.job.soft_timeout
+    try:
+        done, _ = await asyncio.wait(
+            {handler, cancel_wait, lost_wait},
+            timeout=soft.total_seconds() if soft else None,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    except asyncio.CancelledError:  # the worker gave up on the job (shutdown)
+        context.stop()
+        handler.cancel()
+        raise
+    finally:
+        cancel_wait.cancel()
+        lost_wait.cancel()
+    if handler in done:
+        return None
+    if lost_wait in done:
+        return "lost"
+    return "cancelled" if cancel_wait in done else "soft_timeout"
+
+
+def _from_handler(handler: asyncio.Future[Any]) -> Report:
+    if handler.cancelled():
+        return _fail(ErrorInfo(type="Cancelled", message="the handler was cancelled"))
+    error = handler.exception()
+    if error is None:
+        return _complete(handler.result())
+    if isinstance(error, PermanentError):
+        return _fail(error, retryable=False)
+    if isinstance(error, RetryAfter):
+        delay = error.delay
+        return lambda lease: lease.fail(error, retry_after=delay)
+    return _fail(error)
+
+
+def _fail(error: BaseException | ErrorInfo, *, retryable: bool = True) -> Report:
+    return lambda lease: lease.fail(error, retryable=retryable)
+
+
+def _complete(value: Any) -> Report:
+    async def report(lease: AsyncLease) -> None:
+        try:
+            await lease.complete(value)
+        except JobBrokerError:
+            raise
+        except (TypeError, ValueError) as error:  # the result does not encode as JSON
+            await lease.fail(error, retryable=False)
+
+    return report

@@ -1,0 +1,129 @@
+"""A job's life through the SDK against a real broker: submit, lease, report,
+retry with backoff, dead-letter, replay, wait."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from jobbroker_server.testing import BrokerThread
+
+from jobbroker import (
+    Client,
+    JobFailedError,
+    JobState,
+    LeaseLostError,
+    RetryPolicy,
+)
+
+
+def test_submit_lease_complete_result(client: Client) -> None:
+    handle = client.submit("email.send", {"to": "ada@example.com"}, queue="mail")
+    assert handle.status() is JobState.PENDING
+    with client.lease_stream(["mail"], prefetch=4) as stream:
+        lease = next(iter(stream))
+        assert lease.job.id == handle.id
+        assert lease.job.task == "email.send"
+        assert lease.payload() == {"to": "ada@example.com"}
+        lease.heartbeat()
+        lease.complete({"sent": True})
+    assert handle.result(timeout=5) == {"sent": True}
+    job = client.get_job(handle.id)
+    assert job.state is JobState.SUCCEEDED and job.attempts == 1
+    assert [a.outcome.value for a in job.history] == ["succeeded"]
+
+
+def test_raw_bytes_payload_and_result(client: Client) -> None:
+    handle = client.submit("blob", b"\x00\xffraw", queue="bytes")
+    with client.lease_stream(["bytes"]) as stream:
+        lease = next(iter(stream))
+        assert lease.payload() == b"\x00\xffraw"
+        lease.complete(b"\x01")
+    assert handle.result(timeout=5) == b"\x01"
+
+
+def test_failures_retry_with_growing_delays_then_dead_letter_then_replay(
+    client: Client,
+) -> None:
+    retry = RetryPolicy(
+        max_attempts=3, backoff_base=timedelta(milliseconds=200), backoff_factor=2.0, jitter=0.0
+    )
+    handle = client.submit("flaky", {"n": 1}, queue="retry", retry=retry)
+    with client.lease_stream(["retry"], prefetch=1) as stream:
+        leases = iter(stream)
+        for attempt in range(3):
+            lease = next(leases)
+            assert lease.job.attempts == attempt + 1
+            lease.fail(RuntimeError(f"boom {attempt + 1}"))
+        with pytest.raises(JobFailedError, match="boom 3"):
+            handle.result(timeout=5)
+        dead = client.get_job(handle.id)
+        assert dead.state is JobState.DEAD
+        starts = [a.started_at for a in dead.history]
+        ends = [a.finished_at for a in dead.history]
+        gaps = [(starts[i + 1] - ends[i]).total_seconds() for i in range(2)]  # type: ignore[operator]
+        assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps
+        assert [a.error.message for a in dead.history if a.error] == ["boom 1", "boom 2", "boom 3"]
+        assert "RuntimeError" in dead.history[0].error.type  # type: ignore[union-attr]
+        assert [j.id for j in client.dlq_list(queue="retry").jobs] == [handle.id]
+
+        assert client.dlq_replay([handle.id]) == [handle.id]
+        lease = next(leases)
+        assert lease.job.id == handle.id and lease.job.attempts == 1
+        lease.complete("fine now")
+    assert handle.result(timeout=5) == "fine now"
+    assert client.dlq_list(queue="retry").jobs == ()
+
+
+def test_priority_order_and_delay(client: Client) -> None:
+    low = client.submit("t", 1, queue="prio", priority=0)
+    high = client.submit("t", 2, queue="prio", priority=10)
+    later = client.submit("t", 3, queue="prio", priority=100, delay=timedelta(seconds=0.6))
+    assert later.status() is JobState.SCHEDULED
+    with client.lease_stream(["prio"], prefetch=1) as stream:
+        leases = iter(stream)
+        order = []
+        for _ in range(3):
+            lease = next(leases)
+            order.append(lease.job.id)
+            lease.complete()
+    assert order == [high.id, low.id, later.id]
+    job = client.get_job(later.id)
+    assert job.started_at is not None and job.started_at >= job.created_at + timedelta(seconds=0.6)
+
+
+def test_stale_fencing_token_is_refused_and_changes_nothing(
+    client: Client, broker: BrokerThread
+) -> None:
+    handle = client.submit("slow", None, queue="fence")
+    with client.lease_stream(["fence"], prefetch=1) as first:
+        stale = next(iter(first))
+        # Stop heartbeating: the reaper expires the lease and the job runs again.
+        with client.lease_stream(["fence"], prefetch=1) as second:
+            current = next(iter(second))
+            assert current.job.id == handle.id
+            assert current.fencing_token > stale.fencing_token
+            with pytest.raises(LeaseLostError, match="lease lost"):
+                stale.complete("late")
+            assert client.get_job(handle.id).state is JobState.RUNNING
+            current.complete("on time")
+    assert handle.result(timeout=5) == "on time"
+    history = client.get_job(handle.id).history
+    assert [a.outcome.value for a in history] == ["lease_expired", "succeeded"]
+
+
+def test_wait_job_sees_every_transition(client: Client) -> None:
+    retry = RetryPolicy(max_attempts=2, backoff_base=timedelta(milliseconds=100), jitter=0.0)
+    handle = client.submit("twice", None, queue="watch", retry=retry)
+    seen: list[JobState] = []
+    watching = threading.Thread(
+        target=lambda: seen.extend(j.state for j in client.wait_job(handle.id, timeout=10))
+    )
+    watching.start()
+    with client.lease_stream(["watch"], prefetch=1) as stream:
+        leases = iter(stream)
+        next(leases).fail("first try")
+        next(leases).complete()
+    watching.join(10)
+    assert seen == ["pending", "running", "scheduled", "pending", "running", "succeeded"]
