@@ -47,10 +47,11 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return str(response.read().decode())
 
-        text = wait_for(
-            lambda: (t := scrape()) if 'jobbroker_queue_depth{queue="metered"' in t else "",
-            what="queue depth gauge",
-        )
+        def sampled() -> str:
+            text = scrape()
+            return text if 'jobbroker_queue_depth{queue="metered"' in text else ""
+
+        text = wait_for(sampled, what="the queue depth gauge")
         assert 'jobbroker_jobs_submitted_total{queue="metered"} 1.0' in text
         assert 'jobbroker_jobs_leased_total{queue="metered"} 1.0' in text
         assert 'jobbroker_jobs_succeeded_total{queue="metered"} 1.0' in text

@@ -43,6 +43,7 @@ class BrokerThread:
     def stop(self) -> None:
         try:
             self.run(self.app.stop())
+            self.run(_cancel_leftovers())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
@@ -53,3 +54,12 @@ class BrokerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _cancel_leftovers() -> None:
+    """End what the stopped server left on the loop (handlers of closed calls)."""
+    current = asyncio.current_task()
+    leftovers = [t for t in asyncio.all_tasks() if t is not current]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
