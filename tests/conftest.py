@@ -17,11 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from jobbroker import Client
 from jobbroker_server.config import Settings
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.testing import BrokerThread
-
-from jobbroker import Client
 
 # Fast timers so tests wait for conditions in milliseconds, not seconds.
 FAST = Settings(

@@ -6,9 +6,9 @@ import json
 import subprocess
 
 import pytest
+from jobbroker import Client, JobState, RetryPolicy
 from jobbroker_server.testing import BrokerThread
 
-from jobbroker import Client, JobState, RetryPolicy
 from tests.processes import BROKER
 
 
@@ -46,7 +46,10 @@ def test_submit_get_list_cancel(broker: BrokerThread, client: Client) -> None:
     assert job_id in listed.stdout
 
     cancelled = subprocess.run(
-        [*BROKER, "job", "cancel", "--target", t, job_id], capture_output=True, text=True, timeout=30
+        [*BROKER, "job", "cancel", "--target", t, job_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     assert client.get_job(job_id).state is JobState.CANCELLED
@@ -73,7 +76,10 @@ def test_dlq_ls_replay_purge(broker: BrokerThread, client: Client) -> None:
         assert replay.stdout.strip() == "replayed 1 job(s)"
         next(leases).complete()
     purge = subprocess.run(
-        [*BROKER, "dlq", "purge", "--target", t, "--all"], capture_output=True, text=True, timeout=30
+        [*BROKER, "dlq", "purge", "--target", t, "--all"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert purge.stdout.strip() == "purged 2 job(s)"
     assert client.get_job(ids[0]).state is JobState.SUCCEEDED

@@ -8,10 +8,6 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
-from jobbroker_server.config import Settings
-from jobbroker_server.testing import BrokerThread
-
 from jobbroker import (
     Client,
     FailedPreconditionError,
@@ -19,6 +15,9 @@ from jobbroker import (
     JobNotFoundError,
     ResourceExhaustedError,
 )
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
+from jobbroker_server.config import Settings
+from jobbroker_server.testing import BrokerThread
 
 
 @pytest.fixture

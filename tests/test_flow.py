@@ -7,8 +7,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-from jobbroker_server.testing import BrokerThread
-
 from jobbroker import (
     Client,
     JobFailedError,
@@ -16,6 +14,7 @@ from jobbroker import (
     LeaseLostError,
     RetryPolicy,
 )
+from jobbroker_server.testing import BrokerThread
 
 
 def test_submit_lease_complete_result(client: Client) -> None:

@@ -159,7 +159,7 @@ def test_permanent_failure_skips_retries(db: Harness) -> None:
 
 
 def test_idempotency_key_returns_the_existing_job_inside_the_window(db: Harness) -> None:
-    first, dup, other = db(db.store.submit_many([job(key="k"), job(key="k"), job()], T0, WINDOW))
+    first, dup, _other = db(db.store.submit_many([job(key="k"), job(key="k"), job()], T0, WINDOW))
     assert not first.duplicate and dup.duplicate and dup.job_id == first.job_id
     [later] = db(db.store.submit_many([job(key="k")], T0 + timedelta(minutes=59), WINDOW))
     assert later.duplicate and later.job_id == first.job_id
@@ -223,6 +223,6 @@ def test_retention_deletes_finished_jobs_but_keeps_dead_ones(db: Harness) -> Non
 
 def test_submit_many_is_all_or_nothing(db: Harness) -> None:
     a = job()
-    with pytest.raises(Exception, match="UNIQUE|unique|duplicate"):
+    with pytest.raises(Exception, match=r"UNIQUE|unique|duplicate"):
         db(db.store.submit_many([job(), a, a], T0, WINDOW))  # the same id twice
     assert db(db.store.queue_depths()) == {}

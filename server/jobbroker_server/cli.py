@@ -51,13 +51,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
     asyncio.run(serve(_settings(args)))
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(args.module)
@@ -117,12 +121,13 @@ def _show_job(job: Job) -> None:
     if job.last_error is not None:
         print(f"last error:  {job.last_error.type}: {job.last_error.message}")
     for a in job.history:
+        outcome = a.outcome.value if a.outcome else "unknown"
         error = f"  {a.error.type}: {a.error.message}" if a.error else ""
         print(
-            f"  attempt {a.number} on {a.worker_id}: {a.outcome.value} "
+            f"  attempt {a.number} on {a.worker_id}: {outcome} "
             f"{_when(a.started_at)} -> {_when(a.finished_at)}{error}"
         )
-        if a.error and a.error.traceback and a.outcome.value != "succeeded":
+        if a.error and a.error.traceback:
             for line in a.error.traceback.rstrip().splitlines():
                 print(f"      {line}")
 

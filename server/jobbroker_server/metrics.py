@@ -27,7 +27,10 @@ class Metrics:
             registry=r,
         )
         self.dead_lettered = Counter(
-            "jobbroker_jobs_dead_lettered", "Jobs moved to the dead-letter queue", ["queue"], registry=r
+            "jobbroker_jobs_dead_lettered",
+            "Jobs moved to the dead-letter queue",
+            ["queue"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "jobbroker_queue_depth", "Jobs per queue and state", ["queue", "state"], registry=r

@@ -1,4 +1,4 @@
-"""Streams × credits: push leased jobs to the worker streams that have room.
+"""Streams and credits: push leased jobs to the worker streams that have room.
 
 Each open LeaseStream is a Session with a prefetch window. A session's pump
 leases up to its free room in one query whenever it is woken (a submit to one

@@ -217,7 +217,9 @@ class SqlStore(Store):
                     jobs.update().where(*_held(ref)).values(lease_expires_at=expires)
                 )
                 if changed.rowcount == 1:
-                    results.append(ReportResult(ref.job_id, ReportStatus.OK, lease_expires_at=expires))
+                    results.append(
+                        ReportResult(ref.job_id, ReportStatus.OK, lease_expires_at=expires)
+                    )
                 else:
                     results.append(await _lost(conn, ref))
         return results
@@ -355,10 +357,14 @@ class SqlStore(Store):
             for row in (await conn.execute(pick)).all():
                 if row.overdue:
                     outcome = AttemptOutcome.TIMED_OUT
-                    error = ErrorInfo("TimeoutError", f"attempt exceeded its {row.timeout_s}s timeout")
+                    error = ErrorInfo(
+                        "TimeoutError", f"attempt exceeded its {row.timeout_s}s timeout"
+                    )
                 else:
                     outcome = AttemptOutcome.LEASE_EXPIRED
-                    error = ErrorInfo("LeaseExpired", "lease expired: the worker stopped heartbeating")
+                    error = ErrorInfo(
+                        "LeaseExpired", "lease expired: the worker stopped heartbeating"
+                    )
                 state = await self._end_running(conn, row, outcome, error, now)
                 ref = LeaseRef(row.id, row.fencing_token)
                 reaped.append(ReapedLease(ref, row.queue, outcome, state))
@@ -547,5 +553,3 @@ async def _delete(conn: AsyncConnection, ids: list[str]) -> None:
         chunk = ids[start : start + 500]
         await conn.execute(attempts.delete().where(attempts.c.job_id.in_(chunk)))
         await conn.execute(jobs.delete().where(jobs.c.id.in_(chunk)))
-
-
