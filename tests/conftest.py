@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from jobbroker import Client
 from jobbroker_server.config import Settings
 from jobbroker_server.domain.retry import RetryPolicy

@@ -6,9 +6,9 @@ import json
 import subprocess
 
 import pytest
+
 from jobbroker import Client, JobState, RetryPolicy
 from jobbroker_server.testing import BrokerThread
-
 from tests.processes import BROKER
 
 

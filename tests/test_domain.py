@@ -6,6 +6,7 @@ import random
 from datetime import timedelta
 
 import pytest
+
 from jobbroker_server.domain import states
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.ids import new_job_id

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
+
 from jobbroker import (
     Client,
     FailedPreconditionError,

@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+
 from jobbroker import (
     Client,
     JobFailedError,

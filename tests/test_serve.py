@@ -10,8 +10,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from jobbroker import Client, JobState
 
+from jobbroker import Client, JobState
 from tests.processes import start_broker
 from tests.waiting import wait_for
 

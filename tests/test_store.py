@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+
 from jobbroker_server.domain.errors import IllegalTransition, NotFound
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.models import (

@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from prometheus_client import start_http_server
 
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from jobbroker_server.clock import Clock, SystemClock
 from jobbroker_server.config import Settings
 from jobbroker_server.metrics import Metrics

@@ -17,7 +17,6 @@ from datetime import timedelta
 from typing import Any
 
 from jobbroker import Client, Job, JobBrokerError, JobState, Task, Worker
-
 from jobbroker_server.app import serve
 from jobbroker_server.config import ENV, Settings, env_default
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
-from jobbroker.v1 import broker_pb2, job_pb2
 
+from jobbroker.v1 import broker_pb2, job_pb2
 from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.models import (

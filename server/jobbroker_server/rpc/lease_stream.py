@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from jobbroker.v1 import broker_pb2
 
+from jobbroker.v1 import broker_pb2
 from jobbroker_server.domain.errors import BrokerError, InvalidArgument
 from jobbroker_server.domain.models import ReportResult, ReportStatus
 from jobbroker_server.rpc import convert

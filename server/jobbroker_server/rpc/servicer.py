@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from jobbroker_server.clock import Clock
 from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
 from jobbroker_server.domain.models import JobFilter, NewJob, SubmitResult

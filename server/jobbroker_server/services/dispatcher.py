@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +22,8 @@ from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class CancelReason(enum.StrEnum):
@@ -64,6 +67,7 @@ class Session:
     held: dict[str, Held] = field(default_factory=dict)
     outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
 
     @property
     def room(self) -> int:
@@ -107,11 +111,11 @@ class Dispatcher:
     async def close(self, session: Session) -> None:
         """The stream ended. Its leases stay running until they are reported
         on another stream or expire: the worker may only have reconnected."""
+        session.closed = True
+        session.wake.set()
         pump = self._sessions.pop(session, None)
         if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            await pump  # it ends at its next wake-up, never mid-lease
         for job_id in session.held:
             if self._holder.get(job_id) is session:
                 del self._holder[job_id]
@@ -165,13 +169,16 @@ class Dispatcher:
             session.outbox.put_nowait(Cancel(mine, reason))
 
     async def _pump(self, session: Session) -> None:
-        while True:
+        while not session.closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.wake.wait(), self._poll)
             session.wake.clear()
-            if self._draining or session.room <= 0:
+            if session.closed or self._draining or session.room <= 0:
                 continue
-            await self._lease(session)
+            try:
+                await self._lease(session)
+            except Exception:
+                log.exception("leasing for worker %s failed; retrying", session.worker_id)
 
     async def _lease(self, session: Session) -> None:
         now = self._clock.now()
@@ -179,6 +186,10 @@ class Dispatcher:
             session.queues, session.room, session.worker_id, self.lease_duration, now
         )
         if not leases:
+            return
+        if session.closed:  # the stream went away while the query ran
+            refs = [LeaseRef(lease.job.id, lease.fencing_token) for lease in leases]
+            await self._store.release_many(refs, self._clock.now())
             return
         started = self._clock.monotonic()
         for lease in leases:

@@ -7,11 +7,12 @@ that differ (insert-or-ignore, row locking); everything else lives here once.
 from __future__ import annotations
 
 import abc
+import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -48,14 +49,42 @@ class SchemaTooNew(FailedPrecondition):
     reason = "SCHEMA_TOO_NEW"
 
 
+SqlStoreT = TypeVar("SqlStoreT", bound="SqlStore")
+
+
 def _sources(dst: JobState) -> list[str]:
     return sorted(s.value for s in states.sources(dst))
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _whole(
+    method: Callable[Concatenate[SqlStoreT, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SqlStoreT, P], Coroutine[Any, Any, T]]:
+    """Run a store operation to its end even if its caller is cancelled.
+
+    A transaction cut off mid-way leaves the driver's connection to be torn
+    down (and an acknowledged lease possibly undelivered); instead the caller
+    stops waiting while the operation commits or rolls back, and close()
+    waits for it.
+    """
+
+    async def run(self: SqlStoreT, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    return run
 
 
 class SqlStore(Store):
     def __init__(self, engine: AsyncEngine, rng: random.Random | None = None) -> None:
         self._engine = engine
         self._rng = rng or random.Random()
+        self._inflight: set[asyncio.Future[Any]] = set()
 
     # --- what a dialect supplies ---
 
@@ -86,10 +115,13 @@ class SqlStore(Store):
                 )
 
     async def close(self) -> None:
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         await self._engine.dispose()
 
     # --- producers ---
 
+    @_whole
     async def submit_many(
         self, jobs_in: Sequence[NewJob], now: datetime, dedup_window: timedelta
     ) -> list[SubmitResult]:
@@ -128,6 +160,7 @@ class SqlStore(Store):
 
     # --- workers ---
 
+    @_whole
     async def lease_many(
         self,
         queues: Sequence[str],
@@ -206,6 +239,7 @@ class SqlStore(Store):
             leases.append(Lease(leased, token, expires))
         return leases
 
+    @_whole
     async def heartbeat_many(
         self, leases: Sequence[LeaseRef], lease_for: timedelta, now: datetime
     ) -> list[ReportResult]:
@@ -224,6 +258,7 @@ class SqlStore(Store):
                     results.append(await _lost(conn, ref))
         return results
 
+    @_whole
     async def progress(self, report: Progress, now: datetime) -> ReportResult:
         async with self._tx() as conn:
             changed = await conn.execute(
@@ -235,6 +270,7 @@ class SqlStore(Store):
                 return ReportResult(report.lease.job_id, ReportStatus.OK)
             return await _lost(conn, report.lease)
 
+    @_whole
     async def complete_many(
         self, completions: Sequence[Completion], now: datetime
     ) -> list[ReportResult]:
@@ -265,6 +301,7 @@ class SqlStore(Store):
                     results.append(await _lost(conn, c.lease))
         return results
 
+    @_whole
     async def fail_many(self, failures: Sequence[Failure], now: datetime) -> list[ReportResult]:
         results = []
         async with self._tx() as conn:
@@ -283,6 +320,7 @@ class SqlStore(Store):
                 )
         return results
 
+    @_whole
     async def release_many(self, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
         back = states.check(JobState.RUNNING, JobState.PENDING)
         results = []
@@ -343,6 +381,7 @@ class SqlStore(Store):
         await _end_attempt(conn, ref, outcome, error, now)
         return dst
 
+    @_whole
     async def reap_expired(self, now: datetime) -> list[ReapedLease]:
         expired = jobs.c.lease_expires_at < now
         overdue = jobs.c.deadline_at < now
@@ -370,6 +409,7 @@ class SqlStore(Store):
                 reaped.append(ReapedLease(ref, row.queue, outcome, state))
         return reaped
 
+    @_whole
     async def promote_scheduled(self, now: datetime) -> list[tuple[str, str]]:
         dst = states.check(JobState.SCHEDULED, JobState.PENDING)
         async with self._tx() as conn:
@@ -381,6 +421,7 @@ class SqlStore(Store):
             )
             return [(job_id, queue) for job_id, queue in changed]
 
+    @_whole
     async def next_scheduled_at(self) -> datetime | None:
         stmt = sa.select(sa.func.min(jobs.c.scheduled_at)).where(
             jobs.c.state == JobState.SCHEDULED.value
@@ -391,6 +432,7 @@ class SqlStore(Store):
 
     # --- operators ---
 
+    @_whole
     async def cancel(self, job_id: str, now: datetime) -> Job:
         dst = JobState.CANCELLED
         async with self._tx() as conn:
@@ -414,10 +456,12 @@ class SqlStore(Store):
                 )
             return await _job(conn, job_id, history=True)
 
+    @_whole
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:
         async with self._tx() as conn:
             return await _job(conn, job_id, history=history)
 
+    @_whole
     async def list_jobs(self, where: JobFilter) -> list[Job]:
         stmt = sa.select(jobs).order_by(jobs.c.id).limit(where.limit)
         if where.queue:
@@ -431,6 +475,7 @@ class SqlStore(Store):
         async with self._tx() as conn:
             return [rows.job_from_row(row) for row in await conn.execute(stmt)]
 
+    @_whole
     async def replay_dead(
         self, queue: str | None, job_ids: Sequence[str], now: datetime
     ) -> list[str]:
@@ -454,12 +499,14 @@ class SqlStore(Store):
                 )
             return ids
 
+    @_whole
     async def purge_dead(self, queue: str | None, job_ids: Sequence[str]) -> int:
         async with self._tx() as conn:
             ids = await _dead_ids(conn, queue, job_ids)
             await _delete(conn, ids)
             return len(ids)
 
+    @_whole
     async def delete_finished(self, before: datetime, limit: int) -> int:
         async with self._tx() as conn:
             ids = list(
@@ -474,6 +521,7 @@ class SqlStore(Store):
             await _delete(conn, ids)
             return len(ids)
 
+    @_whole
     async def queue_depths(self) -> dict[tuple[str, JobState], int]:
         stmt = sa.select(jobs.c.queue, jobs.c.state, sa.func.count()).group_by(
             jobs.c.queue, jobs.c.state

@@ -1,0 +1,105 @@
+"""The Worker runs registered handlers against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from jobbroker import Client, JobCancelledError, JobFailedError, JobState, Worker
+from jobbroker_server.testing import BrokerThread
+from tests import sample_tasks as t
+from tests.processes import BROKER, Process
+from tests.waiting import wait_for
+
+TASKS = [t.add, t.shout, t.flaky, t.bad_input, t.later, t.sleepy, t.patient, t.touch]
+
+
+@pytest.fixture
+def worker(broker: BrokerThread) -> Iterator[Worker]:
+    running = Worker(TASKS, target=broker.target, concurrency=4)
+    thread = threading.Thread(target=lambda: asyncio.run(running.run_async()), daemon=True)
+    thread.start()
+    yield running
+    running.stop()
+    thread.join(15)
+    assert not thread.is_alive()
+
+
+def test_sync_and_async_handlers_with_typed_results(client: Client, worker: Worker) -> None:
+    total = client.submit(t.add, [1, 2, 3])
+    loud = client.submit(t.shout, "hi")
+    assert total.result(timeout=10) == 6
+    assert loud.result(timeout=10) == "HI"
+
+
+def test_raising_retries_until_success(client: Client, worker: Worker) -> None:
+    handle = client.submit(t.flaky, None)
+    assert handle.result(timeout=10) == 2
+    history = client.get_job(handle.id).history
+    assert [a.outcome.value for a in history if a.outcome] == ["failed", "succeeded"]
+    first = history[0].error
+    assert first is not None and first.type.endswith("ConnectionError")
+    assert "upstream reset" in first.message and "Traceback" in first.traceback
+
+
+def test_permanent_error_goes_straight_to_the_dlq(client: Client, worker: Worker) -> None:
+    handle = client.submit(t.bad_input, None)
+    with pytest.raises(JobFailedError, match="malformed record"):
+        handle.result(timeout=10)
+    assert client.get_job(handle.id).attempts == 1
+
+
+def test_retry_after_waits_the_given_delay(client: Client, worker: Worker) -> None:
+    handle = client.submit(t.later, None)
+    assert handle.result(timeout=10) == "done"
+    first, second = client.get_job(handle.id).history
+    assert first.finished_at is not None and second.started_at is not None
+    assert second.started_at - first.finished_at >= timedelta(seconds=0.3)
+
+
+def test_unknown_task_is_reported_not_swallowed(client: Client, worker: Worker) -> None:
+    handle = client.submit("no.such.task", None, queue="sample")
+    with pytest.raises(JobFailedError) as caught:
+        handle.result(timeout=10)
+    error = client.get_job(handle.id).last_error
+    assert error is not None and error.type == "UnknownTask"
+    assert "no.such.task" in error.message and caught.value is not None
+
+
+@pytest.mark.parametrize("which", ["async", "sync"])
+def test_cancel_running_job_interrupts_the_handler(
+    client: Client, worker: Worker, which: str
+) -> None:
+    task = t.sleepy if which == "async" else t.patient
+    handle = client.submit(task, 30.0)
+    wait_for(lambda: handle.status() is JobState.RUNNING, what="the job to start")
+    client.cancel(handle.id)
+    with pytest.raises(JobCancelledError):
+        handle.result(timeout=10)
+    job = client.get_job(handle.id)
+    assert job.state is JobState.CANCELLED and job.attempts == 1
+
+
+def test_broker_worker_command_runs_a_module_and_stops_on_sigterm(
+    broker: BrokerThread, client: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    proc = Process([*BROKER, "worker", "tests.sample_tasks", "--target", broker.target])
+    try:
+        handle = client.submit(t.touch, str(marker))
+        wait_for(marker.exists, timeout=20, what="the worker to run the job")
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.output
+        # It finished the job it held before exiting.
+        assert handle.result(timeout=5) == "touched"
+        assert time.monotonic() - started < 20
+    finally:
+        proc.kill()
