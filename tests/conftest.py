@@ -31,6 +31,7 @@ FAST = Settings(
     reap_interval=timedelta(milliseconds=100),
     poll_interval=timedelta(milliseconds=200),
     shutdown_grace=timedelta(seconds=2),
+    retention_interval=timedelta(milliseconds=100),
     retry=RetryPolicy(
         max_attempts=3,
         backoff_base=timedelta(milliseconds=50),

@@ -55,35 +55,42 @@ def backoff(attempt: int) -> float:
     return random.uniform(0.5, 1.0) * min(_BACKOFF_BASE * 2.0**attempt, _BACKOFF_CAP)
 
 
-def retryable(error: grpc.RpcError, attempt: int) -> bool:
-    return error.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < CALL_ATTEMPTS
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
+# A submit that timed out may have been stored; its key makes the retry safe.
+SUBMIT_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-def call(fn: Callable[[], T]) -> T:
+def retryable(
+    error: grpc.RpcError, attempt: int, codes: frozenset[grpc.StatusCode] = _RETRIED
+) -> bool:
+    return error.code() in codes and attempt + 1 < CALL_ATTEMPTS
+
+
+def call(fn: Callable[[], T], codes: frozenset[grpc.StatusCode] = _RETRIED) -> T:
     """Run a unary call, retrying UNAVAILABLE a few times; errors come out mapped.
 
     Every call the clients make is safe to repeat: reads, and submits, which
-    always carry an idempotency key.
+    always carry an idempotency key (and so are retried after a deadline too).
     """
     attempt = 0
     while True:
         try:
             return fn()
         except grpc.RpcError as error:
-            if not retryable(error, attempt):
+            if not retryable(error, attempt, codes):
                 raise from_rpc_error(error) from error
         time.sleep(backoff(attempt))
         attempt += 1
 
 
-async def acall(fn: Callable[[], Awaitable[T]]) -> T:
+async def acall(fn: Callable[[], Awaitable[T]], codes: frozenset[grpc.StatusCode] = _RETRIED) -> T:
     """`call` for grpc.aio."""
     attempt = 0
     while True:
         try:
             return await fn()
         except grpc.RpcError as error:
-            if not retryable(error, attempt):
+            if not retryable(error, attempt, codes):
                 raise from_rpc_error(error) from error
         await asyncio.sleep(backoff(attempt))
         attempt += 1

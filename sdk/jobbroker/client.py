@@ -52,13 +52,17 @@ class Client:
         request = broker_pb2.SubmitRequest(
             job=_calls.build_spec(JobRequest(task, payload, **options))
         )
-        reply = _calls.call(lambda: self._stub.Submit(request, timeout=self._timeout))
+        reply = _calls.call(
+            lambda: self._stub.Submit(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+        )
         return JobHandle(self, reply.job_id, reply.duplicate)
 
     def submit_many(self, jobs: Sequence[JobRequest]) -> list[JobHandle[Any]]:
         """Store many jobs in one transaction: all or none."""
         request = broker_pb2.SubmitBatchRequest(jobs=[_calls.build_spec(j) for j in jobs])
-        reply = _calls.call(lambda: self._stub.SubmitBatch(request, timeout=self._timeout))
+        reply = _calls.call(
+            lambda: self._stub.SubmitBatch(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+        )
         return [JobHandle(self, r.job_id, r.duplicate) for r in reply.results]
 
     def get_job(self, job_id: str) -> Job:
@@ -182,13 +186,17 @@ class AsyncClient:
         request = broker_pb2.SubmitRequest(
             job=_calls.build_spec(JobRequest(task, payload, **options))
         )
-        reply = await _calls.acall(lambda: self._stub.Submit(request, timeout=self._timeout))
+        reply = await _calls.acall(
+            lambda: self._stub.Submit(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+        )
         return AsyncJobHandle(self, reply.job_id, reply.duplicate)
 
     async def submit_many(self, jobs: Sequence[JobRequest]) -> list[AsyncJobHandle[Any]]:
         """Store many jobs in one transaction: all or none."""
         request = broker_pb2.SubmitBatchRequest(jobs=[_calls.build_spec(j) for j in jobs])
-        reply = await _calls.acall(lambda: self._stub.SubmitBatch(request, timeout=self._timeout))
+        reply = await _calls.acall(
+            lambda: self._stub.SubmitBatch(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+        )
         return [AsyncJobHandle(self, r.job_id, r.duplicate) for r in reply.results]
 
     async def get_job(self, job_id: str) -> Job:

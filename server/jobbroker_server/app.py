@@ -61,7 +61,7 @@ class BrokerApp:
         )
         scheduler = Scheduler(store, dispatcher, self.clock, watch, s.poll_interval)
         reaper = Reaper(store, dispatcher, self.clock, self.metrics, watch, s.reap_interval)
-        retention = Retention(store, self.clock, s.retention, interval=s.poll_interval * 60)
+        retention = Retention(store, self.clock, s.retention, s.retention_interval)
         depths = DepthSampler(store, self.metrics, interval=s.poll_interval * 5)
         jobs = Jobs(
             store,

@@ -20,6 +20,7 @@ class Settings:
     lease_duration: timedelta = timedelta(seconds=30)
     dedup_window: timedelta = timedelta(hours=24)
     retention: timedelta = timedelta(days=7)
+    retention_interval: timedelta = timedelta(minutes=1)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     shutdown_grace: timedelta = timedelta(seconds=10)
     reap_interval: timedelta = timedelta(seconds=1)
