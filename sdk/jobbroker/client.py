@@ -16,6 +16,7 @@ from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from . import _calls
 from ._async_stream import AsyncLeaseStream
 from ._convert import job_from_pb
+from ._submit_pipe import AsyncSubmitPipe, SubmitPipe
 from ._sync_stream import LeaseStream
 from .errors import from_rpc_error
 from .handle import AsyncJobHandle, JobHandle
@@ -36,6 +37,7 @@ class Client:
         self._channel = grpc.insecure_channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._timeout = _calls.to_timedelta(timeout).total_seconds()
+        self._submits = SubmitPipe(self._stub)
 
     @overload
     def submit(
@@ -53,7 +55,7 @@ class Client:
             job=_calls.build_spec(JobRequest(task, payload, **options))
         )
         reply = _calls.call(
-            lambda: self._stub.Submit(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+            lambda: self._submits.submit(request, self._timeout), _calls.SUBMIT_RETRIED
         )
         return JobHandle(self, reply.job_id, reply.duplicate)
 
@@ -146,6 +148,7 @@ class Client:
         )
 
     def close(self) -> None:
+        self._submits.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -170,6 +173,7 @@ class AsyncClient:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._timeout = _calls.to_timedelta(timeout).total_seconds()
+        self._submits = AsyncSubmitPipe(self._stub)
 
     @overload
     async def submit(
@@ -187,7 +191,7 @@ class AsyncClient:
             job=_calls.build_spec(JobRequest(task, payload, **options))
         )
         reply = await _calls.acall(
-            lambda: self._stub.Submit(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+            lambda: self._submits.submit(request, self._timeout), _calls.SUBMIT_RETRIED
         )
         return AsyncJobHandle(self, reply.job_id, reply.duplicate)
 
@@ -287,6 +291,7 @@ class AsyncClient:
         )
 
     async def close(self) -> None:
+        await self._submits.close()
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:

@@ -121,6 +121,13 @@ _BY_CODE: dict[grpc.StatusCode, type[JobBrokerError]] = {
 }
 
 
+def from_stream_error(code: int, reason: str, message: str) -> JobBrokerError:
+    """The SDK exception for one refused message of a stream (an `Error` reply)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(status, JobBrokerError)
+    return cls(message or status.name, code=status, reason=reason or None)
+
+
 def from_rpc_error(error: grpc.RpcError) -> JobBrokerError:
     """The SDK exception for a failed call (sync or grpc.aio)."""
     code = error.code()

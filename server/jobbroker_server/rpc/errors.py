@@ -9,6 +9,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from jobbroker.v1 import broker_pb2
 from jobbroker_server.domain.errors import (
     BrokerError,
     FailedPrecondition,
@@ -34,6 +35,12 @@ def status_of(error: BrokerError) -> grpc.StatusCode:
         if isinstance(error, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def error_pb(error: BrokerError) -> broker_pb2.Error:
+    """A refusal of one message of a stream, coded as a unary call would be."""
+    code = status_of(error).value[0]
+    return broker_pb2.Error(code=code, reason=error.reason, message=str(error))
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: BrokerError) -> NoReturn:

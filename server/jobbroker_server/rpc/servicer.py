@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,11 +10,11 @@ import grpc
 
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
+from jobbroker_server.domain.errors import BrokerError, InvalidArgument, ResourceExhausted
 from jobbroker_server.domain.models import JobFilter, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.rpc import convert
-from jobbroker_server.rpc.errors import streaming, unary
+from jobbroker_server.rpc.errors import error_pb, streaming, unary
 from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.services.jobs import Jobs
 
@@ -87,13 +88,35 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         results = await self._jobs.submit_many(new_jobs)
         return broker_pb2.SubmitBatchResponse(results=[_submit_pb(r) for r in results])
 
-    @streaming
     async def SubmitStream(
         self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Ctx
     ) -> AsyncIterator[broker_pb2.SubmitResponse]:
-        async for request in request_iterator:
+        """Submits are handled as they arrive, concurrently (so they share
+        transactions), and answered in their order; a refused one is answered
+        with its error and the stream goes on."""
+        answers: asyncio.Queue[asyncio.Task[broker_pb2.SubmitResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    answers.put_nowait(asyncio.create_task(self._submit_one(request)))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+            await reader
+        finally:
+            reader.cancel()
+
+    async def _submit_one(self, request: broker_pb2.SubmitRequest) -> broker_pb2.SubmitResponse:
+        try:
             [result] = await self._jobs.submit_many([self._new_job(request)])
-            yield _submit_pb(result)
+        except BrokerError as error:
+            return broker_pb2.SubmitResponse(error=error_pb(error))
+        return _submit_pb(result)
 
     @unary
     async def GetJob(

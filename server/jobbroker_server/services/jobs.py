@@ -13,6 +13,7 @@ from jobbroker_server.domain.models import Job, JobFilter, LeaseRef, NewJob, Sub
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.background import Scheduler
+from jobbroker_server.services.batching import GroupCommit
 from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
@@ -39,9 +40,14 @@ class Jobs:
         self._watch = watch
         self._dedup_window = dedup_window
         self._poll = poll_interval.total_seconds()
+        self._submits = GroupCommit(self._store_submits)
+
+    async def _store_submits(self, jobs: list[NewJob]) -> list[SubmitResult]:
+        return await self._store.submit_many(jobs, self._clock.now(), self._dedup_window)
 
     async def submit_many(self, jobs: Sequence[NewJob]) -> list[SubmitResult]:
-        results = await self._store.submit_many(jobs, self._clock.now(), self._dedup_window)
+        """Store jobs all-or-nothing, in one transaction with concurrent submits."""
+        results = await self._submits(jobs)
         ready: set[str] = set()
         for job, result in zip(jobs, results, strict=True):
             if result.duplicate:

@@ -19,6 +19,7 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.batching import GroupCommit
 from jobbroker_server.services.dispatcher import Dispatcher, Session
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
@@ -38,12 +39,19 @@ class Reports:
         self._clock = clock
         self._metrics = metrics
         self._watch = watch
+        self._completions = GroupCommit(self._store_completions)
+        self._heartbeats = GroupCommit(self._store_heartbeats)
+
+    async def _store_completions(self, completions: list[Completion]) -> list[ReportResult]:
+        return await self._store.complete_many(completions, self._clock.now())
+
+    async def _store_heartbeats(self, leases: list[LeaseRef]) -> list[ReportResult]:
+        lease_for = self._dispatcher.lease_duration
+        return await self._store.heartbeat_many(leases, lease_for, self._clock.now())
 
     async def heartbeat(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
         self._dispatcher.adopt(session, leases)
-        results = await self._store.heartbeat_many(
-            leases, self._dispatcher.lease_duration, self._clock.now()
-        )
+        results = await self._heartbeats(leases)
         self._dispatcher.settle(session, _lost(results))
         return results
 
@@ -55,7 +63,7 @@ class Reports:
     async def complete(
         self, session: Session, completions: Sequence[Completion]
     ) -> list[ReportResult]:
-        results = await self._store.complete_many(completions, self._clock.now())
+        results = await self._completions(completions)
         self._finish(session, results)
         return results
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def engine_url(dsn: str) -> tuple[str, dict[str, str]]:
@@ -31,20 +35,24 @@ def engine_url(dsn: str) -> tuple[str, dict[str, str]]:
 
 class PostgresStore(SqlStore):
     def __init__(self, dsn: str, rng: random.Random | None = None, pool_size: int = 10) -> None:
+        super().__init__(rng)
         url, server_settings = engine_url(dsn)
-        engine = create_async_engine(
+        self._engine = create_async_engine(
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
             connect_args={"server_settings": server_settings},
         )
-        super().__init__(engine, rng)
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+    async def _transact(
+        self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         async with self._engine.begin() as conn:
-            yield conn
+            return await conn.run_sync(op, *args, **kwargs)
 
     def _insert_ignoring_conflicts(self) -> sa.Insert:
         return pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
+
+    async def _dispose(self) -> None:
+        await self._engine.dispose()

@@ -1,0 +1,597 @@
+"""The store's operations in SQLAlchemy Core, shared by every dialect.
+
+Each function is one operation on a sync ``Connection`` inside a transaction
+the caller opened: SQLite runs it whole on its writer thread, PostgreSQL
+through ``AsyncConnection.run_sync`` over asyncpg. Jobs move only along the
+edges of ``domain.states``; a write that needs a lease names the job, state
+running and the fencing token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from jobbroker_server.domain import states
+from jobbroker_server.domain.errors import NotFound
+from jobbroker_server.domain.models import (
+    AttemptOutcome,
+    Completion,
+    ErrorInfo,
+    Failure,
+    Job,
+    JobFilter,
+    Lease,
+    LeaseRef,
+    NewJob,
+    Progress,
+    ReapedLease,
+    ReportResult,
+    ReportStatus,
+    SubmitResult,
+)
+from jobbroker_server.domain.retry import after_failure
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.store import rows
+from jobbroker_server.store.tables import attempts, jobs
+
+RUNNING = JobState.RUNNING.value
+_FINISHED = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)
+
+
+def _sources(dst: JobState) -> list[str]:
+    return sorted(s.value for s in states.sources(dst))
+
+
+def submit_many(
+    conn: Connection,
+    insert_ignoring: sa.Insert,
+    jobs_in: Sequence[NewJob],
+    now: datetime,
+    dedup_window: timedelta,
+) -> list[SubmitResult]:
+    if not jobs_in:
+        return []
+    values = [rows.new_job_row(job, now) for job in jobs_in]
+    keys = list({job.idempotency_key for job in jobs_in if job.idempotency_key})
+    if not keys:
+        conn.execute(jobs.insert(), values)
+        return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
+    # The unique constraint decides between racing submits of one key.
+    conn.execute(insert_ignoring, values)
+    owners = _key_owners(conn, keys)
+    clashes = [
+        v for v in values if v["idempotency_key"] and owners[v["idempotency_key"]] != v["id"]
+    ]
+    if clashes:
+        owners.update(_expire_keys(conn, insert_ignoring, clashes, now - dedup_window))
+    found = conn.execute(
+        sa.select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(set(owners.values())))
+    )
+    state_of = {job_id: state for job_id, state in found}
+    results = []
+    for v in values:
+        key = v["idempotency_key"]
+        owner = owners[key] if key else v["id"]
+        results.append(
+            SubmitResult(owner, JobState(state_of.get(owner, v["state"])), owner != v["id"])
+        )
+    return results
+
+
+def _expire_keys(
+    conn: Connection, insert_ignoring: sa.Insert, clashes: list[dict[str, Any]], cutoff: datetime
+) -> dict[str, str]:
+    """Keys whose job was created before ``cutoff`` are free again: move them
+    aside and store the jobs that asked for them."""
+    keys = list({v["idempotency_key"] for v in clashes})
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.idempotency_key.in_(keys), jobs.c.created_at < cutoff)
+        .values(idempotency_key=None)
+    )
+    conn.execute(insert_ignoring, clashes)
+    return _key_owners(conn, keys)
+
+
+# --- workers ---
+
+
+def lease_many(
+    conn: Connection,
+    queues: Sequence[str],
+    limit: int,
+    worker_id: str,
+    lease_for: timedelta,
+    now: datetime,
+) -> list[Lease]:
+    if limit <= 0 or not queues:
+        return []
+    states.check(JobState.PENDING, JobState.RUNNING)
+    # SKIP LOCKED: replicas leasing at once never pick the same job
+    # (SQLite, with one writer, renders no locking clause).
+    pick = (
+        sa.select(jobs)
+        .where(jobs.c.state == JobState.PENDING.value, jobs.c.queue.in_(list(queues)))
+        .order_by(jobs.c.priority.desc(), jobs.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    expires = now + lease_for
+    picked = (conn.execute(pick)).all()
+    if not picked:
+        return []
+    updates = []
+    for row in picked:
+        deadline = now + timedelta(seconds=row.timeout_s) if row.timeout_s else None
+        updates.append({"b_id": row.id, "token": row.fencing_token + 1, "deadline": deadline})
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.id == sa.bindparam("b_id"))
+        .values(
+            state=RUNNING,
+            attempts=jobs.c.attempts + 1,
+            fencing_token=sa.bindparam("token"),
+            deadline_at=sa.bindparam("deadline"),
+            started_at=now,
+            leased_by=worker_id,
+            lease_expires_at=expires,
+            progress=0.0,
+            progress_message="",
+        ),
+        updates,
+    )
+    conn.execute(
+        attempts.insert(),
+        [
+            {
+                "job_id": row.id,
+                "fencing_token": row.fencing_token + 1,
+                "number": row.attempts + 1,
+                "worker_id": worker_id,
+                "started_at": now,
+                "finished_at": None,
+                "outcome": AttemptOutcome.RUNNING.value,
+                "error": None,
+            }
+            for row in picked
+        ],
+    )
+    leases = []
+    for row in picked:
+        job = rows.job_from_row(row)
+        token = row.fencing_token + 1
+        leased = replace(
+            job,
+            state=JobState.RUNNING,
+            attempts=job.attempts + 1,
+            started_at=now,
+            fencing_token=token,
+            lease_expires_at=expires,
+        )
+        leases.append(Lease(leased, token, expires))
+    return leases
+
+
+def heartbeat_many(
+    conn: Connection, leases: Sequence[LeaseRef], lease_for: timedelta, now: datetime
+) -> list[ReportResult]:
+    expires = now + lease_for
+    verdicts, _ = _check_leases(conn, leases)
+    current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
+    if current:
+        conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.id == sa.bindparam("b_id"),
+                jobs.c.fencing_token == sa.bindparam("b_tok"),
+            )
+            .values(lease_expires_at=expires),
+            [{"b_id": r.job_id, "b_tok": r.fencing_token} for r in current],
+        )
+    return [
+        v or ReportResult(ref.job_id, ReportStatus.OK, lease_expires_at=expires)
+        for ref, v in zip(leases, verdicts, strict=True)
+    ]
+
+
+def progress(conn: Connection, report: Progress, now: datetime) -> ReportResult:
+    changed = conn.execute(
+        jobs.update()
+        .where(*_held(report.lease))
+        .values(progress=report.progress, progress_message=report.message)
+    )
+    if changed.rowcount == 1:
+        return ReportResult(report.lease.job_id, ReportStatus.OK)
+    return _lost(conn, report.lease)
+
+
+def complete_many(
+    conn: Connection, completions: Sequence[Completion], now: datetime
+) -> list[ReportResult]:
+    done = states.check(JobState.RUNNING, JobState.SUCCEEDED)
+    refs = [c.lease for c in completions]
+    verdicts, queue_of = _check_leases(conn, refs)
+    current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
+    if current:
+        conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.id == sa.bindparam("b_id"),
+                jobs.c.fencing_token == sa.bindparam("b_tok"),
+            )
+            .values(
+                state=done.value,
+                finished_at=now,
+                result=sa.bindparam("b_result"),
+                result_content_type=sa.bindparam("b_type"),
+                progress=1.0,
+                **_LEASE_CLEARED,
+            ),
+            [
+                {
+                    "b_id": c.lease.job_id,
+                    "b_tok": c.lease.fencing_token,
+                    "b_result": c.result.data if c.result else None,
+                    "b_type": c.result.content_type if c.result else None,
+                }
+                for c in current
+            ],
+        )
+        _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
+    return [
+        v or ReportResult(ref.job_id, ReportStatus.OK, state=done, queue=queue_of[ref.job_id])
+        for ref, v in zip(refs, verdicts, strict=True)
+    ]
+
+
+def fail_many(
+    conn: Connection, rng: random.Random, failures: Sequence[Failure], now: datetime
+) -> list[ReportResult]:
+    refs = [f.lease for f in failures]
+    results: list[ReportResult] = []
+    verdicts, _ = _check_leases(conn, refs)
+    current = {f.lease.job_id for f, v in zip(failures, verdicts, strict=True) if v is None}
+    found = conn.execute(sa.select(jobs).where(jobs.c.id.in_(current)))
+    row_of = {row.id: row for row in found}
+    for f, verdict in zip(failures, verdicts, strict=True):
+        if verdict is not None:
+            results.append(verdict)
+            continue
+        row = row_of[f.lease.job_id]
+        outcome = AttemptOutcome.CANCELLED if f.cancelled else AttemptOutcome.FAILED
+        state = _end_running(conn, rng, row, outcome, f.error, now, f.permanent, f.retry_after)
+        results.append(ReportResult(f.lease.job_id, ReportStatus.OK, state=state, queue=row.queue))
+    return results
+
+
+def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
+    back = states.check(JobState.RUNNING, JobState.PENDING)
+    verdicts, queue_of = _check_leases(conn, leases)
+    current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
+    if current:
+        conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.id == sa.bindparam("b_id"),
+                jobs.c.fencing_token == sa.bindparam("b_tok"),
+            )
+            .values(
+                state=back.value,
+                attempts=jobs.c.attempts - 1,
+                scheduled_at=now,
+                started_at=None,
+                **_LEASE_CLEARED,
+            ),
+            [{"b_id": r.job_id, "b_tok": r.fencing_token} for r in current],
+        )
+        _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
+    return [
+        v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=queue_of[ref.job_id])
+        for ref, v in zip(leases, verdicts, strict=True)
+    ]
+
+
+def _end_running(
+    conn: Connection,
+    rng: random.Random,
+    row: sa.Row[Any],
+    outcome: AttemptOutcome,
+    error: ErrorInfo | None,
+    now: datetime,
+    permanent: bool = False,
+    retry_after: timedelta | None = None,
+) -> JobState:
+    """End a running attempt that did not succeed; retry, dead-letter or cancel."""
+    if outcome is AttemptOutcome.CANCELLED or row.cancel_requested:
+        dst, run_at = JobState.CANCELLED, None
+    else:
+        wait = after_failure(
+            attempts=row.attempts,
+            policy=rows.retry_policy(row),
+            permanent=permanent,
+            retry_after=retry_after,
+            rng=rng,
+        )
+        if wait is None:
+            dst, run_at = JobState.DEAD, None
+        else:
+            dst = JobState.SCHEDULED if wait > timedelta(0) else JobState.PENDING
+            run_at = now + wait
+    states.check(JobState.RUNNING, dst)
+    ref = LeaseRef(row.id, row.fencing_token)
+    values: dict[str, Any] = {"state": dst.value, "last_error": rows.error_to_json(error)}
+    if run_at is None:
+        values["finished_at"] = now
+    else:
+        values["scheduled_at"] = run_at
+    conn.execute(jobs.update().where(*_held(ref)).values(**values, **_LEASE_CLEARED))
+    _end_attempt(conn, ref, outcome, error, now)
+    return dst
+
+
+def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> list[ReapedLease]:
+    expired = jobs.c.lease_expires_at < now
+    overdue = jobs.c.deadline_at < now
+    pick = (
+        sa.select(jobs, overdue.label("overdue"))
+        .where(jobs.c.state == RUNNING, sa.or_(expired, overdue))
+        .limit(500)
+        .with_for_update(skip_locked=True)
+    )
+    reaped = []
+    for row in (conn.execute(pick)).all():
+        if row.overdue:
+            outcome = AttemptOutcome.TIMED_OUT
+            error = ErrorInfo("TimeoutError", f"attempt exceeded its {row.timeout_s}s timeout")
+        else:
+            outcome = AttemptOutcome.LEASE_EXPIRED
+            error = ErrorInfo("LeaseExpired", "lease expired: the worker stopped heartbeating")
+        state = _end_running(conn, rng, row, outcome, error, now)
+        ref = LeaseRef(row.id, row.fencing_token)
+        reaped.append(ReapedLease(ref, row.queue, outcome, state))
+    return reaped
+
+
+def promote_scheduled(conn: Connection, now: datetime) -> list[tuple[str, str]]:
+    dst = states.check(JobState.SCHEDULED, JobState.PENDING)
+    changed = conn.execute(
+        jobs.update()
+        .where(jobs.c.state == JobState.SCHEDULED.value, jobs.c.scheduled_at <= now)
+        .values(state=dst.value)
+        .returning(jobs.c.id, jobs.c.queue)
+    )
+    return [(job_id, queue) for job_id, queue in changed]
+
+
+def next_scheduled_at(conn: Connection) -> datetime | None:
+    stmt = sa.select(sa.func.min(jobs.c.scheduled_at)).where(
+        jobs.c.state == JobState.SCHEDULED.value
+    )
+    due: datetime | None = (conn.execute(stmt)).scalar()
+    return due
+
+
+# --- operators ---
+
+
+def cancel(conn: Connection, job_id: str, now: datetime) -> Job:
+    dst = JobState.CANCELLED
+    found = sa.select(jobs.c.state).where(jobs.c.id == job_id).with_for_update()
+    row = (conn.execute(found)).first()
+    if row is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    state = JobState(row.state)
+    if state is JobState.RUNNING:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.state == RUNNING)
+            .values(cancel_requested=True)
+        )
+    else:
+        states.check(state, dst)
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.state.in_(_sources(dst)))
+            .values(state=dst.value, finished_at=now)
+        )
+    return _job(conn, job_id, history=True)
+
+
+def get_job(conn: Connection, job_id: str, *, history: bool = True) -> Job:
+    return _job(conn, job_id, history=history)
+
+
+def list_jobs(conn: Connection, where: JobFilter) -> list[Job]:
+    stmt = sa.select(jobs).order_by(jobs.c.id).limit(where.limit)
+    if where.queue:
+        stmt = stmt.where(jobs.c.queue == where.queue)
+    if where.states:
+        stmt = stmt.where(jobs.c.state.in_([s.value for s in where.states]))
+    if where.task:
+        stmt = stmt.where(jobs.c.task == where.task)
+    if where.after_id:
+        stmt = stmt.where(jobs.c.id > where.after_id)
+    return [rows.job_from_row(row) for row in conn.execute(stmt)]
+
+
+def replay_dead(
+    conn: Connection, queue: str | None, job_ids: Sequence[str], now: datetime
+) -> list[str]:
+    dst = states.check(JobState.DEAD, JobState.PENDING)
+    ids = _dead_ids(conn, queue, job_ids)
+    if ids:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id.in_(ids), jobs.c.state == JobState.DEAD.value)
+            .values(
+                state=dst.value,
+                attempts=0,
+                scheduled_at=now,
+                started_at=None,
+                finished_at=None,
+                result=None,
+                result_content_type=None,
+                cancel_requested=False,
+            )
+        )
+    return ids
+
+
+def purge_dead(conn: Connection, queue: str | None, job_ids: Sequence[str]) -> int:
+    ids = _dead_ids(conn, queue, job_ids)
+    _delete(conn, ids)
+    return len(ids)
+
+
+def delete_finished(conn: Connection, before: datetime, limit: int) -> int:
+    ids = list(
+        (
+            conn.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.state.in_(_FINISHED), jobs.c.finished_at < before)
+                .limit(limit)
+            )
+        ).scalars()
+    )
+    _delete(conn, ids)
+    return len(ids)
+
+
+def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
+    stmt = sa.select(jobs.c.queue, jobs.c.state, sa.func.count()).group_by(
+        jobs.c.queue, jobs.c.state
+    )
+    return {(q, JobState(s)): n for q, s, n in conn.execute(stmt)}
+
+
+def _check_leases(
+    conn: Connection, refs: Sequence[LeaseRef]
+) -> tuple[list[ReportResult | None], dict[str, str]]:
+    """One verdict per ref, in order: None when the lease is current (the write
+    may go ahead), else the refusal; and each current job's queue. The rows are
+    locked for the rest of the transaction."""
+    found = conn.execute(
+        sa.select(jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
+        .where(jobs.c.id.in_({r.job_id for r in refs}))
+        .with_for_update()
+    )
+    row_of = {row.id: row for row in found}
+    verdicts: list[ReportResult | None] = []
+    seen: set[str] = set()
+    for ref in refs:
+        row = row_of.get(ref.job_id)
+        if row is None:
+            message = f"no job with id {ref.job_id!r}"
+            verdicts.append(ReportResult(ref.job_id, ReportStatus.NOT_FOUND, message))
+        elif row.state != RUNNING or row.fencing_token != ref.fencing_token or ref.job_id in seen:
+            verdicts.append(
+                ReportResult(
+                    ref.job_id,
+                    ReportStatus.LEASE_LOST,
+                    f"lease lost: job {ref.job_id} is {row.state} with fencing token "
+                    f"{row.fencing_token}, the report carried {ref.fencing_token}",
+                )
+            )
+        else:
+            seen.add(ref.job_id)
+            verdicts.append(None)
+    return verdicts, {job_id: row.queue for job_id, row in row_of.items()}
+
+
+def _end_attempts(
+    conn: Connection, refs: Sequence[LeaseRef], outcome: AttemptOutcome, now: datetime
+) -> None:
+    conn.execute(
+        attempts.update()
+        .where(
+            attempts.c.job_id == sa.bindparam("b_id"),
+            attempts.c.fencing_token == sa.bindparam("b_tok"),
+        )
+        .values(finished_at=now, outcome=outcome.value, error=None),
+        [{"b_id": r.job_id, "b_tok": r.fencing_token} for r in refs],
+    )
+
+
+def _key_owners(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
+    found = conn.execute(
+        sa.select(jobs.c.idempotency_key, jobs.c.id).where(jobs.c.idempotency_key.in_(keys))
+    )
+    return {key: job_id for key, job_id in found}
+
+
+_LEASE_CLEARED: dict[str, Any] = {"lease_expires_at": None, "deadline_at": None, "leased_by": None}
+
+
+def _held(ref: LeaseRef) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE clause of a write that needs the current lease."""
+    return (
+        jobs.c.id == ref.job_id,
+        jobs.c.state == RUNNING,
+        jobs.c.fencing_token == ref.fencing_token,
+    )
+
+
+def _lost(conn: Connection, ref: LeaseRef) -> ReportResult:
+    row = (
+        conn.execute(sa.select(jobs.c.state, jobs.c.fencing_token).where(jobs.c.id == ref.job_id))
+    ).first()
+    if row is None:
+        return ReportResult(ref.job_id, ReportStatus.NOT_FOUND, f"no job with id {ref.job_id!r}")
+    return ReportResult(
+        ref.job_id,
+        ReportStatus.LEASE_LOST,
+        f"lease lost: job {ref.job_id} is {row.state} with fencing token {row.fencing_token}, "
+        f"the report carried {ref.fencing_token}",
+    )
+
+
+def _end_attempt(
+    conn: Connection,
+    ref: LeaseRef,
+    outcome: AttemptOutcome,
+    error: ErrorInfo | None,
+    now: datetime,
+) -> None:
+    conn.execute(
+        attempts.update()
+        .where(attempts.c.job_id == ref.job_id, attempts.c.fencing_token == ref.fencing_token)
+        .values(finished_at=now, outcome=outcome.value, error=rows.error_to_json(error))
+    )
+
+
+def _job(conn: Connection, job_id: str, *, history: bool) -> Job:
+    row = (conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+    if row is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    tried = []
+    if history:
+        found = conn.execute(
+            sa.select(attempts)
+            .where(attempts.c.job_id == job_id)
+            .order_by(attempts.c.fencing_token)
+        )
+        tried = [rows.attempt_from_row(a) for a in found]
+    return rows.job_from_row(row, tried)
+
+
+def _dead_ids(conn: Connection, queue: str | None, job_ids: Sequence[str]) -> list[str]:
+    stmt = sa.select(jobs.c.id).where(jobs.c.state == JobState.DEAD.value).order_by(jobs.c.id)
+    if queue:
+        stmt = stmt.where(jobs.c.queue == queue)
+    if job_ids:
+        stmt = stmt.where(jobs.c.id.in_(list(job_ids)))
+    return list((conn.execute(stmt)).scalars())
+
+
+def _delete(conn: Connection, ids: list[str]) -> None:
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        conn.execute(attempts.delete().where(attempts.c.job_id.in_(chunk)))
+        conn.execute(jobs.delete().where(jobs.c.id.in_(chunk)))
