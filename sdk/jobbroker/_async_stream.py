@@ -16,6 +16,24 @@ from .errors import BrokerUnavailableError, DeadlineExceededError, JobBrokerErro
 from .lease import AsyncLease, ReportResult, heartbeat_message
 
 _Call = grpc.aio.StreamStreamCall[broker_pb2.WorkerMessage, broker_pb2.BrokerMessage]
+Waiter = asyncio.Future[list[ReportResult]]
+
+# Reports merged per turn of the loop: message kind -> its repeated field.
+_BATCHED = {"complete": "completions", "fail": "failures"}
+
+
+def _split(done: asyncio.Future[list[ReportResult]], waiters: list[Waiter]) -> None:
+    """Hand each merged report its own result (one per item, in order)."""
+    if done.cancelled() or done.exception() is not None:
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error or asyncio.CancelledError())
+        return
+    results = done.result()
+    for i, waiter in enumerate(waiters):
+        if not waiter.done():
+            waiter.set_result(results[i : i + 1])
 
 
 class AsyncLeaseStream:
@@ -45,6 +63,8 @@ class AsyncLeaseStream:
             lease.stream = self
         self._inbox: asyncio.Queue[AsyncLease | None] = asyncio.Queue()
         self._write_lock = asyncio.Lock()
+        self._batches: dict[str, list[tuple[broker_pb2.WorkerMessage, Waiter]]] = {}
+        self._flushes: set[asyncio.Future[list[ReportResult]]] = set()
         self._call: _Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -85,7 +105,33 @@ class AsyncLeaseStream:
         return lost_leases(leases, await self.exchange(heartbeat_message(leases)))
 
     async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
-        """Send a report and wait for its Ack."""
+        """Send a report and wait for its Ack. Completions and failures made in
+        one turn of the event loop travel as one message (and one transaction)."""
+        kind = message.WhichOneof("kind")
+        if kind in _BATCHED:
+            return await self._batched(kind, message)
+        return await self._exchange_now(message)
+
+    async def _batched(self, kind: str, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
+        waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()
+        batch = self._batches.setdefault(kind, [])
+        batch.append((message, waiter))
+        if len(batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush, kind)
+        return await waiter
+
+    def _flush(self, kind: str) -> None:
+        batch = self._batches.pop(kind, [])
+        merged = broker_pb2.WorkerMessage()
+        items = _BATCHED[kind]
+        for message, _ in batch:  # each carries one item
+            getattr(getattr(merged, kind), items).extend(getattr(getattr(message, kind), items))
+        task = asyncio.ensure_future(self._exchange_now(merged))
+        task.add_done_callback(lambda done: _split(done, [w for _, w in batch]))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _exchange_now(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
         waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()
         seq = self._core.register(message, waiter)
         try:

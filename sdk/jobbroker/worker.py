@@ -40,13 +40,16 @@ class _Running:
     lease: AsyncLease
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    started: bool = False
 
 
 class Worker:
     """Runs registered tasks: `Worker([send_email]).run()`.
 
-    Async handlers run on the event loop; sync handlers in a thread pool sized
-    to `concurrency`, which is also the prefetch window.
+    At most `concurrency` handlers run at once: async ones on the event loop,
+    sync ones in a thread pool of that size. The worker holds up to `prefetch`
+    leased jobs (4 x concurrency by default), so the next ones are already here
+    when a handler finishes; waiting jobs are heartbeated like running ones.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Worker:
         target: str = DEFAULT_TARGET,
         queues: Sequence[str] | None = None,
         concurrency: int = 16,
+        prefetch: int | None = None,
         worker_id: str | None = None,
         shutdown_grace: timedelta = timedelta(seconds=30),
     ) -> None:
@@ -67,6 +71,10 @@ class Worker:
         self._target = target
         self._queues = list(queues) if queues is not None else None
         self._concurrency = concurrency
+        self._prefetch = prefetch or 4 * concurrency
+        if self._prefetch < concurrency:
+            raise ValueError("prefetch must be at least concurrency")
+        self._slots = asyncio.Semaphore(concurrency)
         self.worker_id = worker_id or _calls.default_worker_id()
         self._grace = shutdown_grace
         self._running: dict[str, _Running] = {}
@@ -142,6 +150,7 @@ class Worker:
             raise ValueError("the worker has no queues: register a task or pass queues=")
         self._stopping = asyncio.Event()
         self._reconnected = asyncio.Condition()
+        self._slots = asyncio.Semaphore(self._concurrency)
         self._loop = asyncio.get_running_loop()
         if self._stop_requested.is_set():
             self._stopping.set()
@@ -174,7 +183,7 @@ class Worker:
         while True:
             stream = client.lease_stream(
                 self.queues,
-                prefetch=self._concurrency,
+                prefetch=self._prefetch,
                 worker_id=self.worker_id,
                 held=[running.lease for running in self._running.values()],
             )
@@ -230,6 +239,9 @@ class Worker:
     async def _shutdown(self, stream: AsyncLeaseStream) -> None:
         with contextlib.suppress(JobBrokerError):
             await stream.set_prefetch(0)
+        for waiting in self._running.values():  # not started: hand back at once
+            if not waiting.started and waiting.task is not None:
+                waiting.task.cancel()
         in_flight = [r.task for r in self._running.values() if r.task is not None]
         if in_flight:
             _, late = await asyncio.wait(in_flight, timeout=self._grace.total_seconds())
@@ -272,8 +284,10 @@ class Worker:
         if task is None:
             await self._report(lease, self._unknown_task(lease))
             return
-        context = JobContext(lease, self._post)
-        report = await run_job(task, lease, context, executor, running.lost)
+        async with self._slots:
+            running.started = True
+            context = JobContext(lease, self._post)
+            report = await run_job(task, lease, context, executor, running.lost)
         if report is not None:
             await self._report(lease, report)
 

@@ -70,7 +70,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not tasks:
         raise SystemExit(f"broker: error: module {args.module!r} declares no @task functions")
     worker = Worker(
-        tasks, target=args.target, queues=args.queue or None, concurrency=args.concurrency
+        tasks,
+        target=args.target,
+        queues=args.queue or None,
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
     )
     worker.run()
     return 0
@@ -187,7 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", parents=[target], help="run the @task handlers of a module")
     p.add_argument("module", help="importable module, e.g. myapp.tasks")
     p.add_argument("--queue", action="append", help="queue to serve (repeatable)")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16, help="handlers at once")
+    p.add_argument("--prefetch", type=int, help="jobs held at once (default 4 x concurrency)")
     p.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "INFO"))
     p.set_defaults(run=cmd_worker)
 

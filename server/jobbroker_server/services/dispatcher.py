@@ -73,6 +73,12 @@ class Session:
     def room(self) -> int:
         return self.prefetch - len(self.held)
 
+    @property
+    def wants_more(self) -> bool:
+        """Lease in batches: wait until a quarter of the window is free (an
+        idle worker's whole window is), so one query serves many jobs."""
+        return self.room > 0 and (self.room >= self.prefetch // 4 or not self.held)
+
 
 class Dispatcher:
     def __init__(
@@ -173,7 +179,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.wake.wait(), self._poll)
             session.wake.clear()
-            if session.closed or self._draining or session.room <= 0:
+            if session.closed or self._draining or not session.wants_more:
                 continue
             try:
                 await self._lease(session)

@@ -45,7 +45,11 @@ def _begin_immediate(conn: Connection) -> None:
 class SqliteStore(SqlStore):
     def __init__(self, path: str, rng: random.Random | None = None) -> None:
         super().__init__(rng)
-        self._engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool)
+        self._engine = sa.create_engine(
+            f"sqlite:///{path}",
+            poolclass=sa.pool.NullPool,
+            connect_args={"check_same_thread": False},
+        )
         sa.event.listen(self._engine, "connect", _pragmas)
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="jobbroker-sqlite")
@@ -60,8 +64,7 @@ class SqliteStore(SqlStore):
     async def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._in_thread, op, args, kwargs)
+        return self._in_thread(op, args, kwargs)
 
     def _insert_ignoring_conflicts(self) -> sa.Insert:
         return sqlite_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
