@@ -39,7 +39,7 @@ from jobbroker_server.domain.models import (
 from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import rows
-from jobbroker_server.store.tables import attempts, jobs
+from jobbroker_server.store.tables import UTCDateTime, attempts, jobs
 
 RUNNING = JobState.RUNNING.value
 _FINISHED = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)
@@ -64,13 +64,12 @@ def submit_many(
         conn.execute(jobs.insert(), values)
         return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
     # The unique constraint decides between racing submits of one key.
-    conn.execute(insert_ignoring, values)
+    stored = set(conn.execute(insert_ignoring.returning(jobs.c.id), values).scalars())
+    if len(stored) == len(values):
+        return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
     owners = _key_owners(conn, keys)
-    clashes = [
-        v for v in values if v["idempotency_key"] and owners[v["idempotency_key"]] != v["id"]
-    ]
-    if clashes:
-        owners.update(_expire_keys(conn, insert_ignoring, clashes, now - dedup_window))
+    clashes = [v for v in values if v["id"] not in stored]
+    owners.update(_expire_keys(conn, insert_ignoring, clashes, now - dedup_window))
     found = conn.execute(
         sa.select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(set(owners.values())))
     )
@@ -127,41 +126,46 @@ def lease_many(
     picked = (conn.execute(pick)).all()
     if not picked:
         return []
-    updates = []
-    for row in picked:
-        deadline = now + timedelta(seconds=row.timeout_s) if row.timeout_s else None
-        updates.append({"b_id": row.id, "token": row.fencing_token + 1, "deadline": deadline})
+    ids = [row.id for row in picked]
+    # Set-wise: one statement for the batch, no parameters per row.
     conn.execute(
         jobs.update()
-        .where(jobs.c.id == sa.bindparam("b_id"))
+        .where(jobs.c.id.in_(ids))
         .values(
             state=RUNNING,
             attempts=jobs.c.attempts + 1,
-            fencing_token=sa.bindparam("token"),
-            deadline_at=sa.bindparam("deadline"),
+            fencing_token=jobs.c.fencing_token + 1,
             started_at=now,
             leased_by=worker_id,
             lease_expires_at=expires,
             progress=0.0,
             progress_message="",
-        ),
-        updates,
+        )
     )
+    timed = [
+        {"b_id": row.id, "b_deadline": now + timedelta(seconds=row.timeout_s)}
+        for row in picked
+        if row.timeout_s
+    ]
+    if timed:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == sa.bindparam("b_id"))
+            .values(deadline_at=sa.bindparam("b_deadline")),
+            timed,
+        )
     conn.execute(
-        attempts.insert(),
-        [
-            {
-                "job_id": row.id,
-                "fencing_token": row.fencing_token + 1,
-                "number": row.attempts + 1,
-                "worker_id": worker_id,
-                "started_at": now,
-                "finished_at": None,
-                "outcome": AttemptOutcome.RUNNING.value,
-                "error": None,
-            }
-            for row in picked
-        ],
+        attempts.insert().from_select(
+            ["job_id", "fencing_token", "number", "worker_id", "started_at", "outcome"],
+            sa.select(
+                jobs.c.id,
+                jobs.c.fencing_token,
+                jobs.c.attempts,
+                sa.literal(worker_id),
+                sa.literal(now, UTCDateTime()),
+                sa.literal(AttemptOutcome.RUNNING.value),
+            ).where(jobs.c.id.in_(ids)),
+        )
     )
     leases = []
     for row in picked:
@@ -186,15 +190,7 @@ def heartbeat_many(
     verdicts, _ = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
     if current:
-        conn.execute(
-            jobs.update()
-            .where(
-                jobs.c.id == sa.bindparam("b_id"),
-                jobs.c.fencing_token == sa.bindparam("b_tok"),
-            )
-            .values(lease_expires_at=expires),
-            [{"b_id": r.job_id, "b_tok": r.fencing_token} for r in current],
-        )
+        conn.execute(jobs.update().where(_held_all(current)).values(lease_expires_at=expires))
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, lease_expires_at=expires)
         for ref, v in zip(leases, verdicts, strict=True)
@@ -219,31 +215,25 @@ def complete_many(
     refs = [c.lease for c in completions]
     verdicts, queue_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
-    if current:
+    # One statement per distinct result (no-op jobs share one), not per job.
+    by_result: dict[tuple[bytes, str] | None, list[LeaseRef]] = {}
+    for c in current:
+        key = (c.result.data, c.result.content_type) if c.result else None
+        by_result.setdefault(key, []).append(c.lease)
+    for result, refs_of in by_result.items():
         conn.execute(
             jobs.update()
-            .where(
-                jobs.c.id == sa.bindparam("b_id"),
-                jobs.c.fencing_token == sa.bindparam("b_tok"),
-            )
+            .where(_held_all(refs_of))
             .values(
                 state=done.value,
                 finished_at=now,
-                result=sa.bindparam("b_result"),
-                result_content_type=sa.bindparam("b_type"),
+                result=result[0] if result else None,
+                result_content_type=result[1] if result else None,
                 progress=1.0,
                 **_LEASE_CLEARED,
-            ),
-            [
-                {
-                    "b_id": c.lease.job_id,
-                    "b_tok": c.lease.fencing_token,
-                    "b_result": c.result.data if c.result else None,
-                    "b_type": c.result.content_type if c.result else None,
-                }
-                for c in current
-            ],
+            )
         )
+    if current:
         _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, state=done, queue=queue_of[ref.job_id])
@@ -508,15 +498,21 @@ def _check_leases(
 def _end_attempts(
     conn: Connection, refs: Sequence[LeaseRef], outcome: AttemptOutcome, now: datetime
 ) -> None:
+    pairs = [(r.job_id, r.fencing_token) for r in refs]
     conn.execute(
         attempts.update()
         .where(
-            attempts.c.job_id == sa.bindparam("b_id"),
-            attempts.c.fencing_token == sa.bindparam("b_tok"),
+            attempts.c.job_id.in_([r.job_id for r in refs]),  # the index; the pairs filter
+            sa.tuple_(attempts.c.job_id, attempts.c.fencing_token).in_(pairs),
         )
-        .values(finished_at=now, outcome=outcome.value, error=None),
-        [{"b_id": r.job_id, "b_tok": r.fencing_token} for r in refs],
+        .values(finished_at=now, outcome=outcome.value, error=None)
     )
+
+
+def _held_all(refs: Sequence[LeaseRef]) -> sa.ColumnElement[bool]:
+    """The WHERE clause of a set-wise write that needs these current leases."""
+    pairs = [(r.job_id, r.fencing_token) for r in refs]
+    return sa.and_(jobs.c.state == RUNNING, sa.tuple_(jobs.c.id, jobs.c.fencing_token).in_(pairs))
 
 
 def _key_owners(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
