@@ -74,6 +74,7 @@ class BrokerApp:
             poll_interval=s.poll_interval,
         )
         reports = Reports(store, dispatcher, self.clock, self.metrics, watch)
+        await store.listen(lambda queue: dispatcher.wake([queue]))
         self._dispatcher = dispatcher
         servicer = BrokerServicer(
             jobs,

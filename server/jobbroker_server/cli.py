@@ -19,6 +19,8 @@ from typing import Any
 from jobbroker import Client, Job, JobBrokerError, JobState, Task, Worker
 from jobbroker_server.app import serve
 from jobbroker_server.config import ENV, Settings, env_default
+from jobbroker_server.domain.errors import BrokerError
+from jobbroker_server.store import open_store
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -54,6 +56,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
     asyncio.run(serve(_settings(args)))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        store = open_store(args.database)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    print(f"schema is at version {asyncio.run(run())}")
     return 0
 
 
@@ -188,6 +202,14 @@ def _parser() -> argparse.ArgumentParser:
     _serve_flags(p)
     p.set_defaults(run=cmd_serve)
 
+    p = sub.add_parser("migrate", help="bring the database's schema to this version")
+    p.add_argument(
+        "--database",
+        default=os.environ.get("BROKER_DATABASE", Settings().database),
+        help="SQLite path or postgresql:// DSN (env BROKER_DATABASE)",
+    )
+    p.set_defaults(run=cmd_migrate)
+
     p = sub.add_parser("worker", parents=[target], help="run the @task handlers of a module")
     p.add_argument("module", help="importable module, e.g. myapp.tasks")
     p.add_argument("--queue", action="append", help="queue to serve (repeatable)")
@@ -240,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except JobBrokerError as exc:
+    except (JobBrokerError, BrokerError) as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as exc:

@@ -9,7 +9,7 @@ its WHERE clause: zero rows changed means the lease was lost.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from jobbroker_server.domain.models import (
@@ -30,8 +30,14 @@ from jobbroker_server.domain.states import JobState
 
 class Store(abc.ABC):
     @abc.abstractmethod
-    async def migrate(self) -> None:
-        """Create or upgrade the schema to this version."""
+    async def migrate(self) -> int:
+        """Bring the schema to this broker's version and return it; refuse
+        (SchemaTooNew) a schema newer than this broker."""
+
+    @abc.abstractmethod
+    async def listen(self, on_ready: Callable[[str], None]) -> None:
+        """Call ``on_ready(queue)`` whenever another process makes a job of that
+        queue ready. A store that only this process uses has nothing to hear."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

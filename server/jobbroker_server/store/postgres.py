@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -33,10 +34,35 @@ def engine_url(dsn: str) -> tuple[str, dict[str, str]]:
     return url, settings
 
 
+READY_CHANNEL = "jobbroker_ready"
+
+# A job that becomes pending (submitted, retried, handed back, promoted,
+# replayed) wakes the streams of every replica. PostgreSQL delivers NOTIFY at
+# commit and folds duplicates within a transaction, so a batch of one queue
+# costs one notification.
+_READY_TRIGGER = (
+    f"""
+    CREATE OR REPLACE FUNCTION jobbroker_notify_ready() RETURNS trigger AS $$
+    BEGIN
+        PERFORM pg_notify('{READY_CHANNEL}', NEW.queue);
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql
+    """,
+    "DROP TRIGGER IF EXISTS jobs_ready ON jobs",
+    """
+    CREATE TRIGGER jobs_ready AFTER INSERT OR UPDATE OF state ON jobs
+    FOR EACH ROW WHEN (NEW.state = 'pending') EXECUTE FUNCTION jobbroker_notify_ready()
+    """,
+)
+
+
 class PostgresStore(SqlStore):
     def __init__(self, dsn: str, rng: random.Random | None = None, pool_size: int = 10) -> None:
         super().__init__(rng)
         url, server_settings = engine_url(dsn)
+        self._listen_dsn = urlunsplit(urlsplit(url)._replace(scheme="postgresql"))
+        self._server_settings = server_settings
+        self._listener: asyncpg.Connection | None = None
         self._engine = create_async_engine(
             url,
             pool_size=pool_size,
@@ -54,5 +80,21 @@ class PostgresStore(SqlStore):
     def _insert_ignoring_conflicts(self) -> sa.Insert:
         return pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
 
+    def _dialect_schema(self, conn: Connection) -> None:
+        for statement in _READY_TRIGGER:
+            conn.exec_driver_sql(statement)
+
+    async def listen(self, on_ready: Callable[[str], None]) -> None:
+        """LISTEN on a connection of its own, outside the pool."""
+        self._listener = await asyncpg.connect(
+            self._listen_dsn, server_settings=self._server_settings
+        )
+        await self._listener.add_listener(
+            READY_CHANNEL, lambda _conn, _pid, _channel, queue: on_ready(str(queue))
+        )
+
     async def _dispose(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         await self._engine.dispose()

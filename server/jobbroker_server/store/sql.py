@@ -10,13 +10,12 @@ import abc
 import asyncio
 import random
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from jobbroker_server.domain.errors import FailedPrecondition
 from jobbroker_server.domain.models import (
     Completion,
     Failure,
@@ -31,30 +30,11 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.store import ops
+from jobbroker_server.store import migrations, ops
 from jobbroker_server.store.base import Store
-from jobbroker_server.store.tables import SCHEMA_VERSION, metadata, schema_version
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class SchemaTooNew(FailedPrecondition):
-    reason = "SCHEMA_TOO_NEW"
-
-
-def _migrate(conn: Connection) -> None:
-    metadata.create_all(conn, checkfirst=True)
-    found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-    if found is not None and found > SCHEMA_VERSION:
-        raise SchemaTooNew(
-            f"the database schema is version {found}, newer than this broker's "
-            f"{SCHEMA_VERSION}; upgrade jobbroker"
-        )
-    if found is None:
-        conn.execute(
-            schema_version.insert().values(version=SCHEMA_VERSION, applied_at=datetime.now(UTC))
-        )
 
 
 class SqlStore(Store):
@@ -100,8 +80,11 @@ class SqlStore(Store):
 
     # --- the contract ---
 
-    async def migrate(self) -> None:
-        await self._run(_migrate)
+    def _dialect_schema(self, conn: Connection) -> None:
+        """Objects only this dialect has (triggers); applied after every migrate."""
+
+    async def migrate(self) -> int:
+        return await self._run(migrations.migrate, self._dialect_schema)
 
     async def submit_many(
         self, jobs: Sequence[NewJob], now: datetime, dedup_window: timedelta

@@ -66,6 +66,9 @@ class SqliteStore(SqlStore):
     ) -> T:
         return self._in_thread(op, args, kwargs)
 
+    async def listen(self, on_ready: Callable[[str], None]) -> None:
+        """One broker process owns a SQLite file: its own submits wake it."""
+
     def _insert_ignoring_conflicts(self) -> sa.Insert:
         return sqlite_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
 

@@ -1,0 +1,57 @@
+"""Schema versions: each step brings the schema from the version before it.
+
+``broker migrate`` (and ``broker serve`` at start) applies the steps a database
+lacks, each in the same transaction as its version row; a database newer than
+this broker is refused, never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from jobbroker_server.domain.errors import FailedPrecondition
+from jobbroker_server.store.tables import metadata, schema_version
+
+
+class SchemaTooNew(FailedPrecondition):
+    reason = "SCHEMA_TOO_NEW"
+
+
+def _v1_initial(conn: Connection) -> None:
+    metadata.create_all(conn, checkfirst=True)
+
+
+# (version, step); append new steps, never edit old ones.
+STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1_initial),)
+LATEST = STEPS[-1][0]
+
+
+def current_version(conn: Connection) -> int:
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return 0
+    found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(found or 0)
+
+
+def migrate(conn: Connection, extra: Callable[[Connection], None] | None = None) -> int:
+    """Apply the missing steps, then ``extra`` (a dialect's own objects, which
+    must be safe to apply again); return the schema version now."""
+    found = current_version(conn)
+    if found > LATEST:
+        raise SchemaTooNew(
+            f"the database schema is version {found}, newer than this broker's {LATEST}; "
+            "run a jobbroker release that knows it"
+        )
+    for version, step in STEPS:
+        if version > found:
+            step(conn)
+            conn.execute(
+                schema_version.insert().values(version=version, applied_at=datetime.now(UTC))
+            )
+    if extra is not None:
+        extra(conn)
+    return LATEST
