@@ -41,6 +41,7 @@ class _Running:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     started: bool = False
+    reporting: bool = False  # its outcome is on the way: a lost heartbeat is no news
 
 
 class Worker:
@@ -272,7 +273,7 @@ class Worker:
                 log.warning("heartbeat failed: %s", error)
                 continue
             for running in held:
-                if running.lease in lost:
+                if running.lease in lost and not running.reporting:
                     log.warning("lost the lease on job %s", running.lease.job.id)
                     running.lost.set()
 
@@ -282,6 +283,7 @@ class Worker:
         lease = running.lease
         task = self._tasks.get(lease.job.task)
         if task is None:
+            running.reporting = True
             await self._report(lease, self._unknown_task(lease))
             return
         async with self._slots:
@@ -289,6 +291,7 @@ class Worker:
             context = JobContext(lease, self._post)
             report = await run_job(task, lease, context, executor, running.lost)
         if report is not None:
+            running.reporting = True
             await self._report(lease, report)
 
     def _unknown_task(self, lease: AsyncLease) -> Report:

@@ -30,10 +30,19 @@ class GroupCommit(Generic[In, Out]):
             return []
         future: asyncio.Future[list[Out]] = asyncio.get_running_loop().create_future()
         self._waiting.append((items, future))
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
+        if self._running:
+            return await future
+        # No transaction is running: this caller runs one now, for itself and
+        # whoever queues meanwhile, and leaves any later groups to a task.
+        self._running = True
+        try:
+            await self._flush_some()
+        finally:
+            if self._waiting:
+                asyncio.get_running_loop().create_task(self._drain())
+            else:
+                self._running = False
+        return future.result()
 
     async def _drain(self) -> None:
         try:
