@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
@@ -13,6 +15,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from jobbroker_server.store import migrations
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs
 
@@ -34,6 +37,8 @@ def engine_url(dsn: str) -> tuple[str, dict[str, str]]:
     return url, settings
 
 
+log = logging.getLogger(__name__)
+
 READY_CHANNEL = "jobbroker_ready"
 
 # A job that becomes pending (submitted, retried, handed back, promoted,
@@ -48,12 +53,20 @@ _READY_TRIGGER = (
         RETURN NULL;
     END $$ LANGUAGE plpgsql
     """,
-    "DROP TRIGGER IF EXISTS jobs_ready ON jobs",
     """
-    CREATE TRIGGER jobs_ready AFTER INSERT OR UPDATE OF state ON jobs
+    CREATE OR REPLACE TRIGGER jobs_ready AFTER INSERT OR UPDATE OF state ON jobs
     FOR EACH ROW WHEN (NEW.state = 'pending') EXECUTE FUNCTION jobbroker_notify_ready()
     """,
 )
+
+
+# Replicas starting together migrate one at a time (catalog updates race).
+_MIGRATION_LOCK = 0x6A6F6262  # "jobb"
+
+
+def _migrate_alone(conn: Connection, extra: Callable[[Connection], None]) -> int:
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+    return migrations.migrate(conn, extra)
 
 
 class PostgresStore(SqlStore):
@@ -63,6 +76,8 @@ class PostgresStore(SqlStore):
         self._listen_dsn = urlunsplit(urlsplit(url)._replace(scheme="postgresql"))
         self._server_settings = server_settings
         self._listener: asyncpg.Connection | None = None
+        self._relistening: asyncio.Future[None] | None = None
+        self._on_ready: Callable[[str], None] = lambda queue: None
         self._engine = create_async_engine(
             url,
             pool_size=pool_size,
@@ -84,17 +99,44 @@ class PostgresStore(SqlStore):
         for statement in _READY_TRIGGER:
             conn.exec_driver_sql(statement)
 
+    async def migrate(self) -> int:
+        return await self._run(_migrate_alone, self._dialect_schema)
+
     async def listen(self, on_ready: Callable[[str], None]) -> None:
-        """LISTEN on a connection of its own, outside the pool."""
-        self._listener = await asyncpg.connect(
-            self._listen_dsn, server_settings=self._server_settings
+        """LISTEN on a connection of its own, outside the pool; if it drops,
+        connect again (the dispatcher's poll covers the gap)."""
+        self._on_ready = on_ready
+        await self._connect_listener()
+
+    async def _connect_listener(self) -> None:
+        conn = await asyncpg.connect(self._listen_dsn, server_settings=self._server_settings)
+        await conn.add_listener(
+            READY_CHANNEL, lambda _conn, _pid, _channel, queue: self._on_ready(str(queue))
         )
-        await self._listener.add_listener(
-            READY_CHANNEL, lambda _conn, _pid, _channel, queue: on_ready(str(queue))
-        )
+        conn.add_termination_listener(lambda _conn: self._relisten())
+        self._listener = conn
+
+    def _relisten(self) -> None:
+        if self._listener is None:
+            return  # closing
+        self._listener = None
+        self._relistening = asyncio.ensure_future(self._reconnect_listener())
+
+    async def _reconnect_listener(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._connect_listener()
+                return
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("LISTEN connection lost (%s); again in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _dispose(self) -> None:
-        if self._listener is not None:
-            await self._listener.close()
-            self._listener = None
+        if self._relistening is not None:
+            self._relistening.cancel()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
         await self._engine.dispose()
