@@ -98,6 +98,7 @@ class LeaseStreams:
 
     async def _apply(self, session: Session, msg: broker_pb2.WorkerMessage) -> list[ReportResult]:
         kind = msg.WhichOneof("kind")
+        self._dispatcher.alive(session)
         r = self._reports
         if kind == "heartbeat":
             return await r.heartbeat(session, [convert.lease_ref(x) for x in msg.heartbeat.leases])

@@ -68,6 +68,9 @@ class Session:
     outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    # A lease of this stream expired: its worker may be frozen. No more jobs
+    # until it shows life (any report), or the retries would go back to it.
+    stalled: bool = False
 
     @property
     def room(self) -> int:
@@ -77,7 +80,9 @@ class Session:
     def wants_more(self) -> bool:
         """Lease in batches: wait until a quarter of the window is free (an
         idle worker's whole window is), so one query serves many jobs."""
-        return self.room > 0 and (self.room >= self.prefetch // 4 or not self.held)
+        if self.stalled or self.room <= 0:
+            return False
+        return self.room >= self.prefetch // 4 or not self.held
 
 
 class Dispatcher:
@@ -173,6 +178,14 @@ class Dispatcher:
         # worker told to stop may still be busy with the job.
         for session, mine in by_session.items():
             session.outbox.put_nowait(Cancel(mine, reason))
+            if reason is CancelReason.LEASE_EXPIRED:
+                session.stalled = True
+
+    def alive(self, session: Session) -> None:
+        """The worker reported: it is not frozen."""
+        if session.stalled:
+            session.stalled = False
+            session.wake.set()
 
     async def _pump(self, session: Session) -> None:
         while not session.closed:
