@@ -12,7 +12,12 @@ import grpc
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_message
-from .errors import BrokerUnavailableError, DeadlineExceededError, JobBrokerError, from_rpc_error
+from .errors import (
+    BrokerUnavailableError,
+    DeadlineExceededError,
+    JobBrokerError,
+    stream_error,
+)
 from .lease import AsyncLease, ReportResult, heartbeat_message
 
 _Call = grpc.aio.StreamStreamCall[broker_pb2.WorkerMessage, broker_pb2.BrokerMessage]
@@ -171,7 +176,7 @@ class AsyncLeaseStream:
             try:
                 await self._call.write(message)
             except grpc.RpcError as error:
-                raise self._core.error or _stream_error(error) from error
+                raise self._core.error or stream_error(error) from error
             except (asyncio.InvalidStateError, grpc.aio.UsageError) as error:  # call is over
                 raise self._core.error or BrokerUnavailableError(str(error)) from error
 
@@ -182,7 +187,7 @@ class AsyncLeaseStream:
                 for lease in self._core.dispatch(message, lambda leased: AsyncLease(self, leased)):
                     self._inbox.put_nowait(lease)
         except grpc.RpcError as rpc_error:
-            error = _stream_error(rpc_error)
+            error = stream_error(rpc_error)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
@@ -193,17 +198,3 @@ class AsyncLeaseStream:
     def _finish(self, error: JobBrokerError) -> None:
         self._core.end(error)
         self._inbox.put_nowait(None)
-
-
-def _stream_error(error: grpc.RpcError) -> JobBrokerError:
-    """The error a broken stream ends with.
-
-    When the connection dies under a write, grpc.aio ends the call with
-    INTERNAL ("Internal error from Core"). That status comes from the local
-    gRPC core, not the broker (whose errors name a reason): the broker went
-    away, and the worker must reconnect rather than stop.
-    """
-    mapped = from_rpc_error(error)
-    if error.code() == grpc.StatusCode.INTERNAL and mapped.reason is None:
-        return BrokerUnavailableError(mapped.message, code=error.code())
-    return mapped

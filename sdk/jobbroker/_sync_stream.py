@@ -14,7 +14,12 @@ import grpc
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_message
-from .errors import BrokerUnavailableError, DeadlineExceededError, JobBrokerError, from_rpc_error
+from .errors import (
+    BrokerUnavailableError,
+    DeadlineExceededError,
+    JobBrokerError,
+    stream_error,
+)
 from .lease import Lease, ReportResult, heartbeat_message
 
 
@@ -122,7 +127,7 @@ class LeaseStream:
                 for lease in pushed:
                     self._inbox.put(lease)
         except grpc.RpcError as rpc_error:
-            error = from_rpc_error(rpc_error)
+            error = stream_error(rpc_error)
         if self._closing:
             error = JobBrokerError("the lease stream is closed")
         with self._lock:

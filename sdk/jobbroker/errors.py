@@ -145,3 +145,17 @@ def _reason(error: grpc.RpcError) -> str | None:
         if key == REASON_KEY:
             return value.decode() if isinstance(value, bytes) else value
     return None
+
+
+def stream_error(error: grpc.RpcError) -> JobBrokerError:
+    """The error a broken stream ends with.
+
+    When the connection dies under a write, gRPC ends the call with
+    INTERNAL ("Internal error from Core"). That status comes from the local
+    gRPC core, not the broker (whose errors name a reason): the broker went
+    away, and the worker must reconnect rather than stop.
+    """
+    mapped = from_rpc_error(error)
+    if error.code() == grpc.StatusCode.INTERNAL and mapped.reason is None:
+        return BrokerUnavailableError(mapped.message, code=error.code())
+    return mapped
