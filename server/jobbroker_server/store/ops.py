@@ -498,21 +498,24 @@ def _check_leases(
 def _end_attempts(
     conn: Connection, refs: Sequence[LeaseRef], outcome: AttemptOutcome, now: datetime
 ) -> None:
-    pairs = [(r.job_id, r.fencing_token) for r in refs]
+    # A job has one running attempt at a time: the one these leases hold.
     conn.execute(
         attempts.update()
         .where(
-            attempts.c.job_id.in_([r.job_id for r in refs]),  # the index; the pairs filter
-            sa.tuple_(attempts.c.job_id, attempts.c.fencing_token).in_(pairs),
+            attempts.c.job_id.in_([r.job_id for r in refs]),
+            attempts.c.outcome == AttemptOutcome.RUNNING.value,
         )
         .values(finished_at=now, outcome=outcome.value, error=None)
     )
 
 
 def _held_all(refs: Sequence[LeaseRef]) -> sa.ColumnElement[bool]:
-    """The WHERE clause of a set-wise write that needs these current leases."""
-    pairs = [(r.job_id, r.fencing_token) for r in refs]
-    return sa.and_(jobs.c.state == RUNNING, sa.tuple_(jobs.c.id, jobs.c.fencing_token).in_(pairs))
+    """The WHERE clause of a set-wise write to jobs whose leases
+    ``_check_leases`` found current earlier in this transaction, with the rows
+    locked since (FOR UPDATE; SQLite has one writer): the fencing tokens were
+    checked there, and a list of (id, token) pairs here would cost more to
+    build and bind than the write itself."""
+    return sa.and_(jobs.c.id.in_([r.job_id for r in refs]), jobs.c.state == RUNNING)
 
 
 def _key_owners(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
