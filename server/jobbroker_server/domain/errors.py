@@ -4,9 +4,11 @@ BrokerError
 ├── InvalidArgument      bad input; nothing was written
 ├── NotFound             no such job
 ├── FailedPrecondition   the job's state does not allow it
-│   ├── IllegalTransition
-│   └── LeaseLost        stale fencing token, or the job no longer runs
+│   └── IllegalTransition
 └── ResourceExhausted    payload or batch over a configured limit
+
+A report under a stale lease is not an error here: the stream answers it with
+ReportStatus.LEASE_LOST in its Ack, and the SDK raises LeaseLostError.
 """
 
 from __future__ import annotations
@@ -30,10 +32,6 @@ class FailedPrecondition(BrokerError):
 
 class IllegalTransition(FailedPrecondition):
     reason = "ILLEGAL_TRANSITION"
-
-
-class LeaseLost(FailedPrecondition):
-    reason = "LEASE_LOST"
 
 
 class ResourceExhausted(BrokerError):
