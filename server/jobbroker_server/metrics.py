@@ -3,7 +3,12 @@ to queue and state, never a job id."""
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jobbroker_server.domain.states import JobState
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
@@ -50,3 +55,20 @@ class Metrics:
             registry=r,
         )
         self.streams = Gauge("jobbroker_worker_streams", "Open LeaseStreams", registry=r)
+
+    @staticmethod
+    def count(counter: Counter, queues: Iterable[str]) -> None:
+        """One increment per queue for a batch, not one label lookup per job."""
+        for queue, n in Tally(queues).items():
+            counter.labels(queue).inc(n)
+
+    def count_outcomes(self, ended: Iterable[tuple[str, JobState]]) -> None:
+        """Count ended attempts by the state each left its job in."""
+        for (queue, state), n in Tally(ended).items():
+            if state is JobState.SUCCEEDED:
+                self.succeeded.labels(queue).inc(n)
+                continue
+            if state is not JobState.CANCELLED:
+                self.failed.labels(queue).inc(n)
+            if state is JobState.DEAD:
+                self.dead_lettered.labels(queue).inc(n)

@@ -41,6 +41,8 @@ class LeaseStreams:
     def __init__(self, dispatcher: Dispatcher, reports: Reports) -> None:
         self._dispatcher = dispatcher
         self._reports = reports
+        # A third of the lease: two heartbeats may be lost before it expires.
+        self._heartbeat_interval = convert.duration(dispatcher.lease_duration / 3)
 
     async def serve(
         self,
@@ -118,8 +120,7 @@ class LeaseStreams:
 
     def _message(self, out: Outgoing) -> broker_pb2.BrokerMessage:
         if isinstance(out, Leased):
-            # A third of the lease: two heartbeats may be lost before it expires.
-            interval = convert.duration(self._dispatcher.lease_duration / 3)
+            interval = self._heartbeat_interval
             jobs = []
             for lease in out.leases:
                 jobs.append(

@@ -14,7 +14,6 @@ from jobbroker_server.domain.models import AttemptOutcome, ReapedLease
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
-from jobbroker_server.services.reports import count_outcome
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
@@ -61,8 +60,7 @@ class Reaper:
             refs = [r.lease for r in reaped if r.outcome is outcome]
             if refs:
                 self._dispatcher.cancel(refs, reason)
-        for r in reaped:
-            count_outcome(self._metrics, r.queue, r.state)
+        self._metrics.count_outcomes((r.queue, r.state) for r in reaped)
         self._watch.publish((r.lease.job_id, r.state) for r in reaped)
         retried = {r.queue for r in reaped if r.state is JobState.PENDING}
         if retried:

@@ -52,19 +52,12 @@ class Cancel:
 Outgoing = Leased | Acked | Cancel
 
 
-@dataclass(slots=True)
-class Held:
-    token: int
-    queue: str
-    leased_at: float  # monotonic
-
-
 @dataclass(eq=False)
 class Session:
     worker_id: str
     queues: tuple[str, ...]
     prefetch: int
-    held: dict[str, Held] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)  # job id -> leased at (monotonic)
     outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
@@ -110,10 +103,7 @@ class Dispatcher:
         self, worker_id: str, queues: Sequence[str], prefetch: int, held: Iterable[LeaseRef]
     ) -> Session:
         session = Session(worker_id, tuple(queues), prefetch)
-        now = self._clock.monotonic()
-        for ref in held:
-            session.held[ref.job_id] = Held(ref.fencing_token, "", now)
-            self._holder[ref.job_id] = session
+        self.adopt(session, held)
         self._sessions[session] = asyncio.create_task(self._pump(session))
         self._metrics.streams.set(len(self._sessions))
         session.wake.set()
@@ -146,7 +136,7 @@ class Dispatcher:
             if wanted is None or wanted.intersection(session.queues):
                 session.wake.set()
 
-    def settle(self, session: Session, job_ids: Iterable[str]) -> dict[str, Held]:
+    def settle(self, session: Session, job_ids: Iterable[str]) -> dict[str, float]:
         """Free the slots of reported jobs; return what the session held of them."""
         freed = {}
         for job_id in job_ids:
@@ -160,11 +150,12 @@ class Dispatcher:
         return freed
 
     def adopt(self, session: Session, refs: Iterable[LeaseRef]) -> None:
-        """Reports for leases this stream did not hand out (after a reconnect)."""
+        """Leases this stream did not hand out: held from an earlier stream, or
+        reported here after a reconnect."""
         now = self._clock.monotonic()
         for ref in refs:
             if ref.job_id not in session.held:
-                session.held[ref.job_id] = Held(ref.fencing_token, "", now)
+                session.held[ref.job_id] = now
                 self._holder[ref.job_id] = session
 
     def cancel(self, refs: Iterable[LeaseRef], reason: CancelReason) -> None:
@@ -213,10 +204,10 @@ class Dispatcher:
         started = self._clock.monotonic()
         for lease in leases:
             job = lease.job
-            session.held[job.id] = Held(lease.fencing_token, job.queue, started)
+            session.held[job.id] = started
             self._holder[job.id] = session
-            self._metrics.leased.labels(job.queue).inc()
             wait = (now - job.scheduled_at).total_seconds()
             self._metrics.start_latency_seconds.labels(job.queue).observe(max(wait, 0.0))
+        self._metrics.count(self._metrics.leased, (lease.job.queue for lease in leases))
         self._watch.publish((lease.job.id, JobState.RUNNING) for lease in leases)
         session.outbox.put_nowait(Leased(leases))

@@ -48,15 +48,11 @@ class Jobs:
     async def submit_many(self, jobs: Sequence[NewJob]) -> list[SubmitResult]:
         """Store jobs all-or-nothing, in one transaction with concurrent submits."""
         results = await self._submits(jobs)
-        ready: set[str] = set()
-        for job, result in zip(jobs, results, strict=True):
-            if result.duplicate:
-                continue
-            self._metrics.submitted.labels(job.queue).inc()
-            if result.state is JobState.PENDING:
-                ready.add(job.queue)
-            else:
-                self._scheduler.poke()
+        stored = [(job, r) for job, r in zip(jobs, results, strict=True) if not r.duplicate]
+        self._metrics.count(self._metrics.submitted, (job.queue for job, _ in stored))
+        ready = {job.queue for job, r in stored if r.state is JobState.PENDING}
+        if any(r.state is JobState.SCHEDULED for _, r in stored):
+            self._scheduler.poke()
         if ready:
             self._dispatcher.wake(ready)
         return results

@@ -74,41 +74,25 @@ class Reports:
 
     async def release(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
         results = await self._store.release_many(leases, self._clock.now())
-        self._finish(session, results, counted=False)
-        queues = {r.queue for r in results if r.status is ReportStatus.OK}
-        self._dispatcher.wake(queues or None)
+        self._finish(session, results, counted=False)  # it wakes the queues they went back to
         return results
 
     def _finish(
         self, session: Session, results: Sequence[ReportResult], *, counted: bool = True
     ) -> None:
         freed = self._dispatcher.settle(session, (r.job_id for r in results))
-        now = self._clock.monotonic()
-        changes = []
-        for r in results:
-            if r.status is not ReportStatus.OK or r.state is None:
-                continue
-            changes.append((r.job_id, r.state))
-            held = freed.get(r.job_id)
-            if counted and held is not None:
-                self._metrics.run_seconds.labels(r.queue).observe(now - held.leased_at)
-            if counted:
-                count_outcome(self._metrics, r.queue, r.state)
-        self._watch.publish(changes)
+        moved = [r for r in results if r.status is ReportStatus.OK and r.state is not None]
+        self._watch.publish((r.job_id, r.state) for r in moved if r.state is not None)
+        if counted:
+            now = self._clock.monotonic()
+            for r in moved:
+                leased_at = freed.get(r.job_id)
+                if leased_at is not None:
+                    self._metrics.run_seconds.labels(r.queue).observe(now - leased_at)
+            self._metrics.count_outcomes((r.queue, r.state) for r in moved if r.state is not None)
         retried = {r.queue for r in results if r.state is JobState.PENDING}
         if retried:
             self._dispatcher.wake(retried)
-
-
-def count_outcome(metrics: Metrics, queue: str, state: JobState) -> None:
-    """Count an ended attempt by the state it left its job in."""
-    if state is JobState.SUCCEEDED:
-        metrics.succeeded.labels(queue).inc()
-        return
-    if state is not JobState.CANCELLED:
-        metrics.failed.labels(queue).inc()
-    if state is JobState.DEAD:
-        metrics.dead_lettered.labels(queue).inc()
 
 
 def _lost(results: Sequence[ReportResult]) -> list[str]:

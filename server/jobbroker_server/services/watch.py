@@ -1,7 +1,6 @@
 """Who is waiting on which job: WaitJob subscribes, state changes publish.
 
-In-process only: a change made by another replica, or one the broker does not
-publish by id (the scheduler's bulk promotion), reaches a waiter through its
+In-process only: a change made by another replica reaches a waiter through its
 slow poll instead.
 """
 

@@ -178,6 +178,8 @@ def lease_many(
             started_at=now,
             fencing_token=token,
             lease_expires_at=expires,
+            progress=0.0,  # as the UPDATE above set them
+            progress_message="",
         )
         leases.append(Lease(leased, token, expires))
     return leases
@@ -213,30 +215,44 @@ def complete_many(
 ) -> list[ReportResult]:
     done = states.check(JobState.RUNNING, JobState.SUCCEEDED)
     refs = [c.lease for c in completions]
-    verdicts, queue_of = _check_leases(conn, refs)
+    verdicts, row_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
-    # One statement per distinct result (no-op jobs share one), not per job.
+    finished = {"state": done.value, "finished_at": now, "progress": 1.0, **_LEASE_CLEARED}
     by_result: dict[tuple[bytes, str] | None, list[LeaseRef]] = {}
     for c in current:
         key = (c.result.data, c.result.content_type) if c.result else None
         by_result.setdefault(key, []).append(c.lease)
+    # A result many jobs share (null, for no-op jobs) in one set-wise statement;
+    # the results of one job each together in one executemany.
+    single = []
     for result, refs_of in by_result.items():
+        if len(refs_of) == 1 and result is not None:
+            single.append({"b_id": refs_of[0].job_id, "b_result": result[0], "b_type": result[1]})
+            continue
         conn.execute(
             jobs.update()
             .where(_held_all(refs_of))
             .values(
-                state=done.value,
-                finished_at=now,
                 result=result[0] if result else None,
                 result_content_type=result[1] if result else None,
-                progress=1.0,
-                **_LEASE_CLEARED,
+                **finished,
             )
+        )
+    if single:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.state == RUNNING)
+            .values(
+                result=sa.bindparam("b_result"),
+                result_content_type=sa.bindparam("b_type"),
+                **finished,
+            ),
+            single,
         )
     if current:
         _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
     return [
-        v or ReportResult(ref.job_id, ReportStatus.OK, state=done, queue=queue_of[ref.job_id])
+        v or ReportResult(ref.job_id, ReportStatus.OK, state=done, queue=row_of[ref.job_id].queue)
         for ref, v in zip(refs, verdicts, strict=True)
     ]
 
@@ -246,10 +262,7 @@ def fail_many(
 ) -> list[ReportResult]:
     refs = [f.lease for f in failures]
     results: list[ReportResult] = []
-    verdicts, _ = _check_leases(conn, refs)
-    current = {f.lease.job_id for f, v in zip(failures, verdicts, strict=True) if v is None}
-    found = conn.execute(sa.select(jobs).where(jobs.c.id.in_(current)))
-    row_of = {row.id: row for row in found}
+    verdicts, row_of = _check_leases(conn, refs, whole_rows=True)
     for f, verdict in zip(failures, verdicts, strict=True):
         if verdict is not None:
             results.append(verdict)
@@ -263,27 +276,23 @@ def fail_many(
 
 def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
     back = states.check(JobState.RUNNING, JobState.PENDING)
-    verdicts, queue_of = _check_leases(conn, leases)
+    verdicts, row_of = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
     if current:
         conn.execute(
             jobs.update()
-            .where(
-                jobs.c.id == sa.bindparam("b_id"),
-                jobs.c.fencing_token == sa.bindparam("b_tok"),
-            )
+            .where(_held_all(current))
             .values(
                 state=back.value,
                 attempts=jobs.c.attempts - 1,
                 scheduled_at=now,
                 started_at=None,
                 **_LEASE_CLEARED,
-            ),
-            [{"b_id": r.job_id, "b_tok": r.fencing_token} for r in current],
+            )
         )
         _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
     return [
-        v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=queue_of[ref.job_id])
+        v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=row_of[ref.job_id].queue)
         for ref, v in zip(leases, verdicts, strict=True)
     ]
 
@@ -461,16 +470,19 @@ def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
     return {(q, JobState(s)): n for q, s, n in conn.execute(stmt)}
 
 
+_LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
+
+
 def _check_leases(
-    conn: Connection, refs: Sequence[LeaseRef]
-) -> tuple[list[ReportResult | None], dict[str, str]]:
+    conn: Connection, refs: Sequence[LeaseRef], *, whole_rows: bool = False
+) -> tuple[list[ReportResult | None], dict[str, sa.Row[Any]]]:
     """One verdict per ref, in order: None when the lease is current (the write
-    may go ahead), else the refusal; and each current job's queue. The rows are
-    locked for the rest of the transaction."""
+    may go ahead), else the refusal; and the rows read, by job id (their lease
+    columns, or whole rows when the caller needs them). The rows are locked for
+    the rest of the transaction."""
+    columns = (jobs,) if whole_rows else _LEASE_COLUMNS
     found = conn.execute(
-        sa.select(jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
-        .where(jobs.c.id.in_({r.job_id for r in refs}))
-        .with_for_update()
+        sa.select(*columns).where(jobs.c.id.in_({r.job_id for r in refs})).with_for_update()
     )
     row_of = {row.id: row for row in found}
     verdicts: list[ReportResult | None] = []
@@ -492,7 +504,7 @@ def _check_leases(
         else:
             seen.add(ref.job_id)
             verdicts.append(None)
-    return verdicts, {job_id: row.queue for job_id, row in row_of.items()}
+    return verdicts, row_of
 
 
 def _end_attempts(

@@ -45,11 +45,7 @@ def _begin_immediate(conn: Connection) -> None:
 class SqliteStore(SqlStore):
     def __init__(self, path: str, rng: random.Random | None = None) -> None:
         super().__init__(rng)
-        self._engine = sa.create_engine(
-            f"sqlite:///{path}",
-            poolclass=sa.pool.NullPool,
-            connect_args={"check_same_thread": False},
-        )
+        self._engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool)
         sa.event.listen(self._engine, "connect", _pragmas)
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="jobbroker-sqlite")
@@ -64,7 +60,8 @@ class SqliteStore(SqlStore):
     async def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        return self._in_thread(op, args, kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._in_thread, op, args, kwargs)
 
     async def listen(self, on_ready: Callable[[str], None]) -> None:
         """One broker process owns a SQLite file: its own submits wake it."""
