@@ -722,7 +722,9 @@ def attempt(results: Results, name: str, body: Callable[[], None]) -> None:
     log(f"{name} took {time.monotonic() - began:.1f}s")
 
 
-def run_all(results: Results, dbs: Databases, sizes: Sizes, runs: int) -> None:
+def run_all(
+    results: Results, dbs: Databases, sizes: Sizes, runs: int, only: set[str] | None = None
+) -> None:
     workloads: list[tuple[str, Callable[[Results, Databases, Sizes], None]]] = [
         ("W1", run_w1),
         ("W1c", run_w1c),
@@ -734,8 +736,10 @@ def run_all(results: Results, dbs: Databases, sizes: Sizes, runs: int) -> None:
     for run in range(1, runs + 1):
         attempt(results, f"run {run} walls", lambda: measure_walls(results, sizes))
         for name, body in workloads:
-            attempt(results, f"run {run} {name}", functools.partial(body, results, dbs, sizes))
-    attempt(results, "MEM (once)", lambda: run_memory(results, dbs, sizes))
+            if only is None or name in only:
+                attempt(results, f"run {run} {name}", functools.partial(body, results, dbs, sizes))
+    if only is None or "MEM" in only:
+        attempt(results, "MEM (once)", lambda: run_memory(results, dbs, sizes))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -747,6 +751,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-jobs", type=int, help="MEM: stop at this many completed jobs")
     parser.add_argument("--memory-seconds", type=float, help="MEM: stop after this long")
     parser.add_argument("--budget", type=float, help="seconds one throughput run may take")
+    parser.add_argument(
+        "--only", help="comma-separated workloads to run, e.g. W2,W3 (default: all, and MEM)"
+    )
     parser.add_argument("--wall-server", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -770,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Results()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="jobbroker-bench-") as directory:
-        run_all(results, Databases(args.database, Path(directory)), sizes, args.runs)
+        only = set(args.only.split(",")) if args.only else None
+        run_all(results, Databases(args.database, Path(directory)), sizes, args.runs, only)
     elapsed = time.monotonic() - began
     print(table(results))
     print(f"\n{args.runs} run(s) in {elapsed:.0f}s; sizes: {asdict(sizes)}")

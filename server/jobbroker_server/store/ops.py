@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -102,6 +101,61 @@ def _expire_keys(
 # --- workers ---
 
 
+def _ids(name: str = "ids") -> sa.BindParameter[Any]:
+    return sa.bindparam(name, expanding=True)
+
+
+def _instant(name: str = "now") -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=UTCDateTime())
+
+
+# The hot path's statements are built once: building a SQLAlchemy expression
+# and its cache key per call cost more than SQLite took to run it.
+# SKIP LOCKED: replicas leasing at once never pick the same job (SQLite, with
+# one writer, renders no locking clause). The materialized CTE runs the
+# LIMITed pick once, whatever plan the UPDATE gets.
+_PICKED = (
+    sa.select(jobs.c.id)
+    .where(jobs.c.state == JobState.PENDING.value, jobs.c.queue.in_(_ids("queues")))
+    .order_by(jobs.c.priority.desc(), jobs.c.id)
+    .limit(sa.bindparam("limit"))
+    .with_for_update(skip_locked=True)
+    .cte("picked")
+    .prefix_with("MATERIALIZED")
+)
+_LEASE = (
+    jobs.update()
+    .where(jobs.c.id == _PICKED.c.id)
+    .values(
+        state=RUNNING,
+        attempts=jobs.c.attempts + 1,
+        fencing_token=jobs.c.fencing_token + 1,
+        started_at=_instant(),
+        leased_by=sa.bindparam("worker_id"),
+        lease_expires_at=_instant("expires"),
+        progress=0.0,
+        progress_message="",
+    )
+    .returning(*jobs.c)
+)
+_SET_DEADLINE = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("b_id"))
+    .values(deadline_at=_instant("b_deadline"))
+)
+_START_ATTEMPTS = attempts.insert().from_select(
+    ["job_id", "fencing_token", "number", "worker_id", "started_at", "outcome"],
+    sa.select(
+        jobs.c.id,
+        jobs.c.fencing_token,
+        jobs.c.attempts,
+        sa.bindparam("worker_id", type_=sa.String()),
+        _instant(),
+        sa.literal(AttemptOutcome.RUNNING.value),
+    ).where(jobs.c.id.in_(_ids())),
+)
+
+
 def lease_many(
     conn: Connection,
     queues: Sequence[str],
@@ -113,76 +167,32 @@ def lease_many(
     if limit <= 0 or not queues:
         return []
     states.check(JobState.PENDING, JobState.RUNNING)
-    # SKIP LOCKED: replicas leasing at once never pick the same job
-    # (SQLite, with one writer, renders no locking clause).
-    pick = (
-        sa.select(jobs)
-        .where(jobs.c.state == JobState.PENDING.value, jobs.c.queue.in_(list(queues)))
-        .order_by(jobs.c.priority.desc(), jobs.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
     expires = now + lease_for
-    picked = (conn.execute(pick)).all()
-    if not picked:
-        return []
-    ids = [row.id for row in picked]
-    # Set-wise: one statement for the batch, no parameters per row.
-    conn.execute(
-        jobs.update()
-        .where(jobs.c.id.in_(ids))
-        .values(
-            state=RUNNING,
-            attempts=jobs.c.attempts + 1,
-            fencing_token=jobs.c.fencing_token + 1,
-            started_at=now,
-            leased_by=worker_id,
-            lease_expires_at=expires,
-            progress=0.0,
-            progress_message="",
+    leased = list(
+        conn.execute(
+            _LEASE,
+            {
+                "queues": list(queues),
+                "limit": limit,
+                "now": now,
+                "worker_id": worker_id,
+                "expires": expires,
+            },
         )
     )
+    if not leased:
+        return []
+    leased.sort(key=lambda row: (-row.priority, row.id))  # RETURNING has no order
     timed = [
         {"b_id": row.id, "b_deadline": now + timedelta(seconds=row.timeout_s)}
-        for row in picked
+        for row in leased
         if row.timeout_s
     ]
     if timed:
-        conn.execute(
-            jobs.update()
-            .where(jobs.c.id == sa.bindparam("b_id"))
-            .values(deadline_at=sa.bindparam("b_deadline")),
-            timed,
-        )
-    conn.execute(
-        attempts.insert().from_select(
-            ["job_id", "fencing_token", "number", "worker_id", "started_at", "outcome"],
-            sa.select(
-                jobs.c.id,
-                jobs.c.fencing_token,
-                jobs.c.attempts,
-                sa.literal(worker_id),
-                sa.literal(now, UTCDateTime()),
-                sa.literal(AttemptOutcome.RUNNING.value),
-            ).where(jobs.c.id.in_(ids)),
-        )
-    )
-    leases = []
-    for row in picked:
-        job = rows.job_from_row(row)
-        token = row.fencing_token + 1
-        leased = replace(
-            job,
-            state=JobState.RUNNING,
-            attempts=job.attempts + 1,
-            started_at=now,
-            fencing_token=token,
-            lease_expires_at=expires,
-            progress=0.0,  # as the UPDATE above set them
-            progress_message="",
-        )
-        leases.append(Lease(leased, token, expires))
-    return leases
+        conn.execute(_SET_DEADLINE, timed)
+    ids = [row.id for row in leased]
+    conn.execute(_START_ATTEMPTS, {"ids": ids, "worker_id": worker_id, "now": now})
+    return [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
 
 
 def heartbeat_many(
@@ -192,7 +202,7 @@ def heartbeat_many(
     verdicts, _ = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
     if current:
-        conn.execute(jobs.update().where(_held_all(current)).values(lease_expires_at=expires))
+        conn.execute(_HEARTBEAT, {"ids": [r.job_id for r in current], "expires": expires})
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, lease_expires_at=expires)
         for ref, v in zip(leases, verdicts, strict=True)
@@ -217,38 +227,23 @@ def complete_many(
     refs = [c.lease for c in completions]
     verdicts, row_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
-    finished = {"state": done.value, "finished_at": now, "progress": 1.0, **_LEASE_CLEARED}
-    by_result: dict[tuple[bytes, str] | None, list[LeaseRef]] = {}
+    by_result: dict[tuple[bytes, str] | None, list[str]] = {}
     for c in current:
         key = (c.result.data, c.result.content_type) if c.result else None
-        by_result.setdefault(key, []).append(c.lease)
+        by_result.setdefault(key, []).append(c.lease.job_id)
     # A result many jobs share (null, for no-op jobs) in one set-wise statement;
     # the results of one job each together in one executemany.
     single = []
-    for result, refs_of in by_result.items():
-        if len(refs_of) == 1 and result is not None:
-            single.append({"b_id": refs_of[0].job_id, "b_result": result[0], "b_type": result[1]})
+    for result, ids in by_result.items():
+        if len(ids) == 1 and result is not None:
+            single.append({"b_id": ids[0], "b_result": result[0], "b_type": result[1], "now": now})
             continue
+        data, content_type = result or (None, None)
         conn.execute(
-            jobs.update()
-            .where(_held_all(refs_of))
-            .values(
-                result=result[0] if result else None,
-                result_content_type=result[1] if result else None,
-                **finished,
-            )
+            _COMPLETE_SHARED, {"ids": ids, "b_result": data, "b_type": content_type, "now": now}
         )
     if single:
-        conn.execute(
-            jobs.update()
-            .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.state == RUNNING)
-            .values(
-                result=sa.bindparam("b_result"),
-                result_content_type=sa.bindparam("b_type"),
-                **finished,
-            ),
-            single,
-        )
+        conn.execute(_COMPLETE_ONE, single)
     if current:
         _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
     return [
@@ -279,17 +274,7 @@ def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) ->
     verdicts, row_of = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
     if current:
-        conn.execute(
-            jobs.update()
-            .where(_held_all(current))
-            .values(
-                state=back.value,
-                attempts=jobs.c.attempts - 1,
-                scheduled_at=now,
-                started_at=None,
-                **_LEASE_CLEARED,
-            )
-        )
+        conn.execute(_RELEASE, {"ids": [r.job_id for r in current], "now": now})
         _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=row_of[ref.job_id].queue)
@@ -471,6 +456,8 @@ def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
 
 
 _LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
+_LOCK_LEASES = sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update()
+_LOCK_ROWS = sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update()
 
 
 def _check_leases(
@@ -480,9 +467,8 @@ def _check_leases(
     may go ahead), else the refusal; and the rows read, by job id (their lease
     columns, or whole rows when the caller needs them). The rows are locked for
     the rest of the transaction."""
-    columns = (jobs,) if whole_rows else _LEASE_COLUMNS
     found = conn.execute(
-        sa.select(*columns).where(jobs.c.id.in_({r.job_id for r in refs})).with_for_update()
+        _LOCK_ROWS if whole_rows else _LOCK_LEASES, {"ids": list({r.job_id for r in refs})}
     )
     row_of = {row.id: row for row in found}
     verdicts: list[ReportResult | None] = []
@@ -507,27 +493,57 @@ def _check_leases(
     return verdicts, row_of
 
 
+# A job has one running attempt at a time: the one its lease holds.
+_END_ATTEMPTS = (
+    attempts.update()
+    .where(
+        attempts.c.job_id.in_(_ids()),
+        attempts.c.outcome == AttemptOutcome.RUNNING.value,
+    )
+    .values(finished_at=_instant(), outcome=sa.bindparam("outcome"), error=None)
+)
+
+
 def _end_attempts(
     conn: Connection, refs: Sequence[LeaseRef], outcome: AttemptOutcome, now: datetime
 ) -> None:
-    # A job has one running attempt at a time: the one these leases hold.
-    conn.execute(
-        attempts.update()
-        .where(
-            attempts.c.job_id.in_([r.job_id for r in refs]),
-            attempts.c.outcome == AttemptOutcome.RUNNING.value,
-        )
-        .values(finished_at=now, outcome=outcome.value, error=None)
+    ids = [r.job_id for r in refs]
+    conn.execute(_END_ATTEMPTS, {"ids": ids, "outcome": outcome.value, "now": now})
+
+
+_LEASE_CLEARED: dict[str, Any] = {"lease_expires_at": None, "deadline_at": None, "leased_by": None}
+
+# Set-wise writes to jobs whose leases ``_check_leases`` found current earlier
+# in the transaction, with the rows locked since (FOR UPDATE; SQLite has one
+# writer): the fencing tokens were checked there, and a list of (id, token)
+# pairs here would cost more to bind than the write itself.
+_HELD_ALL = (jobs.c.id.in_(_ids()), jobs.c.state == RUNNING)
+_HEARTBEAT = jobs.update().where(*_HELD_ALL).values(lease_expires_at=_instant("expires"))
+_FINISHED_VALUES: dict[str, Any] = {
+    "state": JobState.SUCCEEDED.value,
+    "finished_at": _instant(),
+    "progress": 1.0,
+    "result": sa.bindparam("b_result", type_=sa.LargeBinary()),
+    "result_content_type": sa.bindparam("b_type", type_=sa.String()),
+    **_LEASE_CLEARED,
+}
+_COMPLETE_SHARED = jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES)
+_COMPLETE_ONE = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.state == RUNNING)
+    .values(**_FINISHED_VALUES)
+)
+_RELEASE = (
+    jobs.update()
+    .where(*_HELD_ALL)
+    .values(
+        state=JobState.PENDING.value,
+        attempts=jobs.c.attempts - 1,
+        scheduled_at=_instant(),
+        started_at=None,
+        **_LEASE_CLEARED,
     )
-
-
-def _held_all(refs: Sequence[LeaseRef]) -> sa.ColumnElement[bool]:
-    """The WHERE clause of a set-wise write to jobs whose leases
-    ``_check_leases`` found current earlier in this transaction, with the rows
-    locked since (FOR UPDATE; SQLite has one writer): the fencing tokens were
-    checked there, and a list of (id, token) pairs here would cost more to
-    build and bind than the write itself."""
-    return sa.and_(jobs.c.id.in_([r.job_id for r in refs]), jobs.c.state == RUNNING)
+)
 
 
 def _key_owners(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
@@ -535,9 +551,6 @@ def _key_owners(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
         sa.select(jobs.c.idempotency_key, jobs.c.id).where(jobs.c.idempotency_key.in_(keys))
     )
     return {key: job_id for key, job_id in found}
-
-
-_LEASE_CLEARED: dict[str, Any] = {"lease_expires_at": None, "deadline_at": None, "leased_by": None}
 
 
 def _held(ref: LeaseRef) -> tuple[sa.ColumnElement[bool], ...]:
