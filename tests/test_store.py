@@ -270,3 +270,25 @@ def test_a_retried_lease_starts_with_fresh_progress(db: Harness) -> None:
     assert (again.job.progress, again.job.progress_message) == (0.0, "")
     stored = db(db.store.get_job(again.job.id))
     assert (stored.progress, stored.progress_message) == (0.0, "")
+
+
+def test_concurrent_operations_fail_alone(db: Harness) -> None:
+    """Operations issued together may share a transaction (SQLite groups them);
+    one that fails changes nothing and takes none of the others with it."""
+    store = db.store
+
+    async def together() -> list[Any]:
+        calls: list[Coroutine[Any, Any, Any]] = []
+        for i in range(20):
+            calls.append(store.submit_many([job()], T0, WINDOW))
+            if i % 5 == 0:
+                calls.append(store.cancel(f"missing-{i}", T0))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = db(together())
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    stored = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(failed) == 4 and all(isinstance(e, NotFound) for e in failed)
+    assert len(stored) == 20
+    listed = db(store.list_jobs(JobFilter(limit=100)))
+    assert sorted(j.id for j in listed) == sorted(r[0].job_id for r in stored)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -45,9 +45,9 @@ class SqlStore(Store):
     # --- what a dialect supplies ---
 
     @abc.abstractmethod
-    async def _transact(
+    def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    ) -> Awaitable[T]:
         """Run ``op(conn, ...)`` inside one transaction and return its result."""
 
     @abc.abstractmethod

@@ -1,16 +1,22 @@
 """SQLite (WAL): the embedded default that needs no other service.
 
-Every operation runs whole on one writer thread holding one connection: a
-transaction costs one hop between the event loop and that thread, not one per
-statement as with an async driver, and SQLite serialises writers anyway.
+One writer thread holds the one connection and runs every operation whole:
+an operation costs one hop between the event loop and that thread, not one
+per statement as with an async driver, and SQLite serialises writers anyway.
+Operations queued while a transaction runs go together into the next one,
+each under a savepoint of its own, and their callers are answered after the
+one commit, with one wake-up of the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import random
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
@@ -42,26 +48,111 @@ def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# Operations in one transaction at most: a long queue is served in several, so
+# no caller waits behind an unbounded one.
+MAX_GROUP = 64
+
+
+@dataclass(slots=True)
+class _Call:
+    op: Callable[..., Any]
+    args: Any
+    kwargs: Any
+    future: asyncio.Future[Any]
+    outcome: Any = None
+    error: BaseException | None = None
+
+
+def _answer(calls: list[_Call]) -> None:
+    """On the event loop: hand each caller its outcome."""
+    for call in calls:
+        if call.future.done():
+            continue
+        if call.error is not None:
+            call.future.set_exception(call.error)
+        else:
+            call.future.set_result(call.outcome)
+
+
+class _Writer:
+    """The thread that owns the connection and runs the queued operations."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="jobbroker-sqlite", daemon=True)
+        self._thread.start()
+
+    def run(self, op: Callable[..., Any], args: Any, kwargs: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        call = _Call(op, args, kwargs, loop.create_future())
+        self._queue.put(call)
+        return call.future
+
+    def stop(self) -> None:
+        """Finish what is queued, close the connection, end the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        conn = self._engine.connect()
+        try:
+            while (first := self._queue.get()) is not None:
+                group = [first]
+                stopping = False
+                while len(group) < MAX_GROUP and not self._queue.empty():
+                    more = self._queue.get_nowait()
+                    if more is None:
+                        stopping = True
+                        break
+                    group.append(more)
+                self._transact(conn, group)
+                by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
+                for call in group:
+                    by_loop.setdefault(call.future.get_loop(), []).append(call)
+                for loop, calls in by_loop.items():
+                    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                        loop.call_soon_threadsafe(_answer, calls)
+                if stopping:
+                    break
+        finally:
+            conn.close()
+            self._engine.dispose()
+
+    @staticmethod
+    def _transact(conn: Connection, group: list[_Call]) -> None:
+        try:
+            with conn.begin():
+                if len(group) == 1:
+                    call = group[0]
+                    call.outcome = call.op(conn, *call.args, **call.kwargs)
+                    return
+                for call in group:
+                    try:
+                        with conn.begin_nested():  # a failing one undoes only itself
+                            call.outcome = call.op(conn, *call.args, **call.kwargs)
+                    except Exception as error:
+                        call.error = error
+        except Exception as error:  # the commit failed, or the lone operation did
+            for call in group:
+                if call.error is None:
+                    call.error = error
+
+
 class SqliteStore(SqlStore):
     def __init__(self, path: str, rng: random.Random | None = None) -> None:
         super().__init__(rng)
         self._engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool)
         sa.event.listen(self._engine, "connect", _pragmas)
         sa.event.listen(self._engine, "begin", _begin_immediate)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="jobbroker-sqlite")
-        self._conn: Connection | None = None
+        self._writer: _Writer | None = None
 
-    def _in_thread(self, op: Callable[..., T], args: Any, kwargs: Any) -> T:
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        with self._conn.begin():
-            return op(self._conn, *args, **kwargs)
-
-    async def _transact(
+    def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._in_thread, op, args, kwargs)
+    ) -> Awaitable[T]:
+        if self._writer is None:
+            self._writer = _Writer(self._engine)
+        return self._writer.run(op, args, kwargs)
 
     async def listen(self, on_ready: Callable[[str], None]) -> None:
         """One broker process owns a SQLite file: its own submits wake it."""
@@ -69,13 +160,9 @@ class SqliteStore(SqlStore):
     def _insert_ignoring_conflicts(self) -> sa.Insert:
         return sqlite_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
 
-    def _close_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._engine.dispose()
-
     async def _dispose(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._close_connection)
-        self._thread.shutdown(wait=True)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.stop)
+            self._writer = None
+        else:
+            self._engine.dispose()
