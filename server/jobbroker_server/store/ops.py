@@ -63,7 +63,7 @@ def submit_many(
         conn.execute(jobs.insert(), values)
         return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
     # The unique constraint decides between racing submits of one key.
-    stored = set(conn.execute(insert_ignoring.returning(jobs.c.id), values).scalars())
+    stored = set(conn.execute(insert_ignoring, values).scalars())
     if len(stored) == len(values):
         return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
     owners = _key_owners(conn, keys)

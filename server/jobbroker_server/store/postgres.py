@@ -93,7 +93,8 @@ class PostgresStore(SqlStore):
             return await conn.run_sync(op, *args, **kwargs)
 
     def _insert_ignoring_conflicts(self) -> sa.Insert:
-        return pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        ignoring = pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        return ignoring.returning(jobs.c.id)
 
     def _dialect_schema(self, conn: Connection) -> None:
         for statement in _READY_TRIGGER:

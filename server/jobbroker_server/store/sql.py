@@ -41,6 +41,7 @@ class SqlStore(Store):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._insert_ignoring = self._insert_ignoring_conflicts()  # built once
 
     # --- what a dialect supplies ---
 
@@ -52,7 +53,8 @@ class SqlStore(Store):
 
     @abc.abstractmethod
     def _insert_ignoring_conflicts(self) -> sa.Insert:
-        """INSERT INTO jobs that skips rows whose idempotency key exists."""
+        """INSERT INTO jobs that skips rows whose idempotency key exists,
+        RETURNING the ids it stored."""
 
     @abc.abstractmethod
     async def _dispose(self) -> None:
@@ -91,8 +93,7 @@ class SqlStore(Store):
     ) -> list[SubmitResult]:
         if not jobs:
             return []
-        ignoring = self._insert_ignoring_conflicts()
-        return await self._run(ops.submit_many, ignoring, jobs, now, dedup_window)
+        return await self._run(ops.submit_many, self._insert_ignoring, jobs, now, dedup_window)
 
     async def lease_many(
         self,
