@@ -70,6 +70,7 @@ class AsyncLeaseStream:
         self._write_lock = asyncio.Lock()
         self._batches: dict[str, list[tuple[broker_pb2.WorkerMessage, Waiter]]] = {}
         self._flushes: set[asyncio.Future[list[ReportResult]]] = set()
+        self._sending: set[str] = set()  # kinds with a merged report awaiting its Ack
         self._call: _Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -121,20 +122,32 @@ class AsyncLeaseStream:
         waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()
         batch = self._batches.setdefault(kind, [])
         batch.append((message, waiter))
-        if len(batch) == 1:
+        if len(batch) == 1 and kind not in self._sending:
             asyncio.get_running_loop().call_soon(self._flush, kind)
         return await waiter
 
     def _flush(self, kind: str) -> None:
+        """Send what accumulated as one message. While it waits for its Ack,
+        later reports of its kind gather for the next one: under load a message
+        carries what finished during a round trip, at idle it leaves at once."""
         batch = self._batches.pop(kind, [])
+        if not batch:
+            return
         merged = broker_pb2.WorkerMessage()
         items = _BATCHED[kind]
         for message, _ in batch:  # each carries one item
             getattr(getattr(merged, kind), items).extend(getattr(getattr(message, kind), items))
         task = asyncio.ensure_future(self._exchange_now(merged))
+        self._sending.add(kind)
         task.add_done_callback(lambda done: _split(done, [w for _, w in batch]))
+        task.add_done_callback(lambda _: self._sent(kind))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
+
+    def _sent(self, kind: str) -> None:
+        self._sending.discard(kind)
+        if self._batches.get(kind):
+            self._flush(kind)
 
     async def _exchange_now(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
         waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()
