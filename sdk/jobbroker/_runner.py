@@ -25,15 +25,18 @@ async def run_job(
     lease: AsyncLease,
     context: JobContext,
     executor: Executor,
-    lost: asyncio.Event,
+    interrupt: asyncio.Future[str],
 ) -> Report | None:
-    """Run the attempt; None when there is nothing to report (the lease was lost)."""
+    """Run the attempt; None when there is nothing to report (the lease was lost).
+
+    `interrupt` is resolved with "cancelled" or "lost" to stop the attempt early.
+    """
     try:
         payload = lease.payload()
     except ValueError as error:
         return _fail(error, retryable=False)
     handler = _start(task, payload, context, executor)
-    stop = await _supervise(handler, lease, context, lost)
+    stop = await _supervise(handler, lease, context, interrupt)
     if stop is None:
         return _from_handler(handler)
     context.stop()
@@ -65,30 +68,35 @@ def _start(
 
 
 async def _supervise(
-    handler: asyncio.Future[Any], lease: AsyncLease, context: JobContext, lost: asyncio.Event
+    handler: asyncio.Future[Any],
+    lease: AsyncLease,
+    context: JobContext,
+    interrupt: asyncio.Future[str],
 ) -> str | None:
-    """Wait for the handler; the reason to stop it early if something came first."""
-    cancel_wait = asyncio.create_task(lease.wait_cancelled())
-    lost_wait = asyncio.create_task(lost.wait())
+    """Wait for the handler; the reason to stop it early if something came first.
+
+    Callbacks on one future, not a task per thing watched: this runs per job."""
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(reason: str | None) -> None:
+        if not first.done():
+            first.set_result(reason)
+
+    handler.add_done_callback(lambda _: settle(None))
+    interrupt.add_done_callback(lambda done: settle(done.result()))
     soft = lease.job.soft_timeout
+    timer = loop.call_later(soft.total_seconds(), settle, "soft_timeout") if soft else None
     try:
-        done, _ = await asyncio.wait(
-            {handler, cancel_wait, lost_wait},
-            timeout=soft.total_seconds() if soft else None,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        reason = await first
     except asyncio.CancelledError:  # the worker gave up on the job (shutdown)
         context.stop()
         handler.cancel()
         raise
     finally:
-        cancel_wait.cancel()
-        lost_wait.cancel()
-    if handler in done:
-        return None
-    if lost_wait in done:
-        return "lost"
-    return "cancelled" if cancel_wait in done else "soft_timeout"
+        if timer is not None:
+            timer.cancel()
+    return None if handler.done() else reason
 
 
 def _from_handler(handler: asyncio.Future[Any]) -> Report:

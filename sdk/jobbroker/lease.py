@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -127,10 +127,21 @@ class AsyncLease(_LeaseBase):
         super().__init__(*lease_fields(leased))
         self.stream = stream
         self._cancelled = asyncio.Event()
+        self._on_cancel: list[Callable[[], None]] = []
 
     def mark_cancelled(self, reason: CancelReason) -> None:
         self.cancel_reason = reason
         self._cancelled.set()
+        for hook in self._on_cancel:
+            hook()
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        """Call `hook` on the event loop when the broker cancels this lease
+        (at once if it already has): a callback, where `wait_cancelled` needs a task."""
+        if self.cancel_reason is not None:
+            hook()
+        else:
+            self._on_cancel.append(hook)
 
     async def wait_cancelled(self) -> CancelReason:
         """Wait until the broker cancels this lease, and say why."""

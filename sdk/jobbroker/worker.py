@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
@@ -38,10 +38,15 @@ _IDLE_TICK = 1.0  # how often the heartbeat loop looks when nothing is held
 @dataclass(eq=False)
 class _Running:
     lease: AsyncLease
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupt: asyncio.Future[str]  # resolved with "cancelled" or "lost"
     task: asyncio.Task[None] | None = None
     started: bool = False
     reporting: bool = False  # its outcome is on the way: a lost heartbeat is no news
+
+
+def _interrupt(running: _Running, reason: str) -> None:
+    if not running.interrupt.done():
+        running.interrupt.set_result(reason)
 
 
 class Worker:
@@ -228,8 +233,10 @@ class Worker:
             await stream.close()
 
     async def _consume(self, stream: AsyncLeaseStream, executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
         async for lease in stream:
-            running = _Running(lease)
+            running = _Running(lease, loop.create_future())
+            lease.on_cancel(functools.partial(_interrupt, running, "cancelled"))
             running.task = asyncio.create_task(self._execute(running, executor))
             self._running[lease.job.id] = running
             running.task.add_done_callback(functools.partial(self._finished, lease.job.id))
@@ -275,7 +282,7 @@ class Worker:
             for running in held:
                 if running.lease in lost and not running.reporting:
                     log.warning("lost the lease on job %s", running.lease.job.id)
-                    running.lost.set()
+                    _interrupt(running, "lost")
 
     # --- jobs ---
 
@@ -289,7 +296,7 @@ class Worker:
         async with self._slots:
             running.started = True
             context = JobContext(lease, self._post)
-            report = await run_job(task, lease, context, executor, running.lost)
+            report = await run_job(task, lease, context, executor, running.interrupt)
         if report is not None:
             running.reporting = True
             await self._report(lease, report)
