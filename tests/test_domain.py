@@ -1,17 +1,19 @@
-"""The pure rules: the transition table and the retry policy."""
+"""The pure rules: the transition table, the retry policy, wire conversions."""
 
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobbroker_server.domain import states
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.retry import RetryPolicy, after_failure
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.rpc import convert
 
 ALLOWED = {
     ("scheduled", "pending"),
@@ -80,3 +82,27 @@ def test_job_ids_sort_in_creation_order() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == 1000
     assert all(i[14] == "7" for i in ids)  # UUID version 7
+
+
+@pytest.mark.parametrize(
+    "instant",
+    [
+        datetime(2026, 11, 24, 7, 30, 1, 123456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_wire_timestamps_match_protobufs_own_conversion(instant: datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(instant)
+    assert convert.timestamp(instant) == expected
+    assert convert.timestamp(instant).ToDatetime(tzinfo=UTC) == instant
+
+
+@pytest.mark.parametrize(
+    "span", [timedelta(0), timedelta(days=2, microseconds=7), timedelta(seconds=-1.5)]
+)
+def test_wire_durations_match_protobufs_own_conversion(span: timedelta) -> None:
+    expected = duration_pb2.Duration()
+    expected.FromTimedelta(span)
+    assert convert.duration(span) == expected

@@ -62,6 +62,16 @@ class Metrics:
         for queue, n in Tally(queues).items():
             counter.labels(queue).inc(n)
 
+    @staticmethod
+    def observe(histogram: Histogram, samples: Iterable[tuple[str, float]]) -> None:
+        """Observe each (queue, value), looking a queue's label up once per batch."""
+        children: dict[str, Histogram] = {}
+        for queue, value in samples:
+            child = children.get(queue)
+            if child is None:
+                child = children[queue] = histogram.labels(queue)
+            child.observe(value)
+
     def count_outcomes(self, ended: Iterable[tuple[str, JobState]]) -> None:
         """Count ended attempts by the state each left its job in."""
         for (queue, state), n in Tally(ended).items():

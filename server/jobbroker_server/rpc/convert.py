@@ -158,17 +158,29 @@ def job_id(value: str) -> str:
 
 # --- domain -> wire ---
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ZERO = timedelta(0)
+
+
+# Straight from the timedelta's fields: Timestamp.FromDatetime goes through a
+# time tuple and costs four times as much, several times per leased job.
+
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    since = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def duration(value: timedelta) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(value)
-    return d
+    if value < _ZERO:  # seconds and nanos must share a sign
+        d = duration_pb2.Duration()
+        d.FromTimedelta(value)
+        return d
+    return duration_pb2.Duration(
+        seconds=value.days * 86_400 + value.seconds, nanos=value.microseconds * 1000
+    )
 
 
 def error_pb(error: ErrorInfo) -> job_pb2.ErrorInfo:

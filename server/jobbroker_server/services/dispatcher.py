@@ -203,11 +203,12 @@ class Dispatcher:
             return
         started = self._clock.monotonic()
         for lease in leases:
-            job = lease.job
-            session.held[job.id] = started
-            self._holder[job.id] = session
-            wait = (now - job.scheduled_at).total_seconds()
-            self._metrics.start_latency_seconds.labels(job.queue).observe(max(wait, 0.0))
+            session.held[lease.job.id] = started
+            self._holder[lease.job.id] = session
+        self._metrics.observe(
+            self._metrics.start_latency_seconds,
+            ((x.job.queue, max((now - x.job.scheduled_at).total_seconds(), 0.0)) for x in leases),
+        )
         self._metrics.count(self._metrics.leased, (lease.job.queue for lease in leases))
         self._watch.publish((lease.job.id, JobState.RUNNING) for lease in leases)
         session.outbox.put_nowait(Leased(leases))

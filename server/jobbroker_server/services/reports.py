@@ -85,10 +85,10 @@ class Reports:
         self._watch.publish((r.job_id, r.state) for r in moved if r.state is not None)
         if counted:
             now = self._clock.monotonic()
-            for r in moved:
-                leased_at = freed.get(r.job_id)
-                if leased_at is not None:
-                    self._metrics.run_seconds.labels(r.queue).observe(now - leased_at)
+            self._metrics.observe(
+                self._metrics.run_seconds,
+                ((r.queue, now - freed[r.job_id]) for r in moved if r.job_id in freed),
+            )
             self._metrics.count_outcomes((r.queue, r.state) for r in moved if r.state is not None)
         retried = {r.queue for r in results if r.state is JobState.PENDING}
         if retried:
