@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -69,6 +69,11 @@ def _migrate_alone(conn: Connection, extra: Callable[[Connection], None]) -> int
     return migrations.migrate(conn, extra)
 
 
+_INSERT_NEW = (
+    pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(jobs.c.id)
+)
+
+
 class PostgresStore(SqlStore):
     def __init__(self, dsn: str, rng: random.Random | None = None, pool_size: int = 10) -> None:
         super().__init__(rng)
@@ -92,9 +97,8 @@ class PostgresStore(SqlStore):
         async with self._engine.begin() as conn:
             return await conn.run_sync(op, *args, **kwargs)
 
-    def _insert_ignoring_conflicts(self) -> sa.Insert:
-        ignoring = pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        return ignoring.returning(jobs.c.id)
+    def _insert_new(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+        return set(conn.execute(_INSERT_NEW, rows).scalars())
 
     def _dialect_schema(self, conn: Connection) -> None:
         for statement in _READY_TRIGGER:

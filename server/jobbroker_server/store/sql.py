@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.models import (
@@ -41,7 +40,6 @@ class SqlStore(Store):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._inflight: set[asyncio.Future[Any]] = set()
-        self._insert_ignoring = self._insert_ignoring_conflicts()  # built once
 
     # --- what a dialect supplies ---
 
@@ -52,9 +50,8 @@ class SqlStore(Store):
         """Run ``op(conn, ...)`` inside one transaction and return its result."""
 
     @abc.abstractmethod
-    def _insert_ignoring_conflicts(self) -> sa.Insert:
-        """INSERT INTO jobs that skips rows whose idempotency key exists,
-        RETURNING the ids it stored."""
+    def _insert_new(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+        """``ops.InsertNew``: store the rows whose idempotency key is free."""
 
     @abc.abstractmethod
     async def _dispose(self) -> None:
@@ -93,7 +90,7 @@ class SqlStore(Store):
     ) -> list[SubmitResult]:
         if not jobs:
             return []
-        return await self._run(ops.submit_many, self._insert_ignoring, jobs, now, dedup_window)
+        return await self._run(ops.submit_many, self._insert_new, jobs, now, dedup_window)
 
     async def lease_many(
         self,
