@@ -23,7 +23,7 @@ from .lease import AsyncLease, ReportResult, heartbeat_message
 _Call = grpc.aio.StreamStreamCall[broker_pb2.WorkerMessage, broker_pb2.BrokerMessage]
 Waiter = asyncio.Future[list[ReportResult]]
 
-# Reports merged per turn of the loop: message kind -> its repeated field.
+# Reports merged into one message: message kind -> its repeated field.
 _BATCHED = {"complete": "completions", "fail": "failures"}
 
 
@@ -111,8 +111,8 @@ class AsyncLeaseStream:
         return lost_leases(leases, await self.exchange(heartbeat_message(leases)))
 
     async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
-        """Send a report and wait for its Ack. Completions and failures made in
-        one turn of the event loop travel as one message (and one transaction)."""
+        """Send a report and wait for its Ack. Completions and failures made
+        close together travel as one message (and one transaction): see `_flush`."""
         kind = message.WhichOneof("kind")
         if kind in _BATCHED:
             return await self._batched(kind, message)
