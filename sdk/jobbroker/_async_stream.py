@@ -130,24 +130,23 @@ class AsyncLeaseStream:
         """Send what accumulated as one message. While it waits for its Ack,
         later reports of its kind gather for the next one: under load a message
         carries what finished during a round trip, at idle it leaves at once."""
-        batch = self._batches.pop(kind, [])
-        if not batch:
-            return
+        batch = self._batches.pop(kind)
         merged = broker_pb2.WorkerMessage()
         items = _BATCHED[kind]
         for message, _ in batch:  # each carries one item
             getattr(getattr(merged, kind), items).extend(getattr(getattr(message, kind), items))
-        task = asyncio.ensure_future(self._exchange_now(merged))
         self._sending.add(kind)
-        task.add_done_callback(lambda done: _split(done, [w for _, w in batch]))
-        task.add_done_callback(lambda _: self._sent(kind))
+        task = asyncio.ensure_future(self._exchange_now(merged))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
 
-    def _sent(self, kind: str) -> None:
-        self._sending.discard(kind)
-        if self._batches.get(kind):
-            self._flush(kind)
+        def answered(done: asyncio.Future[list[ReportResult]]) -> None:
+            self._flushes.discard(done)
+            _split(done, [waiter for _, waiter in batch])
+            self._sending.discard(kind)
+            if self._batches.get(kind):  # gathered meanwhile
+                self._flush(kind)
+
+        task.add_done_callback(answered)
 
     async def _exchange_now(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
         waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()

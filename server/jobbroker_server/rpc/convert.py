@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobbroker.v1 import broker_pb2, job_pb2
+from jobbroker_server.clock import EPOCH
 from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.models import (
@@ -158,7 +159,6 @@ def job_id(value: str) -> str:
 
 # --- domain -> wire ---
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO = timedelta(0)
 
 
@@ -167,7 +167,7 @@ _ZERO = timedelta(0)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    since = value - _EPOCH
+    since = value - EPOCH
     return timestamp_pb2.Timestamp(
         seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
     )

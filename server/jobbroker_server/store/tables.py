@@ -8,7 +8,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from jobbroker_server.clock import EPOCH
+
 _MICROSECOND = timedelta(microseconds=1)
 
 
