@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from jobbroker import (
     Client,
     JobFailedError,
+    JobHandle,
+    JobRequest,
     JobState,
     LeaseLostError,
     RetryPolicy,
 )
 from jobbroker_server.testing import BrokerThread
+
+from .waiting import wait_for
 
 
 def test_submit_lease_complete_result(client: Client) -> None:
@@ -130,3 +135,28 @@ def test_wait_job_sees_every_transition(client: Client) -> None:
         next(leases).complete()
     watching.join(10)
     assert seen == ["pending", "running", "scheduled", "pending", "running", "succeeded"]
+
+
+def test_idle_stream_gets_at_most_its_prefetch_from_one_submit(
+    client: Client, broker: BrokerThread
+) -> None:
+    """A submit fills an idle stream in its own transaction, up to the stream's
+    room; the rest waits, and a completion makes room for the next."""
+    streams = broker.app.metrics.registry
+    with client.lease_stream(["room"], prefetch=2) as stream:
+        wait_for(lambda: streams.get_sample_value("jobbroker_worker_streams") == 1)
+        handles = client.submit_many([JobRequest("room.job", n, queue="room") for n in range(5)])
+        leases = iter(stream)
+        first, second = next(leases), next(leases)
+        assert {first.payload(), second.payload()} == {0, 1}
+        # Leased in the submit's transaction: had the stream's room been
+        # ignored, all five would be running by now.
+        assert _states(client, handles).count(JobState.PENDING) == 3
+        first.complete()
+        third = next(leases)
+        assert third.payload() == 2
+        assert _states(client, handles).count(JobState.RUNNING) == 2
+
+
+def _states(client: Client, handles: list[JobHandle[Any]]) -> list[JobState]:
+    return [client.get_job(h.id).state for h in handles]

@@ -18,6 +18,7 @@ from jobbroker_server.domain.models import (
     ErrorInfo,
     Failure,
     JobFilter,
+    LeaseAsk,
     LeaseRef,
     NewJob,
     Payload,
@@ -83,6 +84,21 @@ def test_lease_takes_highest_priority_first_then_fifo(db: Harness) -> None:
     got = [lease.job.id for lease in leases]
     assert got == [jobs[1].id, jobs[3].id, jobs[4].id, jobs[0].id, jobs[2].id]
     assert all(lease.job.state is JobState.RUNNING for lease in leases)
+    assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
+
+
+def test_submit_and_lease_fills_each_ask_in_the_same_transaction(db: Harness) -> None:
+    older = job(priority=0)
+    db(db.store.submit_many([older], T0, WINDOW))
+    urgent, plain, later = job(priority=5), job(priority=0), job(run_at=T0 + timedelta(hours=1))
+    asks = [LeaseAsk(("q",), 2, "w1"), LeaseAsk(("other", "q"), 5, "w2")]
+    results, leased = db(db.store.submit_and_lease([urgent, plain, later], T0, WINDOW, asks, LEASE))
+    assert [r.state for r in results] == [JobState.PENDING, JobState.PENDING, JobState.SCHEDULED]
+    # Each ask is served in order, highest priority first, then FIFO: the
+    # job already waiting goes before the new one of its priority.
+    assert [[x.job.id for x in leases] for leases in leased] == [[urgent.id, older.id], [plain.id]]
+    assert all(x.job.state is JobState.RUNNING and x.fencing_token == 1 for x in leased[1])
+    assert db(db.store.get_job(later.id)).state is JobState.SCHEDULED
     assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
 
 

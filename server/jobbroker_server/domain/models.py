@@ -115,6 +115,15 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseAsk:
+    """Room a worker stream has: lease up to ``limit`` jobs of ``queues`` to it."""
+
+    queues: tuple[str, ...]
+    limit: int
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseRef:
     job_id: str
     fencing_token: int

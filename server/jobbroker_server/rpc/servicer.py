@@ -93,30 +93,36 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> AsyncIterator[broker_pb2.SubmitResponse]:
         """Submits are handled as they arrive, concurrently (so they share
         transactions), and answered in their order; a refused one is answered
-        with its error and the stream goes on."""
-        answers: asyncio.Queue[asyncio.Task[broker_pb2.SubmitResponse] | None] = asyncio.Queue()
+        with its error and the stream goes on. No task per submit: the reader
+        queues each one's pending result, and this loop answers them."""
+        answers: asyncio.Queue[asyncio.Future[list[SubmitResult]] | BrokerError | None] = (
+            asyncio.Queue()
+        )
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    answers.put_nowait(asyncio.create_task(self._submit_one(request)))
+                    try:
+                        answers.put_nowait(self._jobs.submit_soon([self._new_job(request)]))
+                    except BrokerError as error:
+                        answers.put_nowait(error)
             finally:
                 answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
-                yield await answer
+                try:
+                    if isinstance(answer, BrokerError):
+                        raise answer
+                    [result] = await answer
+                except BrokerError as error:
+                    yield broker_pb2.SubmitResponse(error=error_pb(error))
+                else:
+                    yield _submit_pb(result)
             await reader
         finally:
             reader.cancel()
-
-    async def _submit_one(self, request: broker_pb2.SubmitRequest) -> broker_pb2.SubmitResponse:
-        try:
-            [result] = await self._jobs.submit_many([self._new_job(request)])
-        except BrokerError as error:
-            return broker_pb2.SubmitResponse(error=error_pb(error))
-        return _submit_pb(result)
 
     @unary
     async def GetJob(

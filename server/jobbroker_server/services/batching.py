@@ -1,72 +1,71 @@
 """Group commit: concurrent callers of one store operation share a transaction.
 
 While one call runs, callers queue; the next call takes all of them at once.
-A lone caller pays nothing extra but one trip through the event loop, and under
-load the cost of a transaction is spread over every caller in it. Callers in one
+A lone caller pays nothing extra but a task for its flush, and under load the
+cost of a transaction is spread over every caller in it. Callers in one
 transaction commit or fail together; each still gets only its own results.
+
+Each flush is a task of its own, not part of the first caller's: a caller
+cancelled mid-flush stops waiting, but the flush runs to its end and the other
+callers in its group get their answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+import functools
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
+# Callers whose items share one flush, in their order.
+_Group = list[tuple[Sequence[In], asyncio.Future[list[Out]]]]
+
 
 class GroupCommit(Generic[In, Out]):
     def __init__(
-        self, flush: Callable[[list[In]], Awaitable[list[Out]]], max_items: int = 5000
+        self,
+        flush: Callable[[list[In]], Coroutine[Any, Any, list[Out]]],
+        max_items: int = 5000,
     ) -> None:
         self._flush = flush
         self._max = max_items
-        self._waiting: list[tuple[Sequence[In], asyncio.Future[list[Out]]]] = []
-        self._running = False
+        self._waiting: _Group[In, Out] = []
+        self._running: asyncio.Future[list[Out]] | None = None
 
     async def __call__(self, items: Sequence[In]) -> list[Out]:
-        if not items:
-            return []
+        return await self.enqueue(items) if items else []
+
+    def enqueue(self, items: Sequence[In]) -> asyncio.Future[list[Out]]:
+        """The caller's results, once the flush that takes its items commits."""
         future: asyncio.Future[list[Out]] = asyncio.get_running_loop().create_future()
         self._waiting.append((items, future))
-        if self._running:
-            return await future
-        # No transaction is running: this caller runs one now, for itself and
-        # whoever queues meanwhile, and leaves any later groups to a task.
-        self._running = True
-        try:
-            await self._flush_some()
-        finally:
-            if self._waiting:
-                asyncio.get_running_loop().create_task(self._drain())
-            else:
-                self._running = False
-        return future.result()
+        if self._running is None:
+            self._flush_next()
+        return future
 
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                await self._flush_some()
-        finally:
-            self._running = False
-
-    async def _flush_some(self) -> None:
+    def _flush_next(self) -> None:
         taken, count = 0, 0
         while taken < len(self._waiting) and (taken == 0 or count < self._max):
             count += len(self._waiting[taken][0])
             taken += 1
         group, self._waiting = self._waiting[:taken], self._waiting[taken:]
         merged = [item for items, _ in group for item in items]
-        try:
-            results = await self._flush(merged)
-        except Exception as error:
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(error)
-            return
+        self._running = asyncio.ensure_future(self._flush(merged))
+        self._running.add_done_callback(functools.partial(self._flushed, group))
+
+    def _flushed(self, group: _Group[In, Out], flush: asyncio.Future[list[Out]]) -> None:
+        error = asyncio.CancelledError() if flush.cancelled() else flush.exception()
         start = 0
         for items, future in group:
             if not future.done():
-                future.set_result(results[start : start + len(items)])
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(flush.result()[start : start + len(items)])
             start += len(items)
+        self._running = None
+        if self._waiting:
+            self._flush_next()

@@ -3,7 +3,10 @@
 Each open LeaseStream is a Session with a prefetch window. A session's pump
 leases up to its free room in one query whenever it is woken (a submit to one
 of its queues, a report that freed a slot, the scheduler) or, as a safety net,
-every poll interval.
+every poll interval. A session that waits idle for a queue is instead claimed
+by the submit to that queue, which leases for it in the submit's own
+transaction (`claim`, then `deliver`): the job reaches the worker without a
+second trip to the store.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.models import Lease, LeaseRef, ReportResult
+from jobbroker_server.domain.models import Lease, LeaseAsk, LeaseRef, ReportResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.watch import JobWatch
@@ -64,6 +67,8 @@ class Session:
     # A lease of this stream expired: its worker may be frozen. No more jobs
     # until it shows life (any report), or the retries would go back to it.
     stalled: bool = False
+    leasing: bool = False  # a lease for it is on the way: lease no more meanwhile
+    rewake: bool = False  # woken while leasing: look again when that lease is in
 
     @property
     def room(self) -> int:
@@ -130,10 +135,50 @@ class Dispatcher:
         """Stop leasing on every stream: the broker is shutting down."""
         self._draining = True
 
-    def wake(self, queues: Iterable[str] | None = None) -> None:
+    def wake(self, queues: Iterable[str] | None = None, but: Iterable[Session] = ()) -> None:
         wanted = None if queues is None else set(queues)
+        skipped = set(but)
         for session in self._sessions:
+            if session in skipped:
+                continue
             if wanted is None or wanted.intersection(session.queues):
+                session.wake.set()
+
+    def claim(self, ready: Mapping[str, int]) -> dict[Session, LeaseAsk]:
+        """Idle sessions to fill in the transaction that stores `ready` (jobs
+        per queue), as many as those jobs need; each is claimed until `deliver`."""
+        if self._draining:
+            return {}
+        needed = dict(ready)
+        claimed = {}
+        for session in self._sessions:
+            if session.closed or session.leasing or not session.wants_more:
+                continue
+            if not any(needed.get(queue, 0) > 0 for queue in session.queues):
+                continue
+            room = session.room
+            session.leasing = True
+            claimed[session] = LeaseAsk(session.queues, room, session.worker_id)
+            for queue in session.queues:
+                taken = min(room, needed.get(queue, 0))
+                needed[queue] = needed.get(queue, 0) - taken
+                room -= taken
+        return claimed
+
+    async def deliver(
+        self,
+        claimed: Mapping[Session, LeaseAsk],
+        leased: Sequence[list[Lease]] | None,
+        now: datetime,
+    ) -> None:
+        """Hand out what the claiming transaction leased for each claimed
+        session; None if it failed, and their pumps take over again."""
+        handed = leased if leased is not None else [[] for _ in claimed]
+        for (session, ask), leases in zip(claimed.items(), handed, strict=True):
+            session.leasing = False
+            await self._hand_out(session, leases, now)
+            if leased is None or session.rewake or len(leases) >= ask.limit:
+                session.rewake = False  # there may be more for it: look again
                 session.wake.set()
 
     def settle(self, session: Session, job_ids: Iterable[str]) -> dict[str, float]:
@@ -183,18 +228,27 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.wake.wait(), self._poll)
             session.wake.clear()
+            if session.leasing:
+                session.rewake = True
+                continue
             if session.closed or self._draining or not session.wants_more:
                 continue
+            session.leasing = True
             try:
                 await self._lease(session)
             except Exception:
                 log.exception("leasing for worker %s failed; retrying", session.worker_id)
+            finally:
+                session.leasing = False
 
     async def _lease(self, session: Session) -> None:
         now = self._clock.now()
         leases = await self._store.lease_many(
             session.queues, session.room, session.worker_id, self.lease_duration, now
         )
+        await self._hand_out(session, leases, now)
+
+    async def _hand_out(self, session: Session, leases: list[Lease], now: datetime) -> None:
         if not leases:
             return
         if session.closed:  # the stream went away while the query ran

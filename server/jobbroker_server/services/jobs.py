@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -43,19 +44,41 @@ class Jobs:
         self._submits = GroupCommit(self._store_submits)
 
     async def _store_submits(self, jobs: list[NewJob]) -> list[SubmitResult]:
-        return await self._store.submit_many(jobs, self._clock.now(), self._dedup_window)
+        """One group's transaction, which also fills the worker streams idle
+        for these jobs' queues; the others are woken to lease."""
+        now = self._clock.now()
+        ready = Counter(job.queue for job in jobs if job.run_at is None or job.run_at <= now)
+        claimed = self._dispatcher.claim(ready)
+        if claimed:
+            leased = None
+            try:
+                results, leased = await self._store.submit_and_lease(
+                    jobs,
+                    now,
+                    self._dedup_window,
+                    list(claimed.values()),
+                    self._dispatcher.lease_duration,
+                )
+            finally:
+                await self._dispatcher.deliver(claimed, leased, now)
+        else:
+            results = await self._store.submit_many(jobs, now, self._dedup_window)
+        stored = [(job, r) for job, r in zip(jobs, results, strict=True) if not r.duplicate]
+        self._metrics.count(self._metrics.submitted, (job.queue for job, _ in stored))
+        states = {r.state for _, r in stored}
+        if JobState.SCHEDULED in states:
+            self._scheduler.poke()
+        if JobState.PENDING in states:
+            self._dispatcher.wake(ready, but=claimed)
+        return results
 
     async def submit_many(self, jobs: Sequence[NewJob]) -> list[SubmitResult]:
         """Store jobs all-or-nothing, in one transaction with concurrent submits."""
-        results = await self._submits(jobs)
-        stored = [(job, r) for job, r in zip(jobs, results, strict=True) if not r.duplicate]
-        self._metrics.count(self._metrics.submitted, (job.queue for job, _ in stored))
-        ready = {job.queue for job, r in stored if r.state is JobState.PENDING}
-        if any(r.state is JobState.SCHEDULED for _, r in stored):
-            self._scheduler.poke()
-        if ready:
-            self._dispatcher.wake(ready)
-        return results
+        return await self._submits(jobs)
+
+    def submit_soon(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[SubmitResult]]:
+        """`submit_many` for a caller that collects the result later."""
+        return self._submits.enqueue(jobs)
 
     async def get(self, job_id: str) -> Job:
         return await self._store.get_job(job_id)

@@ -18,6 +18,7 @@ from jobbroker_server.domain.models import (
     Job,
     JobFilter,
     Lease,
+    LeaseAsk,
     LeaseRef,
     NewJob,
     Progress,
@@ -61,6 +62,19 @@ class Store(abc.ABC):
     ) -> list[Lease]:
         """Move up to ``limit`` pending jobs of ``queues`` to running, highest
         priority first and FIFO within a priority, each with a new fencing token."""
+
+    @abc.abstractmethod
+    async def submit_and_lease(
+        self,
+        jobs: Sequence[NewJob],
+        now: datetime,
+        dedup_window: timedelta,
+        asks: Sequence[LeaseAsk],
+        lease_for: timedelta,
+    ) -> tuple[list[SubmitResult], list[list[Lease]]]:
+        """``submit_many``, then ``lease_many`` for each ask, in one transaction:
+        a worker stream waiting for these queues gets its jobs without a second
+        trip to the store. Returns the submit results and each ask's leases."""
 
     @abc.abstractmethod
     async def heartbeat_many(

@@ -27,6 +27,7 @@ from jobbroker_server.domain.models import (
     Job,
     JobFilter,
     Lease,
+    LeaseAsk,
     LeaseRef,
     NewJob,
     Progress,
@@ -38,6 +39,7 @@ from jobbroker_server.domain.models import (
 from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import rows
+from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import UTCDateTime, attempts, jobs
 
 RUNNING = JobState.RUNNING.value
@@ -125,7 +127,7 @@ _PICKED = (
     .cte("picked")
     .prefix_with("MATERIALIZED")
 )
-_LEASE = (
+_LEASE = Prepared(
     jobs.update()
     .where(jobs.c.id == _PICKED.c.id)
     .values(
@@ -140,21 +142,23 @@ _LEASE = (
     )
     .returning(*jobs.c)
 )
-_SET_DEADLINE = (
+_SET_DEADLINE = Prepared(
     jobs.update()
     .where(jobs.c.id == sa.bindparam("b_id"))
     .values(deadline_at=_instant("b_deadline"))
 )
-_START_ATTEMPTS = attempts.insert().from_select(
-    ["job_id", "fencing_token", "number", "worker_id", "started_at", "outcome"],
-    sa.select(
-        jobs.c.id,
-        jobs.c.fencing_token,
-        jobs.c.attempts,
-        sa.bindparam("worker_id", type_=sa.String()),
-        _instant(),
-        sa.literal(AttemptOutcome.RUNNING.value),
-    ).where(jobs.c.id.in_(_ids())),
+_START_ATTEMPTS = Prepared(
+    attempts.insert().from_select(
+        ["job_id", "fencing_token", "number", "worker_id", "started_at", "outcome"],
+        sa.select(
+            jobs.c.id,
+            jobs.c.fencing_token,
+            jobs.c.attempts,
+            sa.bindparam("worker_id", type_=sa.String()),
+            _instant(),
+            sa.literal(AttemptOutcome.RUNNING.value),
+        ).where(jobs.c.id.in_(_ids())),
+    )
 )
 
 
@@ -170,17 +174,15 @@ def lease_many(
         return []
     states.check(JobState.PENDING, JobState.RUNNING)
     expires = now + lease_for
-    leased = list(
-        conn.execute(
-            _LEASE,
-            {
-                "queues": list(queues),
-                "limit": limit,
-                "now": now,
-                "worker_id": worker_id,
-                "expires": expires,
-            },
-        )
+    leased = _LEASE.rows(
+        conn,
+        {
+            "queues": list(queues),
+            "limit": limit,
+            "now": now,
+            "worker_id": worker_id,
+            "expires": expires,
+        },
     )
     if not leased:
         return []
@@ -191,10 +193,24 @@ def lease_many(
         if row.timeout_s
     ]
     if timed:
-        conn.execute(_SET_DEADLINE, timed)
+        _SET_DEADLINE.run_many(conn, timed)
     ids = [row.id for row in leased]
-    conn.execute(_START_ATTEMPTS, {"ids": ids, "worker_id": worker_id, "now": now})
+    _START_ATTEMPTS.run(conn, {"ids": ids, "worker_id": worker_id, "now": now})
     return [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
+
+
+def submit_and_lease(
+    conn: Connection,
+    insert_new: InsertNew,
+    jobs_in: Sequence[NewJob],
+    now: datetime,
+    dedup_window: timedelta,
+    asks: Sequence[LeaseAsk],
+    lease_for: timedelta,
+) -> tuple[list[SubmitResult], list[list[Lease]]]:
+    results = submit_many(conn, insert_new, jobs_in, now, dedup_window)
+    leased = [lease_many(conn, a.queues, a.limit, a.worker_id, lease_for, now) for a in asks]
+    return results, leased
 
 
 def heartbeat_many(
@@ -204,7 +220,7 @@ def heartbeat_many(
     verdicts, _ = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
     if current:
-        conn.execute(_HEARTBEAT, {"ids": [r.job_id for r in current], "expires": expires})
+        _HEARTBEAT.run(conn, {"ids": [r.job_id for r in current], "expires": expires})
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, lease_expires_at=expires)
         for ref, v in zip(leases, verdicts, strict=True)
@@ -241,11 +257,11 @@ def complete_many(
             single.append({"b_id": ids[0], "b_result": result[0], "b_type": result[1], "now": now})
             continue
         data, content_type = result or (None, None)
-        conn.execute(
-            _COMPLETE_SHARED, {"ids": ids, "b_result": data, "b_type": content_type, "now": now}
+        _COMPLETE_SHARED.run(
+            conn, {"ids": ids, "b_result": data, "b_type": content_type, "now": now}
         )
     if single:
-        conn.execute(_COMPLETE_ONE, single)
+        _COMPLETE_ONE.run_many(conn, single)
     if current:
         _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
     return [
@@ -276,7 +292,7 @@ def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) ->
     verdicts, row_of = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
     if current:
-        conn.execute(_RELEASE, {"ids": [r.job_id for r in current], "now": now})
+        _RELEASE.run(conn, {"ids": [r.job_id for r in current], "now": now})
         _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=row_of[ref.job_id].queue)
@@ -458,8 +474,8 @@ def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
 
 
 _LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
-_LOCK_LEASES = sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update()
-_LOCK_ROWS = sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update()
+_LOCK_LEASES = Prepared(sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update())
+_LOCK_ROWS = Prepared(sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update())
 
 
 def _check_leases(
@@ -469,9 +485,8 @@ def _check_leases(
     may go ahead), else the refusal; and the rows read, by job id (their lease
     columns, or whole rows when the caller needs them). The rows are locked for
     the rest of the transaction."""
-    found = conn.execute(
-        _LOCK_ROWS if whole_rows else _LOCK_LEASES, {"ids": list({r.job_id for r in refs})}
-    )
+    lock = _LOCK_ROWS if whole_rows else _LOCK_LEASES
+    found = lock.rows(conn, {"ids": list({r.job_id for r in refs})})
     row_of = {row.id: row for row in found}
     verdicts: list[ReportResult | None] = []
     seen: set[str] = set()
@@ -496,7 +511,7 @@ def _check_leases(
 
 
 # A job has one running attempt at a time: the one its lease holds.
-_END_ATTEMPTS = (
+_END_ATTEMPTS = Prepared(
     attempts.update()
     .where(
         attempts.c.job_id.in_(_ids()),
@@ -510,7 +525,7 @@ def _end_attempts(
     conn: Connection, refs: Sequence[LeaseRef], outcome: AttemptOutcome, now: datetime
 ) -> None:
     ids = [r.job_id for r in refs]
-    conn.execute(_END_ATTEMPTS, {"ids": ids, "outcome": outcome.value, "now": now})
+    _END_ATTEMPTS.run(conn, {"ids": ids, "outcome": outcome.value, "now": now})
 
 
 _LEASE_CLEARED: dict[str, Any] = {"lease_expires_at": None, "deadline_at": None, "leased_by": None}
@@ -520,7 +535,7 @@ _LEASE_CLEARED: dict[str, Any] = {"lease_expires_at": None, "deadline_at": None,
 # writer): the fencing tokens were checked there, and a list of (id, token)
 # pairs here would cost more to bind than the write itself.
 _HELD_ALL = (jobs.c.id.in_(_ids()), jobs.c.state == RUNNING)
-_HEARTBEAT = jobs.update().where(*_HELD_ALL).values(lease_expires_at=_instant("expires"))
+_HEARTBEAT = Prepared(jobs.update().where(*_HELD_ALL).values(lease_expires_at=_instant("expires")))
 _FINISHED_VALUES: dict[str, Any] = {
     "state": JobState.SUCCEEDED.value,
     "finished_at": _instant(),
@@ -529,13 +544,13 @@ _FINISHED_VALUES: dict[str, Any] = {
     "result_content_type": sa.bindparam("b_type", type_=sa.String()),
     **_LEASE_CLEARED,
 }
-_COMPLETE_SHARED = jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES)
-_COMPLETE_ONE = (
+_COMPLETE_SHARED = Prepared(jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES))
+_COMPLETE_ONE = Prepared(
     jobs.update()
     .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.state == RUNNING)
     .values(**_FINISHED_VALUES)
 )
-_RELEASE = (
+_RELEASE = Prepared(
     jobs.update()
     .where(*_HELD_ALL)
     .values(

@@ -21,6 +21,7 @@ from jobbroker_server.domain.models import (
     Job,
     JobFilter,
     Lease,
+    LeaseAsk,
     LeaseRef,
     NewJob,
     Progress,
@@ -103,6 +104,17 @@ class SqlStore(Store):
         if limit <= 0 or not queues:
             return []
         return await self._run(ops.lease_many, queues, limit, worker_id, lease_for, now)
+
+    async def submit_and_lease(
+        self,
+        jobs: Sequence[NewJob],
+        now: datetime,
+        dedup_window: timedelta,
+        asks: Sequence[LeaseAsk],
+        lease_for: timedelta,
+    ) -> tuple[list[SubmitResult], list[list[Lease]]]:
+        op = ops.submit_and_lease
+        return await self._run(op, self._insert_new, jobs, now, dedup_window, asks, lease_for)
 
     async def heartbeat_many(
         self, leases: Sequence[LeaseRef], lease_for: timedelta, now: datetime
