@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
+from ._threads import HandlerThreads
 from .context import JobContext, bind
 from .errors import JobBrokerError, PermanentError, RetryAfter
 from .lease import AsyncLease
@@ -24,7 +24,7 @@ async def run_job(
     task: Task[Any, Any],
     lease: AsyncLease,
     context: JobContext,
-    executor: Executor,
+    threads: HandlerThreads,
     interrupt: asyncio.Future[str],
 ) -> Report | None:
     """Run the attempt; None when there is nothing to report (the lease was lost).
@@ -35,7 +35,7 @@ async def run_job(
         payload = lease.payload()
     except ValueError as error:
         return _fail(error, retryable=False)
-    handler = _start(task, payload, context, executor)
+    handler = _start(task, payload, context, threads)
     stop = await _supervise(handler, lease, context, interrupt)
     if stop is None:
         return _from_handler(handler)
@@ -53,18 +53,17 @@ async def run_job(
 
 
 def _start(
-    task: Task[Any, Any], payload: Any, context: JobContext, executor: Executor
+    task: Task[Any, Any], payload: Any, context: JobContext, threads: HandlerThreads
 ) -> asyncio.Future[Any]:
-    """Async handlers run as a task on the loop, sync ones in the executor; both see
-    `current_job()` through a copied context."""
+    """Async handlers run as a task on the loop, sync ones on the handler threads;
+    both see `current_job()` through a copied context. A thread cannot be stopped:
+    when an attempt is given up, its handler's future is cancelled and the
+    outcome dropped."""
     ctx = contextvars.copy_context()
     ctx.run(bind, context)
     if task.is_async:
         return asyncio.create_task(task.fn(payload), context=ctx)
-    future = asyncio.get_running_loop().run_in_executor(executor, ctx.run, task.fn, payload)
-    # A thread cannot be stopped: when the attempt is given up its outcome is dropped.
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
-    return future
+    return threads.run(ctx.run, task.fn, payload)
 
 
 async def _supervise(

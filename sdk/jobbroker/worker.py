@@ -10,7 +10,6 @@ import random
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar, overload
@@ -18,6 +17,7 @@ from typing import Any, TypeVar, overload
 from . import _calls
 from ._async_stream import AsyncLeaseStream
 from ._runner import Report, run_job
+from ._threads import HandlerThreads
 from .client import DEFAULT_TARGET, AsyncClient
 from .context import JobContext
 from .errors import BrokerUnavailableError, JobBrokerError, JobNotFoundError, LeaseLostError
@@ -160,12 +160,12 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         if self._stop_requested.is_set():
             self._stopping.set()
-        executor = ThreadPoolExecutor(self._concurrency, thread_name_prefix="jobbroker-handler")
+        threads = HandlerThreads(self._concurrency, self._loop)
         client = AsyncClient(self._target)
         try:
-            await self._serve(client, executor)
+            await self._serve(client, threads)
         finally:
-            executor.shutdown(wait=False, cancel_futures=True)
+            threads.shutdown()
             await client.close()
             self._loop = None
 
@@ -184,7 +184,7 @@ class Worker:
 
     # --- connection ---
 
-    async def _serve(self, client: AsyncClient, executor: ThreadPoolExecutor) -> None:
+    async def _serve(self, client: AsyncClient, threads: HandlerThreads) -> None:
         failures = 0
         while True:
             stream = client.lease_stream(
@@ -197,7 +197,7 @@ class Worker:
                 await stream.open()
                 failures = 0
                 await self._announce_stream()
-                await self._pump(stream, executor)
+                await self._pump(stream, threads)
                 return
             except BrokerUnavailableError as error:
                 failures += 1
@@ -216,9 +216,9 @@ class Worker:
             self._generation += 1
             self._reconnected.notify_all()
 
-    async def _pump(self, stream: AsyncLeaseStream, executor: ThreadPoolExecutor) -> None:
+    async def _pump(self, stream: AsyncLeaseStream, threads: HandlerThreads) -> None:
         heartbeats = asyncio.create_task(self._heartbeats(stream))
-        consume = asyncio.create_task(self._consume(stream, executor))
+        consume = asyncio.create_task(self._consume(stream, threads))
         stop = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({consume, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,12 +232,12 @@ class Worker:
                 task.cancel()
             await stream.close()
 
-    async def _consume(self, stream: AsyncLeaseStream, executor: ThreadPoolExecutor) -> None:
+    async def _consume(self, stream: AsyncLeaseStream, threads: HandlerThreads) -> None:
         loop = asyncio.get_running_loop()
         async for lease in stream:
             running = _Running(lease, loop.create_future())
             lease.on_cancel(functools.partial(_interrupt, running, "cancelled"))
-            running.task = asyncio.create_task(self._execute(running, executor))
+            running.task = asyncio.create_task(self._execute(running, threads))
             self._running[lease.job.id] = running
             running.task.add_done_callback(functools.partial(self._finished, lease.job.id))
 
@@ -286,7 +286,7 @@ class Worker:
 
     # --- jobs ---
 
-    async def _execute(self, running: _Running, executor: ThreadPoolExecutor) -> None:
+    async def _execute(self, running: _Running, threads: HandlerThreads) -> None:
         lease = running.lease
         task = self._tasks.get(lease.job.task)
         if task is None:
@@ -296,7 +296,7 @@ class Worker:
         async with self._slots:
             running.started = True
             context = JobContext(lease, self._post)
-            report = await run_job(task, lease, context, executor, running.interrupt)
+            report = await run_job(task, lease, context, threads, running.interrupt)
         if report is not None:
             running.reporting = True
             await self._report(lease, report)
