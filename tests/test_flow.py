@@ -4,6 +4,7 @@ retry with backoff, dead-letter, replay, wait."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -160,3 +161,13 @@ def test_idle_stream_gets_at_most_its_prefetch_from_one_submit(
 
 def _states(client: Client, handles: list[JobHandle[Any]]) -> list[JobState]:
     return [client.get_job(h.id).state for h in handles]
+
+
+def test_keys_made_for_submits_are_ordered_uuid7(client: Client) -> None:
+    """A submit without an idempotency key gets a UUIDv7 one: made one after
+    another, they sort in order, so the broker's key index grows at one end."""
+    handles = [client.submit("k.one", n, queue="keys") for n in range(3)]
+    handles += client.submit_many([JobRequest("k.many", n, queue="keys") for n in range(3)])
+    keys = [client.get_job(h.id).idempotency_key for h in handles]
+    assert all(uuid.UUID(key).version == 7 for key in keys)
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)

@@ -140,7 +140,7 @@ def new_job(spec: job_pb2.JobSpec, limits: Limits, now: datetime) -> NewJob:
             _optional_duration(spec, "soft_timeout", "soft_timeout"), "soft_timeout"
         ),
         idempotency_key=key,
-        metadata=dict(spec.metadata),
+        metadata=dict(spec.metadata) if spec.metadata else {},  # an empty map is slow to copy
         tags=tuple(spec.tags),
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import queue
 import random
 import threading
@@ -67,14 +68,17 @@ class _Inserter:
         compiled = statement.compile(dialect=dialect, column_keys=[c.key for c in jobs.c])
         assert compiled.positiontup is not None
         self._sql = compiled.string
-        self._plan = [
-            (name, compiled.binds[name].type.bind_processor(dialect))
-            for name in compiled.positiontup
-        ]
+        self._values = operator.itemgetter(*compiled.positiontup)
+        processors = [compiled.binds[n].type.bind_processor(dialect) for n in compiled.positiontup]
+        self._processed = [(i, p) for i, p in enumerate(processors) if p is not None]
 
     def __call__(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        plan = self._plan
-        bound = [tuple(p(row[n]) if p else row[n] for n, p in plan) for row in rows]
+        bound = []
+        for row in rows:
+            values = list(self._values(row))
+            for i, process in self._processed:
+                values[i] = process(values[i])
+            bound.append(values)
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
         cursor = dbapi.cursor()
