@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from jobbroker import _convert as sdk_convert
+from jobbroker.v1 import job_pb2
 from jobbroker_server.domain import states
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.ids import new_job_id
@@ -97,6 +99,9 @@ def test_wire_timestamps_match_protobufs_own_conversion(instant: datetime) -> No
     expected.FromDatetime(instant)
     assert convert.timestamp(instant) == expected
     assert convert.timestamp(instant).ToDatetime(tzinfo=UTC) == instant
+    # and the SDK reads it back as protobuf would
+    job = job_pb2.Job(created_at=expected)
+    assert sdk_convert.timestamp_from_pb(job, "created_at") == expected.ToDatetime(tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -106,3 +111,5 @@ def test_wire_durations_match_protobufs_own_conversion(span: timedelta) -> None:
     expected = duration_pb2.Duration()
     expected.FromTimedelta(span)
     assert convert.duration(span) == expected
+    job = job_pb2.Job(timeout=expected)
+    assert sdk_convert.duration_from_pb(job, "timeout") == expected.ToTimedelta() == span
