@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -28,6 +29,8 @@ from jobbroker_server.domain.models import (
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import Store, open_store
+
+from .waiting import wait_for
 
 T = TypeVar("T")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -308,3 +311,19 @@ def test_concurrent_operations_fail_alone(db: Harness) -> None:
     assert len(stored) == 20
     listed = db(store.list_jobs(JobFilter(limit=100)))
     assert sorted(j.id for j in listed) == sorted(r[0].job_id for r in stored)
+
+
+def test_sqlite_wal_is_checkpointed_while_the_store_runs(tmp_path: Path) -> None:
+    """Commits never checkpoint (that would sync the file on the caller's
+    thread); a thread of the store's own copies the WAL into the database."""
+    path = tmp_path / "broker.db"
+    db = Harness(open_store(str(path)), asyncio.new_event_loop())
+    try:
+        db(db.store.migrate())
+        before = path.stat().st_size
+        for _ in range(20):
+            db(db.store.submit_many([job() for _ in range(100)], T0, WINDOW))
+        wait_for(lambda: path.stat().st_size > before + 100_000, what="a checkpoint")
+    finally:
+        db(db.store.close())
+        db.loop.close()
