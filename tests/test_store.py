@@ -4,6 +4,8 @@ when configured). Each operation must move jobs only along allowed edges."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,10 +27,12 @@ from jobbroker_server.domain.models import (
     Payload,
     Progress,
     ReportStatus,
+    SubmitResult,
 )
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import Store, open_store
+from jobbroker_server.store.sqlite import BUSY_TIMEOUT_MS
 
 from .waiting import wait_for
 
@@ -325,5 +329,35 @@ def test_sqlite_wal_is_checkpointed_while_the_store_runs(tmp_path: Path) -> None
             db(db.store.submit_many([job() for _ in range(100)], T0, WINDOW))
         wait_for(lambda: path.stat().st_size > before + 100_000, what="a checkpoint")
     finally:
+        db(db.store.close())
+        db.loop.close()
+
+
+def test_sqlite_waits_for_another_process_lock_off_the_event_loop(tmp_path: Path) -> None:
+    """An operation that finds the database write-locked by another connection
+    (`broker migrate`, a backup) waits on the store's thread, not on the event
+    loop: the loop goes on, here to release that lock."""
+    path = tmp_path / "broker.db"
+    db = Harness(open_store(str(path)), asyncio.new_event_loop())
+    other = sqlite3.connect(path, isolation_level=None)
+
+    async def submit_while_locked() -> tuple[SubmitResult, float]:
+        other.execute("BEGIN IMMEDIATE")
+        began = time.monotonic()
+        submit = asyncio.ensure_future(db.store.submit_many([job()], T0, WINDOW))
+        await asyncio.sleep(0)  # the submit starts and finds the lock taken
+        blocked = time.monotonic() - began
+        other.execute("COMMIT")
+        [result] = await submit
+        return result, blocked
+
+    try:
+        db(db.store.migrate())
+        result, blocked = db(submit_while_locked())
+        assert result.state is JobState.PENDING
+        # Waiting on the loop would have held it for the busy timeout (10 s).
+        assert blocked < BUSY_TIMEOUT_MS / 1000 / 2
+    finally:
+        other.close()
         db(db.store.close())
         db.loop.close()

@@ -38,7 +38,9 @@ class HandlerThreads:
         return future
 
     def shutdown(self) -> None:
-        """Start nothing more; the threads end after the call they are in."""
+        """Start nothing more (what is queued is cancelled); the threads end
+        after the call they are in. They are daemons: a handler that never
+        returns does not hold up the process's exit."""
         self._closed = True
         for _ in self._threads:
             self._work.put(None)
@@ -46,14 +48,19 @@ class HandlerThreads:
     def _serve(self) -> None:
         while (work := self._work.get()) is not None:
             future, fn, args = work
-            if self._closed or future.cancelled():
+            if future.cancelled():
                 continue
             error: BaseException | None = None
             value = None
-            try:
-                value = fn(*args)
-            except BaseException as raised:  # the caller's future carries it
-                error = raised
+            if self._closed:
+                error = asyncio.CancelledError()
+            else:
+                try:
+                    value = fn(*args)
+                except StopIteration as raised:  # a future cannot carry it (asyncio's rule)
+                    error = RuntimeError(f"the handler raised StopIteration: {raised!r}")
+                except BaseException as raised:  # the caller's future carries it
+                    error = raised
             with self._lock:
                 self._finished.append((future, error, value))
                 if self._collecting:
@@ -71,7 +78,9 @@ class HandlerThreads:
         for future, error, value in finished:
             if future.done():
                 continue
-            if error is not None:
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            elif error is not None:
                 future.set_exception(error)
             else:
                 future.set_result(value)

@@ -57,15 +57,20 @@ class GroupCommit(Generic[In, Out]):
         self._running.add_done_callback(functools.partial(self._flushed, group))
 
     def _flushed(self, group: _Group[In, Out], flush: asyncio.Future[list[Out]]) -> None:
-        error = asyncio.CancelledError() if flush.cancelled() else flush.exception()
-        start = 0
-        for items, future in group:
-            if not future.done():
-                if error is not None:
+        try:
+            error = None if flush.cancelled() else flush.exception()
+            start = 0
+            for items, future in group:
+                if future.done():
+                    pass
+                elif flush.cancelled():
+                    future.cancel()
+                elif error is not None:
                     future.set_exception(error)
                 else:
                     future.set_result(flush.result()[start : start + len(items)])
-            start += len(items)
-        self._running = None
-        if self._waiting:
-            self._flush_next()
+                start += len(items)
+        finally:
+            self._running = None
+            if self._waiting:
+                self._flush_next()

@@ -3,8 +3,8 @@
 Each open LeaseStream is a Session with a prefetch window. A session's pump
 leases up to its free room in one query whenever it is woken (a submit to one
 of its queues, a report that freed a slot, the scheduler) or, as a safety net,
-every poll interval. A session that waits idle for a queue is instead claimed
-by the submit to that queue, which leases for it in the submit's own
+every poll interval. A session with room for a queue's jobs is instead
+claimed by the submit to that queue, which leases for it in the submit's own
 transaction (`claim`, then `deliver`): the job reaches the worker without a
 second trip to the store.
 """
@@ -145,8 +145,9 @@ class Dispatcher:
                 session.wake.set()
 
     def claim(self, ready: Mapping[str, int]) -> dict[Session, LeaseAsk]:
-        """Idle sessions to fill in the transaction that stores `ready` (jobs
-        per queue), as many as those jobs need; each is claimed until `deliver`."""
+        """Sessions with room (`wants_more`) to fill in the transaction that
+        stores `ready` (jobs per queue), as many as those jobs need; each is
+        claimed until `deliver`."""
         if self._draining:
             return {}
         needed = dict(ready)
@@ -174,9 +175,13 @@ class Dispatcher:
         """Hand out what the claiming transaction leased for each claimed
         session; None if it failed, and their pumps take over again."""
         handed = leased if leased is not None else [[] for _ in claimed]
-        for (session, ask), leases in zip(claimed.items(), handed, strict=True):
+        for session in claimed:
             session.leasing = False
-            await self._hand_out(session, leases, now)
+        for (session, ask), leases in zip(claimed.items(), handed, strict=True):
+            try:
+                await self._hand_out(session, leases, now)
+            except Exception:  # releasing a closed stream's leases: they expire instead
+                log.exception("handing leases to worker %s failed", session.worker_id)
             if leased is None or session.rewake or len(leases) >= ask.limit:
                 session.rewake = False  # there may be more for it: look again
                 session.wake.set()

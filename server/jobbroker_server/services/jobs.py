@@ -44,7 +44,7 @@ class Jobs:
         self._submits = GroupCommit(self._store_submits)
 
     async def _store_submits(self, jobs: list[NewJob]) -> list[SubmitResult]:
-        """One group's transaction, which also fills the worker streams idle
+        """One group's transaction, which also fills the worker streams with room
         for these jobs' queues; the others are woken to lease."""
         now = self._clock.now()
         ready = Counter(job.queue for job in jobs if job.run_at is None or job.run_at <= now)

@@ -1,10 +1,10 @@
 """The store's operations in SQLAlchemy Core, shared by every dialect.
 
 Each function is one operation on a sync ``Connection`` inside a transaction
-the caller opened: SQLite runs it whole on its writer thread, PostgreSQL
-through ``AsyncConnection.run_sync`` over asyncpg. Jobs move only along the
-edges of ``domain.states``; a write that needs a lease names the job, state
-running and the fencing token.
+the caller opened: SQLite runs it whole on its one connection (see
+``sqlite.py``), PostgreSQL through ``AsyncConnection.run_sync`` over asyncpg.
+Jobs move only along the edges of ``domain.states``; a write that needs a
+lease names the job, state running and the fencing token.
 """
 
 from __future__ import annotations

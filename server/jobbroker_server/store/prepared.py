@@ -83,7 +83,11 @@ class Prepared:
             )
         ]
         cursor = _dbapi(conn).cursor()
-        cursor.execute(state.statement, bound)
+        try:
+            cursor.execute(state.statement, bound)
+        except BaseException:
+            cursor.close()
+            raise
         return cursor
 
     def _compile(self, conn: Connection) -> SQLCompiler:

@@ -30,6 +30,9 @@ from jobbroker_server.store.tables import jobs
 
 log = logging.getLogger(__name__)
 
+# How long a transaction waits for another process's write lock.
+BUSY_TIMEOUT_MS = 10_000
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -45,7 +48,7 @@ def _pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     # Checkpoints run on a thread of their own (_Writer), never inside a commit.
     cursor.execute("PRAGMA wal_autocheckpoint=0")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -146,6 +149,7 @@ class _Writer:
         self._engine = engine
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._closed = False
         self._conn = engine.connect()
         self._thread = threading.Thread(target=self._serve, name="jobbroker-sqlite", daemon=True)
         self._thread.start()
@@ -158,15 +162,34 @@ class _Writer:
     def run(self, op: Callable[..., Any], args: Any, kwargs: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         call = _Call(op, args, kwargs, loop.create_future())
+        if self._closed:
+            call.future.set_exception(RuntimeError("the SQLite store is closed"))
+            return call.future
         if self._queue.empty() and self._lock.acquire(blocking=False):
             try:
-                self._transact(self._conn, [call])
+                ran = self._run_now(call)
             finally:
                 self._lock.release()
-            _answer([call])
-            return call.future
+            if ran:
+                _answer([call])
+                return call.future
         self._queue.put(call)
         return call.future
+
+    def _run_now(self, call: _Call) -> bool:
+        """Run the call on this thread unless another process holds the write
+        lock: the writer thread waits for that, not the event loop."""
+        dbapi = self._conn.connection.dbapi_connection
+        assert dbapi is not None
+        dbapi.execute("PRAGMA busy_timeout=0")
+        try:
+            self._transact(self._conn, [call])
+        finally:
+            dbapi.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if isinstance(call.error, sqlite3.OperationalError) and "locked" in str(call.error):
+            call.error = None  # BEGIN IMMEDIATE was refused: nothing ran
+            return False
+        return True
 
     def stop(self) -> None:
         """Finish what is queued, close the connections, end the threads."""
@@ -209,7 +232,9 @@ class _Writer:
                 if stopping:
                     break
         finally:
-            conn.close()
+            with self._lock:  # not while an operation runs on the event loop
+                self._closed = True
+                conn.close()
             self._engine.dispose()
 
     @staticmethod
