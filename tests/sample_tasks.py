@@ -34,6 +34,12 @@ def bad_input(payload: None) -> None:
     raise PermanentError("malformed record")
 
 
+@task(queue="sample", max_attempts=1)
+def exhausted(payload: list[int]) -> int:
+    """Raises StopIteration, which no future can carry."""
+    return next(iter(payload))
+
+
 @task(queue="sample", max_attempts=5)
 def later(payload: None) -> str:
     if current_job().attempt == 1:

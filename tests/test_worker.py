@@ -18,7 +18,7 @@ from tests import sample_tasks as t
 from tests.processes import BROKER, Process
 from tests.waiting import wait_for
 
-TASKS = [t.add, t.shout, t.flaky, t.bad_input, t.later, t.sleepy, t.patient, t.touch]
+TASKS = [t.add, t.shout, t.flaky, t.bad_input, t.later, t.sleepy, t.patient, t.touch, t.exhausted]
 
 
 @pytest.fixture
@@ -54,6 +54,18 @@ def test_permanent_error_goes_straight_to_the_dlq(client: Client, worker: Worker
     with pytest.raises(JobFailedError, match="malformed record"):
         handle.result(timeout=10)
     assert client.get_job(handle.id).attempts == 1
+
+
+def test_stop_iteration_fails_its_job_and_no_other(client: Client, worker: Worker) -> None:
+    """A sync handler's StopIteration fails its own job; the outcomes that
+    finished beside it still arrive."""
+    empty = client.submit(t.exhausted, [])
+    others = [client.submit(t.add, [n, 1]) for n in range(8)]
+    with pytest.raises(JobFailedError, match="StopIteration"):
+        empty.result(timeout=10)
+    assert [h.result(timeout=10) for h in others] == [n + 1 for n in range(8)]
+    [attempt] = client.get_job(empty.id).history
+    assert attempt.error is not None and attempt.error.type.endswith("RuntimeError")
 
 
 def test_retry_after_waits_the_given_delay(client: Client, worker: Worker) -> None:
