@@ -101,6 +101,13 @@ class Cluster:
         self.ports: list[str] = []
         self.workers: list[Process] = []
 
+    def start(self) -> None:
+        """REPLICAS replicas, then WORKERS workers; worker i connects to replica
+        i % REPLICAS first."""
+        self.start_replicas(REPLICAS)
+        for i in range(WORKERS):
+            self.start_worker(i % REPLICAS)
+
     def start_replicas(self, count: int) -> None:
         # The first creates the schema; the others find it there.
         for _ in range(count):
@@ -293,9 +300,7 @@ def succeeded_by_worker(db: Database) -> Counter[int]:
 @pytest.mark.timeout(300)
 def test_replicas_share_one_database(cluster: Cluster, db: Database, tmp_path: Path) -> None:
     log = tmp_path / "runs.log"
-    cluster.start_replicas(REPLICAS)
-    for i in range(WORKERS):
-        cluster.start_worker(i % REPLICAS)
+    cluster.start()
 
     started = time.monotonic()
     producers = start_producers(cluster, log, JOBS)
@@ -325,9 +330,7 @@ def test_replicas_share_one_database(cluster: Cluster, db: Database, tmp_path: P
 @pytest.mark.timeout(300)
 def test_killed_replica_loses_no_job(cluster: Cluster, db: Database, tmp_path: Path) -> None:
     log = tmp_path / "runs.log"
-    cluster.start_replicas(REPLICAS)
-    for i in range(WORKERS):
-        cluster.start_worker(i % REPLICAS)
+    cluster.start()
 
     started = time.monotonic()
     producers = start_producers(cluster, log, KILL_JOBS)

@@ -95,17 +95,17 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         transactions), and answered in their order; a refused one is answered
         with its error and the stream goes on. No task per submit: the reader
         queues each one's pending result, and this loop answers them."""
-        answers: asyncio.Queue[asyncio.Future[list[SubmitResult]] | BrokerError | None] = (
-            asyncio.Queue()
-        )
+        answers: asyncio.Queue[asyncio.Future[list[SubmitResult]] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     try:
                         answers.put_nowait(self._jobs.submit_soon([self._new_job(request)]))
-                    except BrokerError as error:
-                        answers.put_nowait(error)
+                    except BrokerError as error:  # refused before the store: answered in turn
+                        refused = asyncio.get_running_loop().create_future()
+                        refused.set_exception(error)
+                        answers.put_nowait(refused)
             finally:
                 answers.put_nowait(None)
 
@@ -113,8 +113,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         try:
             while (answer := await answers.get()) is not None:
                 try:
-                    if isinstance(answer, BrokerError):
-                        raise answer
                     [result] = await answer
                 except BrokerError as error:
                     yield broker_pb2.SubmitResponse(error=error_pb(error))

@@ -61,15 +61,15 @@ class GroupCommit(Generic[In, Out]):
             error = None if flush.cancelled() else flush.exception()
             start = 0
             for items, future in group:
-                if future.done():
-                    pass
-                elif flush.cancelled():
+                mine, start = slice(start, start + len(items)), start + len(items)
+                if future.done():  # the caller stopped waiting
+                    continue
+                if flush.cancelled():
                     future.cancel()
                 elif error is not None:
                     future.set_exception(error)
                 else:
-                    future.set_result(flush.result()[start : start + len(items)])
-                start += len(items)
+                    future.set_result(flush.result()[mine])
         finally:
             self._running = None
             if self._waiting:

@@ -49,20 +49,14 @@ class Jobs:
         now = self._clock.now()
         ready = Counter(job.queue for job in jobs if job.run_at is None or job.run_at <= now)
         claimed = self._dispatcher.claim(ready)
-        if claimed:
-            leased = None
-            try:
-                results, leased = await self._store.submit_and_lease(
-                    jobs,
-                    now,
-                    self._dedup_window,
-                    list(claimed.values()),
-                    self._dispatcher.lease_duration,
-                )
-            finally:
-                await self._dispatcher.deliver(claimed, leased, now)
-        else:
-            results = await self._store.submit_many(jobs, now, self._dedup_window)
+        asks, lease_for = list(claimed.values()), self._dispatcher.lease_duration
+        leased = None
+        try:
+            results, leased = await self._store.submit_and_lease(
+                jobs, now, self._dedup_window, asks, lease_for
+            )
+        finally:
+            await self._dispatcher.deliver(claimed, leased, now)
         stored = [(job, r) for job, r in zip(jobs, results, strict=True) if not r.duplicate]
         self._metrics.count(self._metrics.submitted, (job.queue for job, _ in stored))
         states = {r.state for _, r in stored}

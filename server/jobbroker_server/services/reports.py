@@ -81,15 +81,19 @@ class Reports:
         self, session: Session, results: Sequence[ReportResult], *, counted: bool = True
     ) -> None:
         freed = self._dispatcher.settle(session, (r.job_id for r in results))
-        moved = [r for r in results if r.status is ReportStatus.OK and r.state is not None]
-        self._watch.publish((r.job_id, r.state) for r in moved if r.state is not None)
+        moved = [
+            (r.job_id, r.queue, r.state)
+            for r in results
+            if r.status is ReportStatus.OK and r.state is not None
+        ]
+        self._watch.publish((job_id, state) for job_id, _, state in moved)
         if counted:
             now = self._clock.monotonic()
             self._metrics.observe(
                 self._metrics.run_seconds,
-                ((r.queue, now - freed[r.job_id]) for r in moved if r.job_id in freed),
+                ((queue, now - freed[job_id]) for job_id, queue, _ in moved if job_id in freed),
             )
-            self._metrics.count_outcomes((r.queue, r.state) for r in moved if r.state is not None)
+            self._metrics.count_outcomes((queue, state) for _, queue, state in moved)
         retried = {r.queue for r in results if r.state is JobState.PENDING}
         if retried:
             self._dispatcher.wake(retried)

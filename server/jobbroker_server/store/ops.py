@@ -480,7 +480,7 @@ _LOCK_ROWS = Prepared(sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_upda
 
 def _check_leases(
     conn: Connection, refs: Sequence[LeaseRef], *, whole_rows: bool = False
-) -> tuple[list[ReportResult | None], dict[str, sa.Row[Any]]]:
+) -> tuple[list[ReportResult | None], dict[str, Any]]:
     """One verdict per ref, in order: None when the lease is current (the write
     may go ahead), else the refusal; and the rows read, by job id (their lease
     columns, or whole rows when the caller needs them). The rows are locked for

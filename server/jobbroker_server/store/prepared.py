@@ -11,6 +11,8 @@ applied. Other dialects run the same statement through ``Connection.execute``.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +32,11 @@ class Prepared:
         self._row: Any = None  # a namedtuple of the returned columns
         self._results: list[_Processor] = []
         self._binds: dict[str, Callable[[Any], Any]] = {}
+        # run_many's plan: the values in the statement's order, those with a
+        # processor by position, and the statement's own values (literals).
+        self._values: Callable[[Params], tuple[Any, ...]] = tuple
+        self._processed: list[tuple[int, Callable[[Any], Any]]] = []
+        self._defaults: dict[str, Any] = {}
 
     def rows(self, conn: Connection, params: Params) -> list[Any]:
         """The rows a SELECT or RETURNING gives, by attribute or position."""
@@ -55,21 +62,22 @@ class Prepared:
         finally:
             cursor.close()
 
-    def run_many(self, conn: Connection, many: Sequence[Params]) -> None:
-        """Run a write once per parameter set (no list parameters)."""
+    def run_many(self, conn: Connection, many: Sequence[Params]) -> int:
+        """Run a write once per parameter set (no list parameters); how many
+        rows it changed in all."""
         if conn.dialect.name != "sqlite":
-            conn.execute(self.statement, list(many))
-            return
+            return int(conn.execute(self.statement, list(many)).rowcount)
         compiled = self._compile(conn)
-        state = compiled.construct_expanded_state(many[0])
-        names, processors = state.positiontup or [], self._binds
-        bound = [
-            tuple(processors[n](p[n]) if n in processors else p[n] for n in names)
-            for p in (compiled.construct_params(p) for p in many)
-        ]
-        cursor = _dbapi(conn).cursor()
+        bound = []
+        for params in many:
+            values = list(self._values({**self._defaults, **params} if self._defaults else params))
+            for i, process in self._processed:
+                values[i] = process(values[i])
+            bound.append(values)
+        cursor = dbapi_of(conn).cursor()
         try:
-            cursor.executemany(state.statement, bound)
+            cursor.executemany(compiled.string, bound)
+            return int(cursor.rowcount)
         finally:
             cursor.close()
 
@@ -82,7 +90,7 @@ class Prepared:
                 state.positiontup or [], state.positional_parameters, strict=True
             )
         ]
-        cursor = _dbapi(conn).cursor()
+        cursor = dbapi_of(conn).cursor()
         try:
             cursor.execute(state.statement, bound)
         except BaseException:
@@ -105,11 +113,25 @@ class Prepared:
                 for name, bind in compiled.binds.items()
                 if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect))
             }
+            names = compiled.positiontup or []
+            if len(names) > 1:  # itemgetter of one name gives a value, not a tuple
+                self._values = operator.itemgetter(*names)
+            else:
+                self._values = functools.partial(_pick, names)
+            self._processed = [(i, self._binds[n]) for i, n in enumerate(names) if n in self._binds]
+            self._defaults = {
+                n: b.effective_value for n, b in compiled.binds.items() if not b.required
+            }
             self._compiled = compiled
         return self._compiled
 
 
-def _dbapi(conn: Connection) -> Any:
+def _pick(names: Sequence[str], params: Params) -> tuple[Any, ...]:
+    return tuple(params[name] for name in names)
+
+
+def dbapi_of(conn: Connection) -> Any:
+    """The driver's connection under a SQLAlchemy one."""
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
     return dbapi

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import queue
 import random
 import sqlite3
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from jobbroker_server.store.prepared import Prepared, dbapi_of
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs
 
@@ -56,45 +56,25 @@ def _pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _begin_immediate(conn: Connection) -> None:
     # Straight to the driver: through SQLAlchemy, this statement cost as much
     # as the INSERT of a submit.
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    dbapi.execute("BEGIN IMMEDIATE")
+    dbapi_of(conn).execute("BEGIN IMMEDIATE")
 
 
 class _Inserter:
     """INSERT … ON CONFLICT DO NOTHING through the driver's executemany.
 
     SQLAlchemy's insertmanyvalues spent several times SQLite's own time on a
-    batch of submits, binding each value; here the statement is compiled once
-    and each row bound through the columns' own bind processors. executemany
-    cannot return rows: when its row count says some were skipped, a SELECT
-    of the batch's (fresh) ids tells which were stored.
+    batch of submits, binding each value; a Prepared statement binds each row
+    through the columns' own processors instead. executemany cannot return
+    rows: when its row count says some were skipped, a SELECT of the batch's
+    (fresh) ids tells which were stored.
     """
 
-    def __init__(self, dialect: sa.Dialect) -> None:
+    def __init__(self) -> None:
         statement = sqlite_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        compiled = statement.compile(dialect=dialect, column_keys=[c.key for c in jobs.c])
-        assert compiled.positiontup is not None
-        self._sql = compiled.string
-        self._values = operator.itemgetter(*compiled.positiontup)
-        processors = [compiled.binds[n].type.bind_processor(dialect) for n in compiled.positiontup]
-        self._processed = [(i, p) for i, p in enumerate(processors) if p is not None]
+        self._insert = Prepared(statement)
 
     def __call__(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        bound = []
-        for row in rows:
-            values = list(self._values(row))
-            for i, process in self._processed:
-                values[i] = process(values[i])
-            bound.append(values)
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
-        cursor = dbapi.cursor()
-        try:
-            cursor.executemany(self._sql, bound)
-            inserted = cursor.rowcount
-        finally:
-            cursor.close()
+        inserted = self._insert.run_many(conn, rows)
         ids = [row["id"] for row in rows]
         if inserted == len(rows):
             return set(ids)
@@ -179,8 +159,7 @@ class _Writer:
     def _run_now(self, call: _Call) -> bool:
         """Run the call on this thread unless another process holds the write
         lock: the writer thread waits for that, not the event loop."""
-        dbapi = self._conn.connection.dbapi_connection
-        assert dbapi is not None
+        dbapi = dbapi_of(self._conn)
         dbapi.execute("PRAGMA busy_timeout=0")
         try:
             self._transact(self._conn, [call])
@@ -268,7 +247,7 @@ class SqliteStore(SqlStore):
         sa.event.listen(self._engine, "connect", _pragmas)
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._writer: _Writer | None = None
-        self._inserter = _Inserter(self._engine.dialect)
+        self._inserter = _Inserter()
 
     def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
