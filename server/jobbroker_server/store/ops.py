@@ -10,6 +10,7 @@ lease names the job, state running and the fencing token.
 from __future__ import annotations
 
 import random
+from collections import namedtuple
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -136,6 +137,25 @@ _PICKED = (
     .cte("picked")
     .prefix_with("MATERIALIZED")
 )
+# A lease sets these columns to values the call knows, reads back only the
+# others, and ``lease_many`` fills these in: decoding the whole row cost
+# ~5 µs more per leased job, in batches of 32.
+_SET_BY_LEASE = (
+    "state",
+    "started_at",
+    "finished_at",
+    "result",
+    "result_content_type",
+    "progress",
+    "progress_message",
+    "leased_by",
+    "lease_expires_at",
+    "deadline_at",
+)
+_READ_BACK = [c for c in jobs.c if c.key not in _SET_BY_LEASE]
+_LeasedRow = namedtuple(  # type: ignore[misc]
+    "_LeasedRow", [c.key for c in _READ_BACK] + list(_SET_BY_LEASE)
+)
 _LEASE = Prepared(
     jobs.update()
     .where(jobs.c.id == _PICKED.c.id)
@@ -144,12 +164,16 @@ _LEASE = Prepared(
         attempts=jobs.c.attempts + 1,
         fencing_token=jobs.c.fencing_token + 1,
         started_at=_instant(),
-        leased_by=sa.bindparam("worker_id"),
-        lease_expires_at=_instant("expires"),
+        finished_at=None,
+        result=None,
+        result_content_type=None,
         progress=0.0,
         progress_message="",
+        leased_by=sa.bindparam("worker_id"),
+        lease_expires_at=_instant("expires"),
+        deadline_at=None,
     )
-    .returning(*jobs.c)
+    .returning(*_READ_BACK)
 )
 _SET_DEADLINE = Prepared(
     jobs.update()
@@ -183,18 +207,19 @@ def lease_many(
         return []
     states.check(JobState.PENDING, JobState.RUNNING)
     expires = now + lease_for
-    leased = _LEASE.rows(
-        conn,
-        {
-            "queues": list(queues),
-            "limit": limit,
-            "now": now,
-            "worker_id": worker_id,
-            "expires": expires,
-        },
-    )
-    if not leased:
+    params = {
+        "queues": list(queues),
+        "limit": limit,
+        "now": now,
+        "worker_id": worker_id,
+        "expires": expires,
+    }
+    found = _LEASE.rows(conn, params)
+    if not found:
         return []
+    # In _SET_BY_LEASE's order.
+    known = (RUNNING, now, None, None, None, 0.0, "", worker_id, expires, None)
+    leased: list[Any] = [_LeasedRow._make((*row, *known)) for row in found]
     leased.sort(key=lambda row: (-row.priority, row.id))  # RETURNING has no order
     timed = [
         {"b_id": row.id, "b_deadline": now + timedelta(seconds=row.timeout_s)}

@@ -22,7 +22,6 @@ from sqlalchemy import Connection
 from sqlalchemy.sql.compiler import SQLCompiler
 
 Params = Mapping[str, Any]
-_Processor = Callable[[Any], Any] | None
 
 
 class Prepared:
@@ -30,7 +29,7 @@ class Prepared:
         self.statement = statement
         self._compiled: SQLCompiler | None = None
         self._row: Any = None  # a namedtuple of the returned columns
-        self._results: list[_Processor] = []
+        self._results: list[tuple[int, Callable[[Any], Any]]] = []  # by position
         self._binds: dict[str, Callable[[Any], Any]] = {}
         # run_many's plan: the values in the statement's order, those with a
         # processor by position, and the statement's own values (literals).
@@ -47,10 +46,16 @@ class Prepared:
             fetched = cursor.fetchall()
         finally:
             cursor.close()
-        make, processors = self._row._make, self._results
-        return [
-            make([p(v) if p else v for p, v in zip(processors, r, strict=True)]) for r in fetched
-        ]
+        make = self._row._make
+        if not self._results:
+            return [make(r) for r in fetched]
+        found = []
+        for r in fetched:
+            values = list(r)
+            for i, process in self._results:
+                values[i] = process(values[i])
+            found.append(make(values))
+        return found
 
     def run(self, conn: Connection, params: Params) -> int:
         """Run a write; how many rows it changed."""
@@ -106,7 +111,9 @@ class Prepared:
             self._row = namedtuple("Row", [c.key for c in columns])  # type: ignore[misc]
             dialect = conn.dialect
             self._results = [
-                c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+                (i, processor)
+                for i, c in enumerate(columns)
+                if (processor := c.type.dialect_impl(dialect).result_processor(dialect, None))
             ]
             self._binds = {
                 name: processor
