@@ -49,6 +49,48 @@ def test_raw_bytes_payload_and_result(client: Client) -> None:
     assert handle.result(timeout=5) == b"\x01"
 
 
+def test_leased_job_carries_what_was_submitted_and_the_last_error(client: Client) -> None:
+    retry = RetryPolicy(max_attempts=5, backoff_base=timedelta(0), jitter=0.0)
+    handle = client.submit(
+        "report.build",
+        {"month": 11},
+        queue="carry",
+        priority=7,
+        retry=retry,
+        timeout=timedelta(seconds=30),
+        soft_timeout=timedelta(seconds=20),
+        idempotency_key="report-2026-11",
+        metadata={"tenant": "acme", "trace": "t-1"},
+        tags=["monthly", "pdf"],
+    )
+    with client.lease_stream(["carry"], prefetch=1) as stream:
+        leases = iter(stream)
+        first = next(leases)
+        job = first.job
+        assert (job.id, job.task, job.queue) == (handle.id, "report.build", "carry")
+        assert job.priority == 7
+        assert job.state is JobState.RUNNING and job.attempts == 1
+        assert (job.timeout, job.soft_timeout) == (timedelta(seconds=30), timedelta(seconds=20))
+        assert job.idempotency_key == "report-2026-11"
+        assert dict(job.metadata) == {"tenant": "acme", "trace": "t-1"}
+        assert job.tags == ("monthly", "pdf")
+        assert job.retry.max_attempts == 5 and job.last_error is None
+        assert job.started_at is not None and job.created_at is not None
+        assert job.started_at >= job.created_at and job.finished_at is None
+        stored = client.get_job(handle.id)
+        for name in ("payload", "retry", "created_at", "scheduled_at", "started_at"):
+            assert getattr(job, name) == getattr(stored, name), name
+        first.fail(ValueError("no data yet"))
+
+        second = next(leases)
+        assert second.job.attempts == 2 and second.job.result is None
+        assert second.job.last_error is not None
+        assert second.job.last_error.message == "no data yet"
+        assert second.job.started_at is not None and second.job.started_at >= job.started_at
+        second.complete("done")
+    assert handle.result(timeout=5) == "done"
+
+
 def test_failures_retry_with_growing_delays_then_dead_letter_then_replay(
     client: Client,
 ) -> None:

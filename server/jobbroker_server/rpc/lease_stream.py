@@ -120,18 +120,15 @@ class LeaseStreams:
 
     def _message(self, out: Outgoing) -> broker_pb2.BrokerMessage:
         if isinstance(out, Leased):
-            interval = self._heartbeat_interval
-            jobs = []
+            # Filled in place: a message passed to a constructor is copied.
+            message = broker_pb2.BrokerMessage()
+            add = message.leased.jobs.add
             for lease in out.leases:
-                jobs.append(
-                    broker_pb2.LeasedJob(
-                        job=convert.job_pb(lease.job),
-                        fencing_token=lease.fencing_token,
-                        lease_expires_at=convert.timestamp(lease.expires_at),
-                        heartbeat_interval=interval,
-                    )
-                )
-            return broker_pb2.BrokerMessage(leased=broker_pb2.Leased(jobs=jobs))
+                leased = add(fencing_token=lease.fencing_token)
+                convert.job_pb(lease.job, leased.job)
+                convert.set_timestamp(leased.lease_expires_at, lease.expires_at)
+                leased.heartbeat_interval.CopyFrom(self._heartbeat_interval)
+            return message
         if isinstance(out, Acked):
             results = [convert.report_pb(r) for r in out.results]
             return broker_pb2.BrokerMessage(ack=broker_pb2.Ack(seq=out.seq, results=results))
