@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jobbroker_server.store.prepared import Prepared, dbapi_of
 from jobbroker_server.store.sql import SqlStore
-from jobbroker_server.store.tables import jobs
+from jobbroker_server.store.tables import jobs, json_dumps, json_loads
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,8 @@ class SqliteStore(SqlStore):
             f"sqlite:///{path}",
             poolclass=sa.pool.NullPool,
             connect_args={"check_same_thread": False},
+            json_serializer=json_dumps,
+            json_deserializer=json_loads,
         )
         sa.event.listen(self._engine, "connect", _pragmas)
         sa.event.listen(self._engine, "begin", _begin_immediate)

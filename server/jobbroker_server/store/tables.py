@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +13,24 @@ from sqlalchemy.engine import Dialect
 from jobbroker_server.clock import EPOCH
 
 _MICROSECOND = timedelta(microseconds=1)
+
+# Most jobs carry no metadata, no tags and no error: JSON's encoder and
+# decoder cost more than the rest of storing or leasing those columns.
+_EMPTY_DUMPED: dict[type, str] = {dict: "{}", list: "[]", type(None): "null"}
+_EMPTY_LOADED: dict[str, Callable[[], Any]] = {"{}": dict, "[]": list, "null": lambda: None}
+
+
+def json_dumps(value: Any) -> str:
+    """The engines' JSON serializer: ``json.dumps``, with empty values at once."""
+    if not value and (text := _EMPTY_DUMPED.get(type(value))):
+        return text
+    return json.dumps(value)
+
+
+def json_loads(text: str) -> Any:
+    """The engines' JSON deserializer: ``json.loads``, with empty values at once."""
+    make = _EMPTY_LOADED.get(text)
+    return make() if make else json.loads(text)
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
