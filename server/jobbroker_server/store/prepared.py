@@ -24,7 +24,7 @@ from sqlalchemy import Connection
 from sqlalchemy.sql.compiler import SQLCompiler
 
 Params = Mapping[str, Any]
-_MAX_SHAPES = 512  # expanded SQL strings kept per statement
+_MAX_SHAPES = 128  # expanded SQL strings kept per statement
 
 
 class Prepared:
