@@ -32,6 +32,7 @@ from jobbroker_server.domain.models import (
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import Store, open_store
+from jobbroker_server.store import sqlite as sqlite_store
 from jobbroker_server.store.sqlite import BUSY_TIMEOUT_MS
 
 from .waiting import wait_for
@@ -331,6 +332,38 @@ def test_sqlite_wal_is_checkpointed_while_the_store_runs(tmp_path: Path) -> None
     finally:
         db(db.store.close())
         db.loop.close()
+
+
+def test_sqlite_wal_is_rewound_under_steady_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A passive checkpoint never catches up with writers that never pause, so
+    nothing rewinds the WAL: the store restarts it past WAL_RESTART_PAGES and
+    truncates it to WAL_KEEP_BYTES, and it stays that size."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.02)
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_PAGES", 100)
+    monkeypatch.setattr(sqlite_store, "WAL_KEEP_BYTES", 256 * 1024)
+    path, wal = tmp_path / "broker.db", tmp_path / "broker.db-wal"
+    db = Harness(open_store(str(path)), asyncio.new_event_loop())
+    sizes: list[int] = []
+
+    async def writer() -> None:
+        for _ in range(150):
+            await db.store.submit_many([job() for _ in range(50)], T0, WINDOW)
+            sizes.append(wal.stat().st_size)
+
+    async def writers() -> None:
+        await asyncio.gather(*(writer() for _ in range(4)))
+
+    try:
+        db(db.store.migrate())
+        db(writers())
+        assert max(sizes[-100:]) < 8 * 256 * 1024, max(sizes)
+    finally:
+        db(db.store.close())
+        db.loop.close()
+    # What was written is far more than the limit: a WAL never rewound holds it all.
+    assert path.stat().st_size > 20 * 256 * 1024
 
 
 def test_sqlite_waits_for_another_process_lock_off_the_event_loop(tmp_path: Path) -> None:

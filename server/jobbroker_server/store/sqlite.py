@@ -48,6 +48,7 @@ def _pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     # Checkpoints run on a thread of their own (_Writer), never inside a commit.
     cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
@@ -87,6 +88,11 @@ MAX_GROUP = 64
 
 # How often the checkpoint thread copies the WAL into the database file.
 CHECKPOINT_EVERY = 0.25
+# A WAL past this many pages is restarted, and one left larger than
+# WAL_KEEP_BYTES is truncated: under steady writes a passive checkpoint never
+# catches up with the last commit, so nothing else would ever rewind the WAL.
+WAL_RESTART_PAGES = 16_384  # 64 MiB of 4 KiB pages
+WAL_KEEP_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -179,13 +185,22 @@ class _Writer:
 
     def _checkpoint(self) -> None:
         conn = self._engine.raw_connection()
+        cursor = conn.cursor()
         try:
             while not self._stopping.wait(CHECKPOINT_EVERY):
                 try:
-                    conn.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").close()
+                    _, pages, _ = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if pages > WAL_RESTART_PAGES:
+                        # Copies the pages the passive run left and makes the
+                        # next commit write from the start. It needs a moment
+                        # with no writer, which steady writes never leave: our
+                        # operations wait for it (a few ms per WAL_RESTART_PAGES).
+                        with self._lock:
+                            cursor.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                 except sqlite3.Error:
                     log.exception("WAL checkpoint failed; trying again")
         finally:
+            cursor.close()
             conn.close()
 
     def _serve(self) -> None:
