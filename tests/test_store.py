@@ -366,6 +366,41 @@ def test_sqlite_wal_is_rewound_under_steady_writes(
     assert path.stat().st_size > 20 * 256 * 1024
 
 
+def test_sqlite_wal_restart_gives_way_to_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader in another process (a backup, a `sqlite3` shell) keeps the WAL
+    from being rewound; the restart gives up at once instead of holding the
+    store's writers for the busy timeout, and closing does not wait on it."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.02)
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_PAGES", 100)
+    path = tmp_path / "broker.db"
+    db = Harness(open_store(str(path)), asyncio.new_event_loop())
+    reader = sqlite3.connect(path, isolation_level=None)
+    slowest = 0.0
+
+    async def writer() -> None:
+        nonlocal slowest
+        for _ in range(100):
+            began = time.monotonic()
+            await db.store.submit_many([job() for _ in range(50)], T0, WINDOW)
+            slowest = max(slowest, time.monotonic() - began)
+
+    try:
+        db(db.store.migrate())
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchone()  # holds its snapshot
+        db(writer())
+        assert slowest < BUSY_TIMEOUT_MS / 1000 / 4, slowest
+    finally:
+        began = time.monotonic()
+        db(db.store.close())
+        closing = time.monotonic() - began
+        db.loop.close()
+        reader.close()
+    assert closing < BUSY_TIMEOUT_MS / 1000 / 4, closing
+
+
 def test_sqlite_waits_for_another_process_lock_off_the_event_loop(tmp_path: Path) -> None:
     """An operation that finds the database write-locked by another connection
     (`broker migrate`, a backup) waits on the store's thread, not on the event

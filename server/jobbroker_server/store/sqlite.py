@@ -186,22 +186,32 @@ class _Writer:
     def _checkpoint(self) -> None:
         conn = self._engine.raw_connection()
         cursor = conn.cursor()
+        # PASSIVE never waits; RESTART must not either: it holds our writers.
+        cursor.execute("PRAGMA busy_timeout=0")
+        restarted_at = 0  # the WAL's pages at the last RESTART
         try:
             while not self._stopping.wait(CHECKPOINT_EVERY):
                 try:
                     _, pages, _ = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if pages > WAL_RESTART_PAGES:
-                        # Copies the pages the passive run left and makes the
-                        # next commit write from the start. It needs a moment
-                        # with no writer, which steady writes never leave: our
-                        # operations wait for it (a few ms per WAL_RESTART_PAGES).
-                        with self._lock:
-                            cursor.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    if pages > WAL_RESTART_PAGES and pages != restarted_at:
+                        restarted_at = self._restart(cursor)
                 except sqlite3.Error:
                     log.exception("WAL checkpoint failed; trying again")
         finally:
             cursor.close()
             conn.close()
+
+    def _restart(self, cursor: Any) -> int:
+        """Copy what the passive runs left and make the next commit write the
+        WAL from its start. That needs a moment with no writer, which steady
+        writes never leave: our operations wait for it, a few milliseconds per
+        WAL_RESTART_PAGES. Another process reading or writing the file makes
+        it give up at once (busy) until the WAL has grown again."""
+        with self._lock:
+            busy, pages, _ = cursor.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        if busy:
+            log.info("WAL restart put off: another process is using the database")
+        return int(pages)
 
     def _serve(self) -> None:
         conn = self._conn
