@@ -145,13 +145,26 @@ class Prepared:
             self._defaults = {
                 n: b.effective_value for n, b in compiled.binds.items() if not b.required
             }
-            if compiled.literal_execute_params:  # their values would be in the SQL
-                raise TypeError("a Prepared statement takes no literal_execute parameters")
-            lists = {b.key for b in compiled.post_compile_params}
+            _check_parameters(compiled)
+            lists = {name for name, bind in compiled.binds.items() if bind.expanding}
             self._lists = sorted(lists)
             self._positions = [(n, n in lists, self._binds.get(n)) for n in names]
             self._compiled = compiled
         return self._compiled
+
+
+def _check_parameters(compiled: SQLCompiler) -> None:
+    """Refuse what the plan above cannot bind: values in the SQL text
+    (literal_execute), values computed per call (callable_), and list
+    parameters that are not plain named lists given with every call."""
+    for name, bind in compiled.binds.items():
+        is_tuple = getattr(bind.type, "_is_tuple_type", False)
+        if (
+            bind.literal_execute
+            or bind.callable is not None
+            or (bind.expanding and (not bind.required or is_tuple))
+        ):
+            raise TypeError(f"a Prepared statement cannot bind parameter {name!r}")
 
 
 def _pick(names: Sequence[str], params: Params) -> tuple[Any, ...]:
