@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -72,12 +73,26 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
 
 
 def retry_policy(row: sa.Row[Any]) -> RetryPolicy:
+    return _retry_policy(
+        row.max_attempts,
+        row.backoff_base_s,
+        row.backoff_factor,
+        row.backoff_cap_s,
+        row.backoff_jitter,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _retry_policy(
+    max_attempts: int, base_s: float, factor: float, cap_s: float, jitter: float
+) -> RetryPolicy:
+    """Jobs mostly share a few policies (the policy is immutable)."""
     return RetryPolicy(
-        max_attempts=row.max_attempts,
-        backoff_base=timedelta(seconds=row.backoff_base_s),
-        backoff_factor=row.backoff_factor,
-        backoff_cap=timedelta(seconds=row.backoff_cap_s),
-        jitter=row.backoff_jitter,
+        max_attempts=max_attempts,
+        backoff_base=timedelta(seconds=base_s),
+        backoff_factor=factor,
+        backoff_cap=timedelta(seconds=cap_s),
+        jitter=jitter,
     )
 
 
