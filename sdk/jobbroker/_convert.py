@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,16 +55,26 @@ _CANCEL_REASON_FROM_PB = {
 
 
 def encode_payload(value: Any) -> job_pb2.Payload:
+    return set_payload(job_pb2.Payload(), value)
+
+
+def set_payload(field: job_pb2.Payload, value: Any) -> job_pb2.Payload:
+    """Fill a message's own Payload field (building one apart and copying it
+    in costs more): bytes as they are, anything else as JSON."""
     if isinstance(value, bytes | bytearray | memoryview):
-        return job_pb2.Payload(data=bytes(value), content_type=BYTES_CONTENT_TYPE)
-    data = json.dumps(value, separators=(",", ":")).encode()
-    return job_pb2.Payload(data=data, content_type=JSON_CONTENT_TYPE)
+        field.data = bytes(value)
+        field.content_type = BYTES_CONTENT_TYPE
+        return field
+    # None (a handler that returns nothing) skips the JSON encoder.
+    field.data = b"null" if value is None else json.dumps(value, separators=(",", ":")).encode()
+    field.content_type = JSON_CONTENT_TYPE
+    return field
 
 
 def decode_payload(data: bytes, content_type: str) -> Any:
     """JSON content types decode to Python values; anything else stays bytes."""
     if is_json(content_type):
-        return json.loads(data)
+        return None if data == b"null" else json.loads(data)
     return data
 
 
@@ -137,6 +148,14 @@ def retry_to_pb(policy: RetryPolicy) -> job_pb2.RetryPolicy:
 
 
 def retry_from_pb(pb: job_pb2.RetryPolicy) -> RetryPolicy:
+    """Jobs mostly share a few policies: one RetryPolicy (immutable) per
+    distinct message, looked up by its bytes."""
+    return _retry_from_bytes(pb.SerializeToString(deterministic=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _retry_from_bytes(data: bytes) -> RetryPolicy:
+    pb = job_pb2.RetryPolicy.FromString(data)
     # proto3 scalars cannot say "unset": zero reads as the broker default.
     return RetryPolicy(
         max_attempts=pb.max_attempts or None,

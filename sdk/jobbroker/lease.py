@@ -20,9 +20,9 @@ from ._convert import (
     decode_payload,
     duration_from_pb,
     duration_to_pb,
-    encode_payload,
     error_to_pb,
     job_from_pb,
+    set_payload,
     timestamp_from_pb,
 )
 from .errors import (
@@ -200,8 +200,13 @@ def progress_message(lease: _LeaseBase, fraction: float, message: str) -> broker
 
 
 def complete_message(lease: _LeaseBase, result: Any) -> broker_pb2.WorkerMessage:
-    completion = broker_pb2.Completion(lease=lease.ref(), result=encode_payload(result))
-    return broker_pb2.WorkerMessage(complete=broker_pb2.Complete(completions=[completion]))
+    # Filled in place: a message given to a constructor is copied.
+    message = broker_pb2.WorkerMessage()
+    completion = message.complete.completions.add()
+    completion.lease.job_id = lease.job.id
+    completion.lease.fencing_token = lease.fencing_token
+    set_payload(completion.result, result)
+    return message
 
 
 def fail_message(
