@@ -1,11 +1,13 @@
 """Submits over one long-lived SubmitStream per client.
 
 A message on an open stream costs a fraction of a unary call (no new HTTP/2
-stream, no headers), and submits from many threads or tasks share it: the
-broker answers in order, so replies are matched to callers first in, first out.
-A broken stream fails its waiting submits with the stream's error (UNAVAILABLE
-is then retried by `_calls`, with the same idempotency key) and the next
-submit opens a new one.
+stream, no headers), and submits from many threads or tasks share it: each
+message carries every submit queued while the one before it was being sent,
+so under load one message, and one broker transaction, serves many callers.
+The broker answers each message in order with a result per job, so results
+are matched to callers first in, first out. A broken stream fails its waiting
+submits with the stream's error (UNAVAILABLE is then retried by `_calls`,
+with the same idempotency key) and the next submit opens a new one.
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ import asyncio
 import collections
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import cast
 
 import grpc
 
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 
 from .errors import from_stream_error
+
+MESSAGE_JOBS = 256  # the most submits one message carries
+MESSAGE_BYTES = 4 * 1024 * 1024  # a message is sent once its jobs encode to this much
+# Messages sent and not yet answered. Holding the next message back until an
+# answer comes is what lets submits gather: sent at once, each would be a
+# message of its own queued in the broker, which then pays a message per job.
+MESSAGES_IN_FLIGHT = 2
 
 
 class StreamError(grpc.RpcError):
@@ -53,42 +62,88 @@ def _answer(reply: broker_pb2.SubmitResponse) -> broker_pb2.SubmitResponse:
 _CLOSED = StreamError(grpc.StatusCode.UNAVAILABLE, "the submit stream closed")
 
 
+class _Message:
+    """The jobs of the next SubmitStream message, up to its limits."""
+
+    def __init__(self) -> None:
+        self.jobs: list[job_pb2.JobSpec] = []
+        self._bytes = 0
+
+    def add(self, spec: job_pb2.JobSpec) -> None:
+        self.jobs.append(spec)
+        self._bytes += spec.ByteSize()
+
+    @property
+    def full(self) -> bool:
+        return len(self.jobs) >= MESSAGE_JOBS or self._bytes >= MESSAGE_BYTES
+
+    def request(self) -> broker_pb2.SubmitBatchRequest:
+        return broker_pb2.SubmitBatchRequest(jobs=self.jobs)
+
+
+def _messages(
+    specs: queue.SimpleQueue[job_pb2.JobSpec | None], room: threading.Semaphore
+) -> Iterator[broker_pb2.SubmitBatchRequest]:
+    """Each message takes what is queued by the time it is built; None ends them."""
+    while True:
+        message = _Message()
+        spec = specs.get()
+        room.acquire()
+        while spec is not None:
+            message.add(spec)
+            if message.full:
+                break
+            try:
+                spec = specs.get_nowait()
+            except queue.Empty:
+                break
+        if message.jobs:
+            yield message.request()
+        if spec is None:
+            return
+
+
 class _SyncStream:
     def __init__(self, stub: broker_pb2_grpc.BrokerStub) -> None:
-        self._requests: queue.SimpleQueue[broker_pb2.SubmitRequest | None] = queue.SimpleQueue()
+        self._specs: queue.SimpleQueue[job_pb2.JobSpec | None] = queue.SimpleQueue()
         self._waiting: collections.deque[Future[broker_pb2.SubmitResponse]] = collections.deque()
         self._lock = threading.Lock()
         self.broken = False
-        self._call = stub.SubmitStream(iter(self._requests.get, None))
+        self._room = threading.Semaphore(MESSAGES_IN_FLIGHT)
+        self._call = stub.SubmitStream(_messages(self._specs, self._room))
         threading.Thread(target=self._read, name="jobbroker-submits", daemon=True).start()
 
-    def send(self, request: broker_pb2.SubmitRequest) -> Future[broker_pb2.SubmitResponse]:
+    def send(self, spec: job_pb2.JobSpec) -> Future[broker_pb2.SubmitResponse]:
         future: Future[broker_pb2.SubmitResponse] = Future()
         with self._lock:
             if self.broken:
                 future.set_exception(_CLOSED)
                 return future
             self._waiting.append(future)
-            self._requests.put(request)
+            self._specs.put(spec)
         return future
 
     def _read(self) -> None:
         error: grpc.RpcError = _CLOSED
         try:
-            for reply in self._call:
+            for answer in self._call:
                 with self._lock:
-                    future = self._waiting.popleft()
-                future.set_result(reply)
+                    futures = [self._waiting.popleft() for _ in answer.results]
+                self._room.release()
+                for future, reply in zip(futures, answer.results, strict=True):
+                    future.set_result(reply)
         except grpc.RpcError as failed:
             error = failed
         with self._lock:
             self.broken = True
             waiting, self._waiting = self._waiting, collections.deque()
+        self._specs.put(None)  # ends `_messages`, wherever it waits
+        self._room.release()
         for future in waiting:
             future.set_exception(error)
 
     def close(self) -> None:
-        self._requests.put(None)
+        self._specs.put(None)
         cast(Callable[[], bool], self._call.cancel)()  # the stubs leave cancel untyped
 
 
@@ -100,13 +155,11 @@ class SubmitPipe:
         self._lock = threading.Lock()
         self._stream: _SyncStream | None = None
 
-    def submit(
-        self, request: broker_pb2.SubmitRequest, timeout: float
-    ) -> broker_pb2.SubmitResponse:
+    def submit(self, spec: job_pb2.JobSpec, timeout: float) -> broker_pb2.SubmitResponse:
         with self._lock:
             if self._stream is None or self._stream.broken:
                 self._stream = _SyncStream(self._stub)
-            future = self._stream.send(request)
+            future = self._stream.send(spec)
         try:
             return _answer(future.result(timeout))
         except TimeoutError:
@@ -119,65 +172,106 @@ class SubmitPipe:
                 self._stream = None
 
 
-_AioCall = grpc.aio.StreamStreamCall[broker_pb2.SubmitRequest, broker_pb2.SubmitResponse]
+_AioCall = grpc.aio.StreamStreamCall[broker_pb2.SubmitBatchRequest, broker_pb2.SubmitBatchResponse]
+_AioFuture = asyncio.Future[broker_pb2.SubmitResponse]
+
+
+class _AsyncStream:
+    """One SubmitStream call and the submits sent on it that await their results."""
+
+    def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub) -> None:
+        self._call: _AioCall = stub.SubmitStream(None)
+        self._waiting: collections.deque[_AioFuture] = collections.deque()
+        self._room = asyncio.Semaphore(MESSAGES_IN_FLIGHT)
+        self.broken = False
+        self._reader = asyncio.create_task(self._read())
+
+    async def send(self, queued: collections.deque[tuple[job_pb2.JobSpec, _AioFuture]]) -> None:
+        """Once there is room, send what is queued then (up to a message's limits)."""
+        await self._room.acquire()
+        if self.broken:
+            return  # what is queued waits for the next stream
+        message, futures = _Message(), []
+        while queued and not message.full:
+            spec, future = queued.popleft()
+            if not future.done():  # else its caller stopped waiting before it was sent
+                message.add(spec)
+                futures.append(future)
+        if not futures:
+            self._room.release()
+            return
+        self._waiting.extend(futures)
+        try:
+            await self._call.write(message.request())
+        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            self.broken = True  # the reader fails the rest of `_waiting` as the call ends
+            for future in futures:
+                if not future.done():
+                    future.set_exception(_CLOSED)
+
+    async def _read(self) -> None:
+        error: grpc.RpcError = _CLOSED
+        try:
+            async for answer in self._call:
+                self._room.release()
+                for reply in answer.results:
+                    future = self._waiting.popleft()
+                    if not future.done():  # the caller stopped waiting
+                        future.set_result(reply)
+        except grpc.RpcError as failed:
+            error = failed
+        self.broken = True
+        self._room.release()  # wakes a `send` waiting for room, to see the stream broken
+        waiting, self._waiting = self._waiting, collections.deque()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self.broken = True
+        self._call.cancel()
+        self._reader.cancel()
 
 
 class AsyncSubmitPipe:
-    """The AsyncClient's submits."""
+    """The AsyncClient's submits: queued by their callers, sent by one writer task
+    while any are queued, so a caller that stops waiting never leaves a message
+    half sent."""
 
     def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub) -> None:
         self._stub = stub
-        self._lock = asyncio.Lock()
-        self._call: _AioCall | None = None
-        self._waiting: collections.deque[asyncio.Future[broker_pb2.SubmitResponse]] = (
-            collections.deque()
-        )
-        self._reader: asyncio.Task[None] | None = None
+        self._queued: collections.deque[tuple[job_pb2.JobSpec, _AioFuture]] = collections.deque()
+        self._stream: _AsyncStream | None = None
+        self._writer: asyncio.Task[None] | None = None
 
-    async def submit(
-        self, request: broker_pb2.SubmitRequest, wait: float
-    ) -> broker_pb2.SubmitResponse:
-        future: asyncio.Future[broker_pb2.SubmitResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
-        async with self._lock:  # one write at a time, in the order of `_waiting`
-            call = self._call
-            if call is None:
-                call = self._call = self._stub.SubmitStream(None)
-                self._reader = asyncio.create_task(self._read(call))
-            self._waiting.append(future)
-            try:
-                await call.write(request)
-            except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-                self._waiting.remove(future)
-                self._call = None
-                raise _CLOSED from None
+    async def submit(self, spec: job_pb2.JobSpec, wait: float) -> broker_pb2.SubmitResponse:
+        future: _AioFuture = asyncio.get_running_loop().create_future()
+        self._queued.append((spec, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
         try:
             async with asyncio.timeout(wait):
                 return _answer(await future)
         except TimeoutError:
             raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "submit timed out") from None
 
-    async def _read(self, call: _AioCall) -> None:
-        error: grpc.RpcError = _CLOSED
+    async def _write(self) -> None:
         try:
-            async for reply in call:
-                future = self._waiting.popleft()
-                if not future.done():
-                    future.set_result(reply)
-        except grpc.RpcError as failed:
-            error = failed
-        if self._call is call:
-            self._call = None
-        waiting, self._waiting = self._waiting, collections.deque()
-        for future in waiting:
-            if not future.done():
-                future.set_exception(error)
+            while self._queued:
+                if self._stream is None or self._stream.broken:
+                    self._stream = _AsyncStream(self._stub)
+                await self._stream.send(self._queued)
+        finally:
+            self._writer = None
 
     async def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        queued, self._queued = self._queued, collections.deque()
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(_CLOSED)

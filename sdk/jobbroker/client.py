@@ -51,11 +51,9 @@ class Client:
         self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
     ) -> JobHandle[Any]:
         """Store a job and return its handle once the broker committed it."""
-        request = broker_pb2.SubmitRequest(
-            job=_calls.build_spec(JobRequest(task, payload, **options))
-        )
+        spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = _calls.call(
-            lambda: self._submits.submit(request, self._timeout), _calls.SUBMIT_RETRIED
+            lambda: self._submits.submit(spec, self._timeout), _calls.SUBMIT_RETRIED
         )
         return JobHandle(self, reply.job_id, reply.duplicate)
 
@@ -187,11 +185,9 @@ class AsyncClient:
         self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
     ) -> AsyncJobHandle[Any]:
         """Store a job and return its handle once the broker committed it."""
-        request = broker_pb2.SubmitRequest(
-            job=_calls.build_spec(JobRequest(task, payload, **options))
-        )
+        spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = await _calls.acall(
-            lambda: self._submits.submit(request, self._timeout), _calls.SUBMIT_RETRIED
+            lambda: self._submits.submit(spec, self._timeout), _calls.SUBMIT_RETRIED
         )
         return AsyncJobHandle(self, reply.job_id, reply.duplicate)
 

@@ -48,8 +48,8 @@ class BrokerStub:
                 _registered_method=True)
         self.SubmitStream = channel.stream_stream(
                 '/jobbroker.v1.Broker/SubmitStream',
-                request_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitResponse.FromString,
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/jobbroker.v1.Broker/GetJob',
@@ -113,7 +113,10 @@ class BrokerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitStream(self, request_iterator, context):
-        """Many submits over one stream; each reply follows its commit, in order.
+        """Many submits over one stream. The jobs of one message are independent
+        submits, not a batch: each is stored or refused on its own (a refused one
+        is answered with its error and the stream goes on). Each message is
+        answered by one message, in order, with a result per job, after the commit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,8 +188,8 @@ def add_BrokerServicer_to_server(servicer, server):
             ),
             'SubmitStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitStream,
-                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitRequest.FromString,
-                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitResponse.SerializeToString,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -310,8 +313,8 @@ class Broker:
             request_iterator,
             target,
             '/jobbroker.v1.Broker/SubmitStream',
-            jobbroker_dot_v1_dot_broker__pb2.SubmitRequest.SerializeToString,
-            jobbroker_dot_v1_dot_broker__pb2.SubmitResponse.FromString,
+            jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

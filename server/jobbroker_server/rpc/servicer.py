@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 from jobbroker_server.clock import Clock
 from jobbroker_server.domain.errors import BrokerError, InvalidArgument, ResourceExhausted
 from jobbroker_server.domain.models import JobFilter, NewJob, SubmitResult
@@ -24,10 +24,45 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 
-def _submit_pb(result: SubmitResult) -> broker_pb2.SubmitResponse:
-    return broker_pb2.SubmitResponse(
-        job_id=result.job_id, state=convert.STATE_TO_PB[result.state], duplicate=result.duplicate
-    )
+def _submit_pb(
+    result: SubmitResult, reply: broker_pb2.SubmitResponse | None = None
+) -> broker_pb2.SubmitResponse:
+    """The reply to one submit, filled in place when `reply` is given."""
+    if reply is None:
+        reply = broker_pb2.SubmitResponse()
+    reply.job_id = result.job_id
+    reply.state = convert.STATE_TO_PB[result.state]
+    if result.duplicate:
+        reply.duplicate = True
+    return reply
+
+
+# A SubmitStream message being answered: each job's refusal, or None where the
+# job went to the store, and the stored jobs' results to come.
+_Pending = tuple[list[BrokerError | None], asyncio.Future[list[SubmitResult]] | None]
+
+
+async def _stream_answer(
+    refusals: list[BrokerError | None], stored: asyncio.Future[list[SubmitResult]] | None
+) -> broker_pb2.SubmitBatchResponse:
+    """A result per job, in order; a failed store refuses every job it was given."""
+    results: list[SubmitResult] = []
+    failed: BrokerError | None = None
+    if stored is not None:
+        try:
+            results = await stored
+        except BrokerError as error:
+            failed = error
+    answer = broker_pb2.SubmitBatchResponse()
+    stored_results = iter(results)
+    for refusal in refusals:
+        reply = answer.results.add()
+        refused = refusal or failed
+        if refused is not None:
+            reply.error.CopyFrom(error_pb(refused))
+        else:
+            _submit_pb(next(stored_results), reply)
+    return answer
 
 
 def _page_size(requested: int) -> int:
@@ -86,41 +121,54 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             except (InvalidArgument, ResourceExhausted) as error:
                 raise type(error)(f"jobs[{i}]: {error}") from None
         results = await self._jobs.submit_many(new_jobs)
-        return broker_pb2.SubmitBatchResponse(results=[_submit_pb(r) for r in results])
+        answer = broker_pb2.SubmitBatchResponse()
+        for result in results:
+            _submit_pb(result, answer.results.add())
+        return answer
 
     async def SubmitStream(
-        self, request_iterator: AsyncIterator[broker_pb2.SubmitRequest], context: Ctx
-    ) -> AsyncIterator[broker_pb2.SubmitResponse]:
-        """Submits are handled as they arrive, concurrently (so they share
-        transactions), and answered in their order; a refused one is answered
-        with its error and the stream goes on. No task per submit: the reader
-        queues each one's pending result, and this loop answers them."""
-        answers: asyncio.Queue[asyncio.Future[list[SubmitResult]] | None] = asyncio.Queue()
+        self, request_iterator: AsyncIterator[broker_pb2.SubmitBatchRequest], context: Ctx
+    ) -> AsyncIterator[broker_pb2.SubmitBatchResponse]:
+        """Each message's jobs are validated as it arrives and stored with whatever
+        else is being submitted (so messages share transactions); each message is
+        answered in turn, a refused job with its error while the stream goes on.
+        No task per message: the reader queues each one's pending answer, and
+        this loop sends them."""
+        answers: asyncio.Queue[_Pending | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    try:
-                        answers.put_nowait(self._jobs.submit_soon([self._new_job(request)]))
-                    except BrokerError as error:  # refused before the store: answered in turn
-                        refused = asyncio.get_running_loop().create_future()
-                        refused.set_exception(error)
-                        answers.put_nowait(refused)
+                    answers.put_nowait(self._submit_soon(request.jobs))
             finally:
                 answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
-                try:
-                    [result] = await answer
-                except BrokerError as error:
-                    yield broker_pb2.SubmitResponse(error=error_pb(error))
-                else:
-                    yield _submit_pb(result)
+            while (pending := await answers.get()) is not None:
+                yield await _stream_answer(*pending)
             await reader
         finally:
             reader.cancel()
+
+    def _submit_soon(self, specs: Sequence[job_pb2.JobSpec]) -> _Pending:
+        """Each job's refusal (None for a valid one), and the valid ones' results to come."""
+        if len(specs) > self._max_batch:
+            refused = ResourceExhausted(
+                f"a message holds at most {self._max_batch} jobs (got {len(specs)})"
+            )
+            return [refused] * len(specs), None
+        now = self._clock.now()
+        refusals: list[BrokerError | None] = []
+        valid: list[NewJob] = []
+        for spec in specs:
+            try:
+                valid.append(convert.new_job(spec, self._limits, now))
+            except BrokerError as error:
+                refusals.append(error)
+            else:
+                refusals.append(None)
+        return refusals, self._jobs.submit_soon(valid) if valid else None
 
     @unary
     async def GetJob(
