@@ -48,6 +48,11 @@ def _count(client: Client) -> int:
             "delay must not be negative",
         ),
         (
+            job_pb2.JobSpec(queue="q", task="t", delay={"seconds": 9000 * 365 * 86400}),
+            "INVALID_ARGUMENT",
+            "run_at must fall between the years 1 and 9999",
+        ),
+        (
             job_pb2.JobSpec(queue="q", task="t", payload=job_pb2.Payload(data=b"x" * 1001)),
             "RESOURCE_EXHAUSTED",
             "payload is 1001 bytes; this broker accepts at most 1000",

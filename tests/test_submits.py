@@ -121,7 +121,7 @@ def test_one_message_answers_each_job_on_its_own(small: BrokerThread) -> None:
     with grpc.insecure_channel(small.target) as channel:
         stub = broker_pb2_grpc.BrokerStub(channel)
         requests = (broker_pb2.SubmitBatchRequest(jobs=jobs) for jobs in messages)
-        answers = [list(a.results) for a in stub.SubmitStream(requests, timeout=10)]
+        answers = [list(a.results) for a in stub.SubmitGrouped(requests, timeout=10)]
     assert [len(a) for a in answers] == [4, 1, 0, 5, 1]
     first, (again,), _, over, (last,) = answers
     assert [r.HasField("error") for r in first] == [False, True, True, False]
@@ -135,3 +135,29 @@ def test_one_message_answers_each_job_on_its_own(small: BrokerThread) -> None:
     with Client(small.target) as client:
         stored = {job.id: job.task for job in client.list_jobs(queue="q").jobs}
     assert stored == {first[0].job_id: "a", first[3].job_id: "b", last.job_id: "c"}
+
+
+def test_closing_an_async_client_ends_its_submits_at_once(broker: BrokerThread) -> None:
+    """Submits queued or in flight when the client closes fail at once with a
+    clear error instead of waiting out their timeout, and so do later ones."""
+
+    async def run() -> tuple[list[Any], BaseException | None]:
+        shared = AsyncClient(broker.target, timeout=30)
+        await shared.submit("t", None, queue="closing")
+        tasks = [asyncio.create_task(shared.submit("t", n, queue="closing")) for n in range(200)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # some are sent, some still queued
+        await shared.close()
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await shared.submit("t", None, queue="closing")
+        except Exception as error:
+            return outcomes, error
+        return outcomes, None
+
+    outcomes, after = asyncio.run(run())
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failed, "every submit finished before the close"
+    assert {str(error) for error in failed} == {"the client was closed"}
+    assert str(after) == "the client was closed"

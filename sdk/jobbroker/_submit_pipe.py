@@ -1,4 +1,4 @@
-"""Submits over one long-lived SubmitStream per client.
+"""Submits over one long-lived SubmitGrouped stream per client.
 
 A message on an open stream costs a fraction of a unary call (no new HTTP/2
 stream, no headers), and submits from many threads or tasks share it: each
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import cast
 
@@ -25,6 +26,8 @@ import grpc
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 
 from .errors import from_stream_error
+
+log = logging.getLogger(__name__)
 
 MESSAGE_JOBS = 256  # the most submits one message carries
 MESSAGE_BYTES = 4 * 1024 * 1024  # a message is sent once its jobs encode to this much
@@ -59,11 +62,23 @@ def _answer(reply: broker_pb2.SubmitResponse) -> broker_pb2.SubmitResponse:
     return reply
 
 
-_CLOSED = StreamError(grpc.StatusCode.UNAVAILABLE, "the submit stream closed")
+def _closed() -> StreamError:
+    return StreamError(grpc.StatusCode.UNAVAILABLE, "the submit stream closed")
+
+
+def _client_closed() -> StreamError:
+    """Not retried: the client itself was closed."""
+    return StreamError(grpc.StatusCode.CANCELLED, "the client was closed")
+
+
+def _fail(futures: Iterable[_AioFuture], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 class _Message:
-    """The jobs of the next SubmitStream message, up to its limits."""
+    """The jobs of the next SubmitGrouped message, up to its limits."""
 
     def __init__(self) -> None:
         self.jobs: list[job_pb2.JobSpec] = []
@@ -110,21 +125,21 @@ class _SyncStream:
         self._lock = threading.Lock()
         self.broken = False
         self._room = threading.Semaphore(MESSAGES_IN_FLIGHT)
-        self._call = stub.SubmitStream(_messages(self._specs, self._room))
+        self._call = stub.SubmitGrouped(_messages(self._specs, self._room))
         threading.Thread(target=self._read, name="jobbroker-submits", daemon=True).start()
 
     def send(self, spec: job_pb2.JobSpec) -> Future[broker_pb2.SubmitResponse]:
         future: Future[broker_pb2.SubmitResponse] = Future()
         with self._lock:
             if self.broken:
-                future.set_exception(_CLOSED)
+                future.set_exception(_closed())
                 return future
             self._waiting.append(future)
             self._specs.put(spec)
         return future
 
     def _read(self) -> None:
-        error: grpc.RpcError = _CLOSED
+        error: grpc.RpcError = _closed()
         try:
             for answer in self._call:
                 with self._lock:
@@ -134,6 +149,9 @@ class _SyncStream:
                     future.set_result(reply)
         except grpc.RpcError as failed:
             error = failed
+        except Exception:  # an answer that does not match what was sent
+            cast(Callable[[], bool], self._call.cancel)()
+            log.exception("the submit stream broke")
         with self._lock:
             self.broken = True
             waiting, self._waiting = self._waiting, collections.deque()
@@ -177,10 +195,10 @@ _AioFuture = asyncio.Future[broker_pb2.SubmitResponse]
 
 
 class _AsyncStream:
-    """One SubmitStream call and the submits sent on it that await their results."""
+    """One SubmitGrouped call and the submits sent on it that await their results."""
 
     def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub) -> None:
-        self._call: _AioCall = stub.SubmitStream(None)
+        self._call: _AioCall = stub.SubmitGrouped(None)
         self._waiting: collections.deque[_AioFuture] = collections.deque()
         self._room = asyncio.Semaphore(MESSAGES_IN_FLIGHT)
         self.broken = False
@@ -205,12 +223,10 @@ class _AsyncStream:
             await self._call.write(message.request())
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             self.broken = True  # the reader fails the rest of `_waiting` as the call ends
-            for future in futures:
-                if not future.done():
-                    future.set_exception(_CLOSED)
+            _fail(futures, _closed())
 
     async def _read(self) -> None:
-        error: grpc.RpcError = _CLOSED
+        error: grpc.RpcError = _closed()
         try:
             async for answer in self._call:
                 self._room.release()
@@ -220,17 +236,19 @@ class _AsyncStream:
                         future.set_result(reply)
         except grpc.RpcError as failed:
             error = failed
+        except Exception:  # an answer that does not match what was sent
+            self._call.cancel()
+            log.exception("the submit stream broke")
         self.broken = True
         self._room.release()  # wakes a `send` waiting for room, to see the stream broken
         waiting, self._waiting = self._waiting, collections.deque()
-        for future in waiting:
-            if not future.done():
-                future.set_exception(error)
+        _fail(waiting, error)
 
     def close(self) -> None:
         self.broken = True
         self._call.cancel()
         self._reader.cancel()
+        _fail(self._waiting, _client_closed())
 
 
 class AsyncSubmitPipe:
@@ -243,8 +261,11 @@ class AsyncSubmitPipe:
         self._queued: collections.deque[tuple[job_pb2.JobSpec, _AioFuture]] = collections.deque()
         self._stream: _AsyncStream | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def submit(self, spec: job_pb2.JobSpec, wait: float) -> broker_pb2.SubmitResponse:
+        if self._closed:
+            raise _client_closed()
         future: _AioFuture = asyncio.get_running_loop().create_future()
         self._queued.append((spec, future))
         if self._writer is None:
@@ -261,10 +282,14 @@ class AsyncSubmitPipe:
                 if self._stream is None or self._stream.broken:
                     self._stream = _AsyncStream(self._stub)
                 await self._stream.send(self._queued)
+        except Exception as error:  # no stream could be opened: the channel is closed
+            _fail((future for _, future in self._queued), error)
+            self._queued.clear()
         finally:
             self._writer = None
 
     async def close(self) -> None:
+        self._closed = True
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
@@ -272,6 +297,4 @@ class AsyncSubmitPipe:
             self._stream.close()
             self._stream = None
         queued, self._queued = self._queued, collections.deque()
-        for _, future in queued:
-            if not future.done():
-                future.set_exception(_CLOSED)
+        _fail((future for _, future in queued), _client_closed())

@@ -46,8 +46,8 @@ class BrokerStub:
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
-        self.SubmitStream = channel.stream_stream(
-                '/jobbroker.v1.Broker/SubmitStream',
+        self.SubmitGrouped = channel.stream_stream(
+                '/jobbroker.v1.Broker/SubmitGrouped',
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
@@ -112,11 +112,12 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SubmitStream(self, request_iterator, context):
-        """Many submits over one stream. The jobs of one message are independent
-        submits, not a batch: each is stored or refused on its own (a refused one
-        is answered with its error and the stream goes on). Each message is
-        answered by one message, in order, with a result per job, after the commit.
+    def SubmitGrouped(self, request_iterator, context):
+        """Many submits over one stream, several to a message. The jobs of one
+        message are independent submits, not a batch: each is stored or refused
+        on its own (a refused one is answered with its error and the stream goes
+        on). Each message is answered by one message, in order, with a result per
+        job, after the commit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,8 +187,8 @@ def add_BrokerServicer_to_server(servicer, server):
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.FromString,
                     response_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.SerializeToString,
             ),
-            'SubmitStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.SubmitStream,
+            'SubmitGrouped': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitGrouped,
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.FromString,
                     response_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.SerializeToString,
             ),
@@ -299,7 +300,7 @@ class Broker:
             _registered_method=True)
 
     @staticmethod
-    def SubmitStream(request_iterator,
+    def SubmitGrouped(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -312,7 +313,7 @@ class Broker:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/jobbroker.v1.Broker/SubmitStream',
+            '/jobbroker.v1.Broker/SubmitGrouped',
             jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
             jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
             options,

@@ -39,11 +39,12 @@ class BrokerStub:
     """Store one job and return its id once it is committed."""
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SubmitBatchRequest, _broker_pb2.SubmitBatchResponse]
     """Store many jobs in one transaction: all or nothing."""
-    SubmitStream: _grpc.StreamStreamMultiCallable[_broker_pb2.SubmitBatchRequest, _broker_pb2.SubmitBatchResponse]
-    """Many submits over one stream. The jobs of one message are independent
-    submits, not a batch: each is stored or refused on its own (a refused one
-    is answered with its error and the stream goes on). Each message is
-    answered by one message, in order, with a result per job, after the commit.
+    SubmitGrouped: _grpc.StreamStreamMultiCallable[_broker_pb2.SubmitBatchRequest, _broker_pb2.SubmitBatchResponse]
+    """Many submits over one stream, several to a message. The jobs of one
+    message are independent submits, not a batch: each is stored or refused
+    on its own (a refused one is answered with its error and the stream goes
+    on). Each message is answered by one message, in order, with a result per
+    job, after the commit.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetJobRequest, _broker_pb2.GetJobResponse]
     WaitJob: _grpc.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.JobEvent]
@@ -69,11 +70,12 @@ class BrokerAsyncStub(BrokerStub):
     """Store one job and return its id once it is committed."""
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_broker_pb2.SubmitBatchRequest, _broker_pb2.SubmitBatchResponse]  # type: ignore[assignment]
     """Store many jobs in one transaction: all or nothing."""
-    SubmitStream: _aio.StreamStreamMultiCallable[_broker_pb2.SubmitBatchRequest, _broker_pb2.SubmitBatchResponse]  # type: ignore[assignment]
-    """Many submits over one stream. The jobs of one message are independent
-    submits, not a batch: each is stored or refused on its own (a refused one
-    is answered with its error and the stream goes on). Each message is
-    answered by one message, in order, with a result per job, after the commit.
+    SubmitGrouped: _aio.StreamStreamMultiCallable[_broker_pb2.SubmitBatchRequest, _broker_pb2.SubmitBatchResponse]  # type: ignore[assignment]
+    """Many submits over one stream, several to a message. The jobs of one
+    message are independent submits, not a batch: each is stored or refused
+    on its own (a refused one is answered with its error and the stream goes
+    on). Each message is answered by one message, in order, with a result per
+    job, after the commit.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetJobRequest, _broker_pb2.GetJobResponse]  # type: ignore[assignment]
     WaitJob: _aio.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.JobEvent]  # type: ignore[assignment]
@@ -110,15 +112,16 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         """Store many jobs in one transaction: all or nothing."""
 
     @_abc_1.abstractmethod
-    def SubmitStream(
+    def SubmitGrouped(
         self,
         request_iterator: _MaybeAsyncIterator[_broker_pb2.SubmitBatchRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.SubmitBatchResponse], _abc.AsyncIterator[_broker_pb2.SubmitBatchResponse]]:
-        """Many submits over one stream. The jobs of one message are independent
-        submits, not a batch: each is stored or refused on its own (a refused one
-        is answered with its error and the stream goes on). Each message is
-        answered by one message, in order, with a result per job, after the commit.
+        """Many submits over one stream, several to a message. The jobs of one
+        message are independent submits, not a batch: each is stored or refused
+        on its own (a refused one is answered with its error and the stream goes
+        on). Each message is answered by one message, in order, with a result per
+        job, after the commit.
         """
 
     @_abc_1.abstractmethod

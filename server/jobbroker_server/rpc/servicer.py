@@ -37,7 +37,7 @@ def _submit_pb(
     return reply
 
 
-# A SubmitStream message being answered: each job's refusal, or None where the
+# A SubmitGrouped message being answered: each job's refusal, or None where the
 # job went to the store, and the stored jobs' results to come.
 _Pending = tuple[list[BrokerError | None], asyncio.Future[list[SubmitResult]] | None]
 
@@ -126,7 +126,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             _submit_pb(result, answer.results.add())
         return answer
 
-    async def SubmitStream(
+    async def SubmitGrouped(
         self, request_iterator: AsyncIterator[broker_pb2.SubmitBatchRequest], context: Ctx
     ) -> AsyncIterator[broker_pb2.SubmitBatchResponse]:
         """Each message's jobs are validated as it arrives and stored with whatever
