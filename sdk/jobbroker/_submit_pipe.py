@@ -119,6 +119,9 @@ def _messages(
 
 
 class _SyncStream:
+    """One SubmitGrouped call: grpc's thread sends what `_messages` builds, and
+    a reader thread of ours hands each answer's results to the waiting callers."""
+
     def __init__(self, stub: broker_pb2_grpc.BrokerStub) -> None:
         self._specs: queue.SimpleQueue[job_pb2.JobSpec | None] = queue.SimpleQueue()
         self._waiting: collections.deque[Future[broker_pb2.SubmitResponse]] = collections.deque()
