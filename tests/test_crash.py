@@ -33,6 +33,7 @@ from jobbroker import (
     JobState,
 )
 from tests import crash_tasks
+from tests.listing import all_jobs
 from tests.processes import BROKER, LISTENING, Process, start_broker
 from tests.waiting import wait_for
 
@@ -90,17 +91,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def all_jobs(client: Client, queue: str, states: list[JobState] | None = None) -> dict[str, Job]:
-    found: dict[str, Job] = {}
-    token: str | None = None
-    while True:
-        page = client.list_jobs(queue=queue, states=states, page_size=1000, page_token=token)
-        found.update((job.id, job) for job in page.jobs)
-        token = page.next_page_token
-        if token is None:
-            return found
 
 
 def runs(log: Path) -> Counter[str]:

@@ -5,6 +5,7 @@ cancellation, hand-back on shutdown, retention."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +32,16 @@ from tests.faults import CuttingProxy
 from tests.waiting import wait_for
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-clients", "one-shared-client"])
 def test_concurrent_duplicate_submits_make_exactly_one_job(
-    broker: BrokerThread, client: Client
+    broker: BrokerThread, client: Client, shared: bool
 ) -> None:
+    """From a client per submit, and from threads sharing one client, whose
+    submits then travel together (one message can hold the key twice)."""
+
     def submit(_: int) -> tuple[str, bool]:
-        with Client(broker.target) as own:
-            handle = own.submit("charge", {"order": 7}, queue="pay", idempotency_key="order-7")
+        with contextlib.nullcontext(client) if shared else Client(broker.target) as sender:
+            handle = sender.submit("charge", {"order": 7}, queue="pay", idempotency_key="order-7")
             return handle.id, handle.duplicate
 
     with ThreadPoolExecutor(16) as pool:

@@ -17,19 +17,10 @@ from jobbroker import AsyncClient, Client
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 from jobbroker_server.config import Settings
 from jobbroker_server.testing import BrokerThread
+from tests.listing import all_jobs
 
 THREADS = 16
 EACH = 40
-
-
-def _all_jobs(client: Client, queue: str) -> list[Any]:
-    jobs, token = [], None
-    while True:
-        page = client.list_jobs(queue=queue, page_size=1000, page_token=token)
-        jobs += page.jobs
-        if not page.next_page_token:
-            return jobs
-        token = page.next_page_token
 
 
 def test_threads_sharing_a_client_each_get_their_own_job(client: Client) -> None:
@@ -45,21 +36,9 @@ def test_threads_sharing_a_client_each_get_their_own_job(client: Client) -> None
 
     with ThreadPoolExecutor(THREADS) as pool:
         made = [pair for pairs in pool.map(submit_all, range(THREADS)) for pair in pairs]
-    stored = {job.id: job.json() for job in _all_jobs(client, "shared")}
+    stored = {job_id: job.json() for job_id, job in all_jobs(client, "shared").items()}
     assert len(stored) == THREADS * EACH
     assert stored == dict(made)  # every caller's id is the job it sent
-
-
-def test_threads_sharing_a_client_with_one_key_make_one_job(client: Client) -> None:
-    def submit(_: int) -> tuple[str, bool]:
-        handle = client.submit("charge", {"order": 9}, queue="pay", idempotency_key="order-9")
-        return handle.id, handle.duplicate
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(submit, range(2 * THREADS)))
-    assert len({job_id for job_id, _ in results}) == 1
-    assert sum(not duplicate for _, duplicate in results) == 1
-    assert len(client.list_jobs(queue="pay").jobs) == 1
 
 
 def test_tasks_sharing_an_async_client_each_get_their_own_job(
@@ -92,7 +71,7 @@ def test_tasks_sharing_an_async_client_each_get_their_own_job(
     made, cancelled = asyncio.run(run())
     assert cancelled >= calls // 8
     assert len(made) == calls - cancelled + 3
-    stored = {job.id: job.json() for job in _all_jobs(client, "tasks")}
+    stored = {job_id: job.json() for job_id, job in all_jobs(client, "tasks").items()}
     assert dict(made).items() <= stored.items()  # a cancelled caller's job may be stored
 
 

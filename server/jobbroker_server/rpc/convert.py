@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -109,13 +108,6 @@ def _retry(spec: job_pb2.JobSpec, defaults: RetryPolicy) -> RetryPolicy:
     )
 
 
-def _instant(compute: Callable[[], datetime]) -> datetime:
-    try:
-        return compute()
-    except (OverflowError, ValueError):
-        raise InvalidArgument("run_at must fall between the years 1 and 9999") from None
-
-
 def new_job(spec: job_pb2.JobSpec, limits: Limits, now: datetime) -> NewJob:
     """Validate one submitted spec; raise InvalidArgument or ResourceExhausted."""
     queue = _name(spec.queue, "queue")
@@ -129,11 +121,13 @@ def new_job(spec: job_pb2.JobSpec, limits: Limits, now: datetime) -> NewJob:
     if spec.HasField("run_at") and spec.HasField("delay"):
         raise InvalidArgument("give run_at or delay, not both")
     run_at = None
-    if spec.HasField("run_at"):
-        run_at = _instant(lambda: spec.run_at.ToDatetime(tzinfo=UTC))
-    elif spec.HasField("delay"):
-        delay = _duration(spec.delay, "delay")
-        run_at = _instant(lambda: now + delay)
+    try:
+        if spec.HasField("run_at"):
+            run_at = spec.run_at.ToDatetime(tzinfo=UTC)
+        elif spec.HasField("delay"):
+            run_at = now + _duration(spec.delay, "delay")
+    except (OverflowError, ValueError):
+        raise InvalidArgument("run_at must fall between the years 1 and 9999") from None
     key = spec.idempotency_key or None
     if key is not None and len(key) > MAX_NAME:
         raise InvalidArgument(f"idempotency_key is {len(key)} characters; the limit is {MAX_NAME}")

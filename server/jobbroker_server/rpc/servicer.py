@@ -109,10 +109,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.SubmitBatchResponse:
         if not request.jobs:
             raise InvalidArgument("jobs must not be empty")
-        if len(request.jobs) > self._max_batch:
-            raise ResourceExhausted(
-                f"a batch holds at most {self._max_batch} jobs (got {len(request.jobs)})"
-            )
+        if too_many := self._too_many(request.jobs, "batch"):
+            raise too_many
         now = self._clock.now()
         new_jobs = []
         for i, spec in enumerate(request.jobs):
@@ -151,13 +149,17 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         finally:
             reader.cancel()
 
+    def _too_many(self, specs: Sequence[job_pb2.JobSpec], what: str) -> ResourceExhausted | None:
+        if len(specs) <= self._max_batch:
+            return None
+        return ResourceExhausted(
+            f"a {what} holds at most {self._max_batch} jobs (got {len(specs)})"
+        )
+
     def _submit_soon(self, specs: Sequence[job_pb2.JobSpec]) -> _Pending:
         """Each job's refusal (None for a valid one), and the valid ones' results to come."""
-        if len(specs) > self._max_batch:
-            refused = ResourceExhausted(
-                f"a message holds at most {self._max_batch} jobs (got {len(specs)})"
-            )
-            return [refused] * len(specs), None
+        if too_many := self._too_many(specs, "message"):
+            return [too_many] * len(specs), None
         now = self._clock.now()
         refusals: list[BrokerError | None] = []
         valid: list[NewJob] = []

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from jobbroker_server.store import migrations
 from jobbroker_server.store.sql import SqlStore
-from jobbroker_server.store.tables import jobs
+from jobbroker_server.store.tables import jobs, json_dumps, json_loads
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -89,6 +89,8 @@ class PostgresStore(SqlStore):
             max_overflow=pool_size,
             pool_pre_ping=True,
             connect_args={"server_settings": server_settings},
+            json_serializer=json_dumps,
+            json_deserializer=json_loads,
         )
 
     async def _transact(
