@@ -340,7 +340,7 @@ def test_sqlite_wal_is_rewound_under_steady_writes(
     """A passive checkpoint never catches up with writers that never pause, so
     nothing rewinds the WAL: the store restarts it past WAL_RESTART_PAGES and
     truncates it to WAL_KEEP_BYTES, and it stays that size."""
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.02)
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 0.005)
     monkeypatch.setattr(sqlite_store, "WAL_RESTART_PAGES", 100)
     monkeypatch.setattr(sqlite_store, "WAL_KEEP_BYTES", 256 * 1024)
     path, wal = tmp_path / "broker.db", tmp_path / "broker.db-wal"
@@ -358,7 +358,9 @@ def test_sqlite_wal_is_rewound_under_steady_writes(
     try:
         db(db.store.migrate())
         db(writers())
-        assert max(sizes[-100:]) < 8 * 256 * 1024, max(sizes)
+        # Never rewound, it would hold all ~50 MB written; rewound, it grows by
+        # what is written while a restart waits its turn for the store's lock.
+        assert max(sizes[-100:]) < 16 * 256 * 1024, max(sizes)
     finally:
         db(db.store.close())
         db.loop.close()
