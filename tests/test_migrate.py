@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import sqlalchemy as sa
 
+from jobbroker_server.domain.ids import new_job_id
+from jobbroker_server.domain.models import NewJob, Payload
+from jobbroker_server.domain.retry import RetryPolicy
+from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import migrations, open_store
 from jobbroker_server.store.tables import metadata
 from tests.processes import BROKER
+
+T = TypeVar("T")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -72,3 +80,39 @@ def test_a_newer_schema_is_refused_with_one_line(database: str) -> None:
     served = _run("serve", "--port", "0", "--metrics-port", "0", "--database", database)
     assert served.returncode == 1
     assert "newer than this broker's" in served.stderr and "Traceback" not in served.stderr
+
+
+def test_a_version_1_database_is_migrated_to_the_partial_finished_index(database: str) -> None:
+    """Step 2 on a database that a broker of schema version 1 left, with jobs in it."""
+    from jobbroker_server.store.sql import SqlStore
+
+    def as_version_1(conn: sa.Connection) -> None:
+        conn.execute(sa.text("DROP INDEX ix_jobs_finished"))
+        conn.execute(sa.text("CREATE INDEX ix_jobs_state_finished ON jobs (state, finished_at)"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version = 2"))
+
+    def indexes(conn: sa.Connection) -> set[str]:
+        return {str(index["name"]) for index in sa.inspect(conn).get_indexes("jobs")}
+
+    async def in_store(step: Callable[[SqlStore], Awaitable[T]]) -> T:
+        store = open_store(database)
+        assert isinstance(store, SqlStore)
+        try:
+            return await step(store)
+        finally:
+            await store.close()
+
+    assert _run("migrate", "--database", database).returncode == 0
+    new = NewJob(new_job_id(), "old", "t", Payload(b"{}"), 0, None, RetryPolicy(), None, None, None)
+    now = datetime.now(UTC)
+    asyncio.run(in_store(lambda store: store.submit_many([new], now, timedelta(hours=1))))
+    asyncio.run(in_store(lambda store: store._run(as_version_1)))  # a test reaching in
+    assert asyncio.run(in_store(lambda store: store._run(migrations.current_version))) == 1
+
+    done = _run("migrate", "--database", database)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "schema is at version 2"
+    found = asyncio.run(in_store(lambda store: store._run(indexes)))
+    assert "ix_jobs_finished" in found and "ix_jobs_state_finished" not in found
+    kept = asyncio.run(in_store(lambda store: store.get_job(new.id)))
+    assert (kept.queue, kept.state) == ("old", JobState.PENDING)

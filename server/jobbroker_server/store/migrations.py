@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import FailedPrecondition
-from jobbroker_server.store.tables import metadata, schema_version
+from jobbroker_server.store.tables import jobs, metadata, schema_version
 
 
 class SchemaTooNew(FailedPrecondition):
@@ -25,8 +25,19 @@ def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
+def _v2_partial_finished_index(conn: Connection) -> None:
+    """Retention's index on (state, finished_at) becomes one on finished_at
+    of finished jobs only: leases and completions no longer rewrite it."""
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_jobs_state_finished"))
+    for index in jobs.indexes:
+        index.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
-STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1_initial),)
+STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
+    (1, _v1_initial),
+    (2, _v2_partial_finished_index),
+)
 LATEST = STEPS[-1][0]
 
 
