@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobbroker import Client, JobCancelledError, JobFailedError, JobState, Worker
+from jobbroker._window import Window
 from jobbroker_server.testing import BrokerThread
 from tests import sample_tasks as t
 from tests.processes import BROKER, Process
@@ -115,3 +116,51 @@ def test_broker_worker_command_runs_a_module_and_stops_on_sigterm(
         assert time.monotonic() - started < 20
     finally:
         proc.kill()
+
+
+def test_the_window_grows_while_jobs_are_short_and_shrinks_when_they_are_long() -> None:
+    window = Window(concurrency=2)
+    assert (window.floor, window.size, window.cap) == (8, 8, 32)
+    sizes = [window.finished(0.001) for _ in range(8 + 16 + 32)]
+    assert [s for s in sizes if s is not None] == [16, 32]  # a look per window's worth
+    # 32 jobs of 10 ms keep two slots busy 0.16 s: under twice HOLD_SECONDS, kept.
+    assert {window.finished(0.010) for _ in range(32)} == {None}
+    # Of 40 ms, 0.64 s: halved, then halved again down to the floor and no lower.
+    assert [s for s in (window.finished(0.040) for _ in range(32 + 16 + 8)) if s] == [16, 8]
+    assert {window.finished(10.0) for _ in range(24)} == {None}
+
+
+def test_a_fixed_prefetch_never_changes() -> None:
+    window = Window(concurrency=2, fixed=6)
+    assert {window.finished(0.0001) for _ in range(100)} | {window.size} == {None, 6}
+
+
+def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: BrokerThread) -> None:
+    """Two slots: the window starts at 8 leased jobs and grows to 32 once short
+    jobs have run; with both slots busy, the worker holds up to 32."""
+    worker = Worker([t.add, t.sleepy], target=broker.target, concurrency=2)
+    thread = threading.Thread(target=lambda: asyncio.run(worker.run_async()), daemon=True)
+    thread.start()
+    slow = []
+    try:
+        quick = [client.submit(t.add, [n]) for n in range(100)]
+        assert [h.result(timeout=10) for h in quick] == list(range(100))
+        slow = [client.submit(t.sleepy, 30.0) for _ in range(2)]
+        waiting = [client.submit(t.add, [n]) for n in range(60)]
+
+        def leased() -> int:
+            return len(client.list_jobs(queue="sample", states=[JobState.RUNNING]).jobs)
+
+        # The broker fills a window a quarter at a time: 24 to 32 leased, where
+        # the first window (8) would have held 8.
+        held = wait_for(lambda: n if (n := leased()) >= 24 else 0, what="24 jobs leased")
+        assert held <= 32
+        while slow:
+            client.cancel(slow.pop().id)
+        assert [h.result(timeout=10) for h in waiting] == list(range(60))
+    finally:
+        while slow:
+            client.cancel(slow.pop().id)
+        worker.stop()
+        thread.join(15)
+    assert not thread.is_alive()

@@ -9,6 +9,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,7 @@ from . import _calls
 from ._async_stream import AsyncLeaseStream
 from ._runner import Report, run_job
 from ._threads import HandlerThreads
+from ._window import Window
 from .client import DEFAULT_TARGET, AsyncClient
 from .context import JobContext
 from .errors import BrokerUnavailableError, JobBrokerError, JobNotFoundError, LeaseLostError
@@ -53,9 +55,11 @@ class Worker:
     """Runs registered tasks: `Worker([send_email]).run()`.
 
     At most `concurrency` handlers run at once: async ones on the event loop,
-    sync ones in a thread pool of that size. The worker holds up to `prefetch`
-    leased jobs (4 x concurrency by default), so the next ones are already here
-    when a handler finishes; waiting jobs are heartbeated like running ones.
+    sync ones in a thread pool of that size. The worker holds leased jobs ahead
+    of its handlers, so the next ones are already here when a handler finishes;
+    waiting jobs are heartbeated like running ones. By default it holds 4 x
+    concurrency, growing to 16 x while those jobs are short (see `_window`);
+    `prefetch` fixes the number instead.
     """
 
     def __init__(
@@ -77,9 +81,10 @@ class Worker:
         self._target = target
         self._queues = list(queues) if queues is not None else None
         self._concurrency = concurrency
-        self._prefetch = prefetch or 4 * concurrency
-        if self._prefetch < concurrency:
+        if prefetch is not None and prefetch < concurrency:
             raise ValueError("prefetch must be at least concurrency")
+        self._window = Window(concurrency, prefetch)
+        self._stream: AsyncLeaseStream | None = None  # the one open now
         self._slots = asyncio.Semaphore(concurrency)
         self.worker_id = worker_id or _calls.default_worker_id()
         self._grace = shutdown_grace
@@ -189,7 +194,7 @@ class Worker:
         while True:
             stream = client.lease_stream(
                 self.queues,
-                prefetch=self._prefetch,
+                prefetch=self._window.size,
                 worker_id=self.worker_id,
                 held=[running.lease for running in self._running.values()],
             )
@@ -217,6 +222,7 @@ class Worker:
             self._reconnected.notify_all()
 
     async def _pump(self, stream: AsyncLeaseStream, threads: HandlerThreads) -> None:
+        self._stream = stream
         heartbeats = asyncio.create_task(self._heartbeats(stream))
         consume = asyncio.create_task(self._consume(stream, threads))
         stop = asyncio.create_task(self._stopping.wait())
@@ -228,6 +234,7 @@ class Worker:
             consume.cancel()
             await self._shutdown(stream)
         finally:
+            self._stream = None
             for task in (heartbeats, consume, stop):
                 task.cancel()
             await stream.close()
@@ -296,10 +303,20 @@ class Worker:
         async with self._slots:
             running.started = True
             context = JobContext(lease, self._post)
+            began = time.monotonic()
             report = await run_job(task, lease, context, threads, running.interrupt)
+            self._resize(time.monotonic() - began)
         if report is not None:
             running.reporting = True
             await self._report(lease, report)
+
+    def _resize(self, seconds: float) -> None:
+        """Tell the broker the window's new size, when it changes."""
+        size = self._window.finished(seconds)
+        stream = self._stream
+        if size is None or stream is None or self._stopping.is_set():
+            return
+        self._spawn(functools.partial(stream.set_prefetch, size))
 
     def _unknown_task(self, lease: AsyncLease) -> Report:
         known = ", ".join(sorted(self._tasks)) or "none"
@@ -341,12 +358,12 @@ class Worker:
         if self._loop is None:
             return
 
-        def spawn() -> None:
-            task = asyncio.create_task(self._quietly(report))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        self._loop.call_soon_threadsafe(self._spawn, report)
 
-        self._loop.call_soon_threadsafe(spawn)
+    def _spawn(self, report: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.create_task(self._quietly(report))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     async def _quietly(report: Callable[[], Awaitable[None]]) -> None:

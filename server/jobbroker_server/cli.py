@@ -214,7 +214,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("module", help="importable module, e.g. myapp.tasks")
     p.add_argument("--queue", action="append", help="queue to serve (repeatable)")
     p.add_argument("--concurrency", type=int, default=16, help="handlers at once")
-    p.add_argument("--prefetch", type=int, help="jobs held at once (default 4 x concurrency)")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        help="jobs held at once (default: 4 x concurrency, up to 16 x while jobs are short)",
+    )
     p.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "INFO"))
     p.set_defaults(run=cmd_worker)
 
