@@ -120,14 +120,16 @@ def test_broker_worker_command_runs_a_module_and_stops_on_sigterm(
 
 def test_the_window_grows_while_jobs_are_short_and_shrinks_when_they_are_long() -> None:
     window = Window(concurrency=2)
-    assert (window.floor, window.size, window.cap) == (8, 8, 32)
-    sizes = [window.finished(0.001) for _ in range(8 + 16 + 32)]
-    assert [s for s in sizes if s is not None] == [16, 32]  # a look per window's worth
-    # 32 jobs of 10 ms keep two slots busy 0.16 s: under twice HOLD_SECONDS, kept.
-    assert {window.finished(0.010) for _ in range(32)} == {None}
-    # Of 40 ms, 0.64 s: halved, then halved again down to the floor and no lower.
-    assert [s for s in (window.finished(0.040) for _ in range(32 + 16 + 8)) if s] == [16, 8]
-    assert {window.finished(10.0) for _ in range(24)} == {None}
+    assert (window.floor, window.size, window.cap) == (8, 8, 16)
+    # 8 jobs of 10 ms keep two slots busy 0.04 s; twice as many, 0.08 s: doubled.
+    sizes = [window.finished(0.010) for _ in range(8 + 16 + 16)]
+    assert [s for s in sizes if s is not None] == [16]  # a look per window's worth
+    # 16 of 20 ms, 0.16 s: under twice HOLD_SECONDS, kept.
+    assert {window.finished(0.020) for _ in range(16)} == {None}
+    # Of 40 ms, 0.32 s: halved to the floor, and no lower.
+    assert [s for s in (window.finished(0.040) for _ in range(16 + 8 + 8)) if s] == [8]
+    # Of 20 ms from the floor: twice the window would hold 0.16 s, so no growth.
+    assert {window.finished(0.020) for _ in range(24)} == {None}
 
 
 def test_a_fixed_prefetch_never_changes() -> None:
@@ -136,8 +138,8 @@ def test_a_fixed_prefetch_never_changes() -> None:
 
 
 def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: BrokerThread) -> None:
-    """Two slots: the window starts at 8 leased jobs and grows to 32 once short
-    jobs have run; with both slots busy, the worker holds up to 32."""
+    """Two slots: the window starts at 8 leased jobs and grows to 16 once short
+    jobs have run; with both slots busy, the worker holds up to 16."""
     worker = Worker([t.add, t.sleepy], target=broker.target, concurrency=2)
     thread = threading.Thread(target=lambda: asyncio.run(worker.run_async()), daemon=True)
     thread.start()
@@ -151,10 +153,10 @@ def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: Bro
         def leased() -> int:
             return len(client.list_jobs(queue="sample", states=[JobState.RUNNING]).jobs)
 
-        # The broker fills a window a quarter at a time: 24 to 32 leased, where
-        # the first window (8) would have held 8.
-        held = wait_for(lambda: n if (n := leased()) >= 24 else 0, what="24 jobs leased")
-        assert held <= 32
+        # The broker fills a window a quarter at a time: 12 to 16 leased, where
+        # the first window would have held 8.
+        held = wait_for(lambda: n if (n := leased()) >= 12 else 0, what="12 jobs leased")
+        assert held <= 16
         while slow:
             client.cancel(slow.pop().id)
         assert [h.result(timeout=10) for h in waiting] == list(range(60))

@@ -58,7 +58,7 @@ class Worker:
     sync ones in a thread pool of that size. The worker holds leased jobs ahead
     of its handlers, so the next ones are already here when a handler finishes;
     waiting jobs are heartbeated like running ones. By default it holds 4 x
-    concurrency, growing to 16 x while those jobs are short (see `_window`);
+    concurrency, growing to 8 x while those jobs are short (see `_window`);
     `prefetch` fixes the number instead.
     """
 

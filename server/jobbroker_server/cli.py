@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefetch",
         type=int,
-        help="jobs held at once (default: 4 x concurrency, up to 16 x while jobs are short)",
+        help="jobs held at once (default: 4 x concurrency, up to 8 x while jobs are short)",
     )
     p.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "INFO"))
     p.set_defaults(run=cmd_worker)
