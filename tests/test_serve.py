@@ -41,6 +41,7 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
             with client.lease_stream(["metered"]) as stream:
                 next(iter(stream)).complete()
             assert handle.result(timeout=5) is None
+            client.submit("noop", None, queue="metered")  # waits: no stream now
 
         def scrape() -> str:
             url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -52,12 +53,13 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
             return text if 'jobbroker_queue_depth{queue="metered"' in text else ""
 
         text = wait_for(sampled, what="the queue depth gauge")
-        assert 'jobbroker_jobs_submitted_total{queue="metered"} 1.0' in text
+        assert 'jobbroker_jobs_submitted_total{queue="metered"} 2.0' in text
         assert 'jobbroker_jobs_leased_total{queue="metered"} 1.0' in text
         assert 'jobbroker_jobs_succeeded_total{queue="metered"} 1.0' in text
         assert 'jobbroker_submit_to_start_seconds_count{queue="metered"} 1.0' in text
         assert 'jobbroker_job_run_seconds_count{queue="metered"} 1.0' in text
-        assert re.search(r'jobbroker_queue_depth\{queue="metered",state="succeeded"\} 1.0', text)
+        assert re.search(r'jobbroker_queue_depth\{queue="metered",state="pending"\} 1.0', text)
+        assert 'state="succeeded"' not in text  # finished jobs are counted, not sampled
     finally:
         proc.signal(signal.SIGTERM)
         assert proc.wait() == 0, proc.output

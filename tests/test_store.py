@@ -431,3 +431,20 @@ def test_sqlite_waits_for_another_process_lock_off_the_event_loop(tmp_path: Path
         other.close()
         db(db.store.close())
         db.loop.close()
+
+
+def test_queue_depths_count_waiting_running_and_dead_jobs_per_queue(db: Harness) -> None:
+    done, dead, running = job("a"), job("a", max_attempts=1), job("a")
+    db(db.store.submit_many([done, dead, running], T0, WINDOW))
+    db(db.store.lease_many(["a"], 3, "w", LEASE, T0))
+    db(db.store.complete_many([Completion(LeaseRef(done.id, 1), None)], T0))
+    db(db.store.fail_many([Failure(LeaseRef(dead.id, 1), ErrorInfo("E", "x"))], T0))
+    later = job("b", run_at=T0 + timedelta(hours=1))
+    db(db.store.submit_many([job("b"), job("b"), later, job("c")], T0, WINDOW))
+    assert db(db.store.queue_depths()) == {
+        ("a", JobState.RUNNING): 1,
+        ("a", JobState.DEAD): 1,
+        ("b", JobState.PENDING): 2,
+        ("b", JobState.SCHEDULED): 1,
+        ("c", JobState.PENDING): 1,
+    }

@@ -495,11 +495,26 @@ def delete_finished(conn: Connection, before: datetime, limit: int) -> int:
     return len(ids)
 
 
+# What a queue's depth counts: jobs waiting, running or dead-lettered. Finished
+# ones are counted as they finish (the jobs_succeeded counter): counting them
+# here would read the whole history retention keeps, every few seconds.
+DEPTH_STATES = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING, JobState.DEAD)
+_NEXT_QUEUE = sa.select(sa.func.min(jobs.c.queue)).where(jobs.c.queue > sa.bindparam("after"))
+
+
 def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
-    stmt = sa.select(jobs.c.queue, jobs.c.state, sa.func.count()).group_by(
-        jobs.c.queue, jobs.c.state
-    )
-    return {(q, JobState(s)): n for q, s, n in conn.execute(stmt)}
+    """Each queue is found by seeking the (queue, state, id) index from the one
+    before, and each of its depths is a range of that index: the cost grows with
+    the queues and the jobs in those states, not with the finished jobs."""
+    depths: dict[tuple[str, JobState], int] = {}
+    queue = conn.execute(_NEXT_QUEUE, {"after": ""}).scalar()
+    while queue is not None:
+        for state in DEPTH_STATES:
+            count = sa.select(sa.func.count()).where(jobs.c.queue == queue, _is(state))
+            if n := conn.execute(count).scalar():
+                depths[(queue, state)] = n
+        queue = conn.execute(_NEXT_QUEUE, {"after": queue}).scalar()
+    return depths
 
 
 _LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
