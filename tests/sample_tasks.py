@@ -68,3 +68,15 @@ def touch(payload: str) -> str:
     Path(payload).write_text(str(os.getpid()))
     threading.Event().wait(0.5)
     return "touched"
+
+
+entered = threading.Event()
+gate = threading.Event()
+
+
+@task(queue="sample")
+def gated(payload: None) -> str:
+    """Signal `entered`, then wait for the test to open `gate`."""
+    entered.set()
+    gate.wait(20)
+    return "through"

@@ -82,14 +82,15 @@ def test_a_newer_schema_is_refused_with_one_line(database: str) -> None:
     assert "newer than this broker's" in served.stderr and "Traceback" not in served.stderr
 
 
-def test_a_version_1_database_is_migrated_to_the_partial_finished_index(database: str) -> None:
-    """Step 2 on a database that a broker of schema version 1 left, with jobs in it."""
+def test_a_version_1_database_is_migrated_to_the_partial_indexes(database: str) -> None:
+    """Steps 2 and 3 on a database that a broker of schema version 1 left, with a job in it."""
     from jobbroker_server.store.sql import SqlStore
 
     def as_version_1(conn: sa.Connection) -> None:
         conn.execute(sa.text("DROP INDEX ix_jobs_finished"))
+        conn.execute(sa.text("DROP INDEX ix_jobs_dead"))
         conn.execute(sa.text("CREATE INDEX ix_jobs_state_finished ON jobs (state, finished_at)"))
-        conn.execute(sa.text("DELETE FROM schema_version WHERE version = 2"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version > 1"))
 
     def indexes(conn: sa.Connection) -> set[str]:
         return {str(index["name"]) for index in sa.inspect(conn).get_indexes("jobs")}
@@ -111,8 +112,9 @@ def test_a_version_1_database_is_migrated_to_the_partial_finished_index(database
 
     done = _run("migrate", "--database", database)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "schema is at version 2"
+    assert done.stdout.strip() == "schema is at version 3"
     found = asyncio.run(in_store(lambda store: store._run(indexes)))
-    assert "ix_jobs_finished" in found and "ix_jobs_state_finished" not in found
+    assert {"ix_jobs_finished", "ix_jobs_dead"} <= found
+    assert "ix_jobs_state_finished" not in found
     kept = asyncio.run(in_store(lambda store: store.get_job(new.id)))
     assert (kept.queue, kept.state) == ("old", JobState.PENDING)

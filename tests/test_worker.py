@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import jobbroker._window as window_module
 from jobbroker import Client, JobCancelledError, JobFailedError, JobState, Worker
 from jobbroker._window import Window
 from jobbroker_server.testing import BrokerThread
@@ -163,6 +164,68 @@ def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: Bro
     finally:
         while slow:
             client.cancel(slow.pop().id)
+        worker.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+
+
+def _windows(broker: BrokerThread) -> list[int]:
+    """Each open stream's window as the broker holds it (no public view)."""
+    return [session.prefetch for session in broker.app._dispatcher._sessions]
+
+
+def _run_in_thread(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=lambda: asyncio.run(worker.run_async()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stopping_worker_does_not_reopen_its_window(
+    client: Client, broker: BrokerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping closes the window (0); a job that finishes after that would
+    otherwise grow it again: every job counts as short here."""
+    monkeypatch.setattr(window_module, "HOLD_SECONDS", 10.0)
+    t.entered.clear()
+    t.gate.clear()
+    worker = Worker([t.add, t.gated], target=broker.target, concurrency=1)
+    thread = _run_in_thread(worker)
+    try:
+        assert [client.submit(t.add, [n]).result(timeout=10) for n in range(3)] == [0, 1, 2]
+        gated = client.submit(t.gated, None)
+        assert t.entered.wait(10)
+        worker.stop()
+        wait_for(lambda: _windows(broker) == [0], what="the window closed")
+        more = [client.submit(t.add, [n]) for n in range(20)]
+        t.gate.set()  # the fourth job ends: the look that would double the window
+        assert gated.result(timeout=10) == "through"
+        thread.join(15)
+        assert not thread.is_alive()
+        assert {client.get_job(h.id).attempts for h in more} == {0}
+    finally:
+        t.gate.set()
+        worker.stop()
+        thread.join(15)
+
+
+def test_a_window_resized_while_a_stream_opens_reaches_the_broker(
+    broker: BrokerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs held across a reconnect go on finishing while the new stream
+    opens, before the worker has it to send a resize on."""
+    opened = Worker._announce_stream
+
+    async def announce(self: Worker) -> None:
+        for _ in range(self._window.size):  # a window's worth of short jobs end now
+            self._resize(0.0)
+        await opened(self)
+
+    monkeypatch.setattr(Worker, "_announce_stream", announce)
+    worker = Worker([t.add], target=broker.target, concurrency=1)
+    thread = _run_in_thread(worker)
+    try:
+        wait_for(lambda: _windows(broker) == [8], what="the grown window at the broker")
+    finally:
         worker.stop()
         thread.join(15)
     assert not thread.is_alive()

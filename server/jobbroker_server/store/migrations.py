@@ -25,18 +25,28 @@ def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
+def _index(name: str) -> sa.Index:
+    return next(index for index in jobs.indexes if index.name == name)
+
+
 def _v2_partial_finished_index(conn: Connection) -> None:
     """Retention's index on (state, finished_at) becomes one on finished_at
     of finished jobs only: leases and completions no longer rewrite it."""
     conn.execute(sa.text("DROP INDEX IF EXISTS ix_jobs_state_finished"))
-    for index in jobs.indexes:
-        index.create(conn, checkfirst=True)
+    _index("ix_jobs_finished").create(conn, checkfirst=True)
+
+
+def _v3_dead_index(conn: Connection) -> None:
+    """Dead jobs in id order, which the dropped (state, finished_at) index gave
+    the dead-letter commands that name no queue."""
+    _index("ix_jobs_dead").create(conn, checkfirst=True)
 
 
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
     (2, _v2_partial_finished_index),
+    (3, _v3_dead_index),
 )
 LATEST = STEPS[-1][0]
 

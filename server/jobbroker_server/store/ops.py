@@ -116,8 +116,10 @@ def _is(state: JobState) -> sa.ColumnElement[bool]:
 
 
 def _in(states: Sequence[JobState]) -> sa.ColumnElement[bool]:
-    """``_is`` for several states: ``state IN ('succeeded', 'cancelled')``
+    """``_is`` for any number of states: ``state IN ('succeeded', 'cancelled')``
     matches the partial index of finished jobs."""
+    if len(states) == 1:
+        return _is(states[0])
     return jobs.c.state.in_([sa.literal_column(f"'{state.value}'") for state in states])
 
 
@@ -446,7 +448,7 @@ def list_jobs(conn: Connection, where: JobFilter) -> list[Job]:
     if where.queue:
         stmt = stmt.where(jobs.c.queue == where.queue)
     if where.states:
-        stmt = stmt.where(jobs.c.state.in_([s.value for s in where.states]))
+        stmt = stmt.where(_in(where.states))
     if where.task:
         stmt = stmt.where(jobs.c.task == where.task)
     if where.after_id:

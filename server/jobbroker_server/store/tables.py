@@ -109,6 +109,7 @@ _pending = jobs.c.state == "pending"
 _scheduled = jobs.c.state == "scheduled"
 _running = jobs.c.state == "running"
 _finished = jobs.c.state.in_(["succeeded", "cancelled"])
+_dead = jobs.c.state == "dead"
 
 sa.Index(
     "ix_jobs_ready",
@@ -138,6 +139,8 @@ sa.Index(
     sqlite_where=_finished,
     postgresql_where=_finished,
 )
+# The dead-letter queue in id order, whatever the queue (`dlq ls`, `--all`).
+sa.Index("ix_jobs_dead", jobs.c.id, sqlite_where=_dead, postgresql_where=_dead)
 sa.Index("ix_jobs_queue_state", jobs.c.queue, jobs.c.state, jobs.c.id)
 
 attempts = sa.Table(
