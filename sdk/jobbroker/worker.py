@@ -192,10 +192,10 @@ class Worker:
     async def _serve(self, client: AsyncClient, threads: HandlerThreads) -> None:
         failures = 0
         while True:
-            opened_at = self._window.size
+            opened_with = self._window.size
             stream = client.lease_stream(
                 self.queues,
-                prefetch=opened_at,
+                prefetch=opened_with,
                 worker_id=self.worker_id,
                 held=[running.lease for running in self._running.values()],
             )
@@ -203,7 +203,7 @@ class Worker:
                 await stream.open()
                 failures = 0
                 await self._announce_stream()
-                await self._pump(stream, threads, opened_at)
+                await self._pump(stream, threads, opened_with)
                 return
             except BrokerUnavailableError as error:
                 failures += 1
@@ -222,9 +222,11 @@ class Worker:
             self._generation += 1
             self._reconnected.notify_all()
 
-    async def _pump(self, stream: AsyncLeaseStream, threads: HandlerThreads, window: int) -> None:
+    async def _pump(
+        self, stream: AsyncLeaseStream, threads: HandlerThreads, opened_with: int
+    ) -> None:
         self._stream = stream
-        if self._window.size != window and not self._stopping.is_set():
+        if self._window.size != opened_with and not self._stopping.is_set():
             # Jobs held across a reconnect finished while it opened.
             self._spawn(functools.partial(stream.set_prefetch, self._window.size))
         heartbeats = asyncio.create_task(self._heartbeats(stream))
