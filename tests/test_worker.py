@@ -23,11 +23,16 @@ from tests.waiting import wait_for
 TASKS = [t.add, t.shout, t.flaky, t.bad_input, t.later, t.sleepy, t.patient, t.touch, t.exhausted]
 
 
+def _run_in_thread(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=lambda: asyncio.run(worker.run_async()), daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture
 def worker(broker: BrokerThread) -> Iterator[Worker]:
     running = Worker(TASKS, target=broker.target, concurrency=4)
-    thread = threading.Thread(target=lambda: asyncio.run(running.run_async()), daemon=True)
-    thread.start()
+    thread = _run_in_thread(running)
     yield running
     running.stop()
     thread.join(15)
@@ -142,8 +147,7 @@ def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: Bro
     """Two slots: the window starts at 8 leased jobs and grows to 16 once short
     jobs have run; with both slots busy, the worker holds up to 16."""
     worker = Worker([t.add, t.sleepy], target=broker.target, concurrency=2)
-    thread = threading.Thread(target=lambda: asyncio.run(worker.run_async()), daemon=True)
-    thread.start()
+    thread = _run_in_thread(worker)
     slow = []
     try:
         quick = [client.submit(t.add, [n]) for n in range(100)]
@@ -172,12 +176,6 @@ def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: Bro
 def _windows(broker: BrokerThread) -> list[int]:
     """Each open stream's window as the broker holds it (no public view)."""
     return [session.prefetch for session in broker.app._dispatcher._sessions]
-
-
-def _run_in_thread(worker: Worker) -> threading.Thread:
-    thread = threading.Thread(target=lambda: asyncio.run(worker.run_async()), daemon=True)
-    thread.start()
-    return thread
 
 
 def test_a_stopping_worker_does_not_reopen_its_window(

@@ -84,7 +84,7 @@ class Worker:
         if prefetch is not None and prefetch < concurrency:
             raise ValueError("prefetch must be at least concurrency")
         self._window = Window(concurrency, prefetch)
-        self._stream: AsyncLeaseStream | None = None  # the one open now
+        self._stream: AsyncLeaseStream | None = None  # the one open or opening now
         self._slots = asyncio.Semaphore(concurrency)
         self.worker_id = worker_id or _calls.default_worker_id()
         self._grace = shutdown_grace
@@ -192,18 +192,20 @@ class Worker:
     async def _serve(self, client: AsyncClient, threads: HandlerThreads) -> None:
         failures = 0
         while True:
-            opened_with = self._window.size
             stream = client.lease_stream(
                 self.queues,
-                prefetch=opened_with,
+                prefetch=self._window.size,
                 worker_id=self.worker_id,
                 held=[running.lease for running in self._running.values()],
             )
+            # Resizes go to it from now on: jobs held across a reconnect go on
+            # finishing while it opens, and a flow message follows its subscribe.
+            self._stream = stream
             try:
                 await stream.open()
                 failures = 0
                 await self._announce_stream()
-                await self._pump(stream, threads, opened_with)
+                await self._pump(stream, threads)
                 return
             except BrokerUnavailableError as error:
                 failures += 1
@@ -216,19 +218,15 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 if self._stopping.is_set() and not self._running:
                     return
+            finally:
+                self._stream = None
 
     async def _announce_stream(self) -> None:
         async with self._reconnected:
             self._generation += 1
             self._reconnected.notify_all()
 
-    async def _pump(
-        self, stream: AsyncLeaseStream, threads: HandlerThreads, opened_with: int
-    ) -> None:
-        self._stream = stream
-        if self._window.size != opened_with and not self._stopping.is_set():
-            # Jobs held across a reconnect finished while it opened.
-            self._spawn(functools.partial(stream.set_prefetch, self._window.size))
+    async def _pump(self, stream: AsyncLeaseStream, threads: HandlerThreads) -> None:
         heartbeats = asyncio.create_task(self._heartbeats(stream))
         consume = asyncio.create_task(self._consume(stream, threads))
         stop = asyncio.create_task(self._stopping.wait())
@@ -240,7 +238,6 @@ class Worker:
             consume.cancel()
             await self._shutdown(stream)
         finally:
-            self._stream = None
             for task in (heartbeats, consume, stop):
                 task.cancel()
             await stream.close()

@@ -502,6 +502,10 @@ def delete_finished(conn: Connection, before: datetime, limit: int) -> int:
 # here would read the whole history retention keeps, every few seconds.
 DEPTH_STATES = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING, JobState.DEAD)
 _NEXT_QUEUE = sa.select(sa.func.min(jobs.c.queue)).where(jobs.c.queue > sa.bindparam("after"))
+_DEPTH = {
+    state: sa.select(sa.func.count()).where(jobs.c.queue == sa.bindparam("queue"), _is(state))
+    for state in DEPTH_STATES
+}
 
 
 def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
@@ -511,9 +515,8 @@ def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
     depths: dict[tuple[str, JobState], int] = {}
     queue = conn.execute(_NEXT_QUEUE, {"after": ""}).scalar()
     while queue is not None:
-        for state in DEPTH_STATES:
-            count = sa.select(sa.func.count()).where(jobs.c.queue == queue, _is(state))
-            if n := conn.execute(count).scalar():
+        for state, count in _DEPTH.items():
+            if n := conn.execute(count, {"queue": queue}).scalar():
                 depths[(queue, state)] = n
         queue = conn.execute(_NEXT_QUEUE, {"after": queue}).scalar()
     return depths
