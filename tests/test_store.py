@@ -95,6 +95,26 @@ def test_lease_takes_highest_priority_first_then_fifo(db: Harness) -> None:
     assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
 
 
+def test_a_new_job_is_stored_with_what_it_was_given_and_nothing_run_yet(db: Harness) -> None:
+    new = job(key="k-1", timeout=timedelta(seconds=5))
+    db(db.store.submit_many([new], T0, WINDOW))
+    stored = db(db.store.get_job(new.id))
+    assert (stored.queue, stored.task, stored.payload, stored.idempotency_key) == (
+        "q",
+        "t",
+        Payload(b"{}"),
+        "k-1",
+    )
+    assert stored.timeout == timedelta(seconds=5) and stored.retry == new.retry
+    assert stored.state is JobState.PENDING and stored.created_at == T0
+    assert (stored.attempts, stored.progress, stored.progress_message) == (0, 0.0, "")
+    assert (stored.fencing_token, stored.history) == (0, ())
+    assert stored.started_at is None and stored.finished_at is None
+    assert stored.result is None and stored.last_error is None
+    assert stored.lease_expires_at is None
+    assert db(db.store.lease_many(["q"], 1, "w", LEASE, T0))[0].job.id == new.id
+
+
 def test_submit_and_lease_fills_each_ask_in_the_same_transaction(db: Harness) -> None:
     older = job(priority=0)
     db(db.store.submit_many([older], T0, WINDOW))

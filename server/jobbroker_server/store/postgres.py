@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from jobbroker_server.store import migrations
+from jobbroker_server.store import migrations, rows
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs, json_dumps, json_loads
 
@@ -70,7 +70,10 @@ def _migrate_alone(conn: Connection, extra: Callable[[Connection], None]) -> int
 
 
 _INSERT_NEW = (
-    pg_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(jobs.c.id)
+    pg_insert(jobs)
+    .values(rows.NEW_JOB_VALUES)
+    .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    .returning(jobs.c.id)
 )
 
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from jobbroker_server.domain.models import Attempt, AttemptOutcome, ErrorInfo, Job, NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.store.tables import jobs
 
 
 def _seconds(value: timedelta | None) -> float | None:
@@ -34,7 +35,33 @@ def error_from_json(value: Any) -> ErrorInfo | None:
     return ErrorInfo(value.get("type", ""), value.get("message", ""), value.get("traceback", ""))
 
 
+# What every new job starts with, written once into each dialect's INSERT
+# rather than bound per row: 13 of a row's 32 values, and 7 of the 19 that pass
+# through a column's bind processor.
+_NEW_JOB_FIXED: dict[str, Any] = {
+    "attempts": sa.literal_column("0"),
+    "started_at": sa.null(),
+    "finished_at": sa.null(),
+    "result": sa.null(),
+    "result_content_type": sa.null(),
+    "last_error": sa.null(),
+    "progress": sa.literal_column("0.0"),
+    "progress_message": sa.literal_column("''"),
+    "fencing_token": sa.literal_column("0"),
+    "leased_by": sa.null(),
+    "lease_expires_at": sa.null(),
+    "deadline_at": sa.null(),
+    "cancel_requested": sa.false(),
+}
+# The VALUES of a new job's INSERT: the fixed ones, and the others bound by
+# the names new_job_row gives them.
+NEW_JOB_VALUES: dict[str, Any] = {
+    c.key: _NEW_JOB_FIXED.get(c.key, sa.bindparam(c.key, type_=c.type)) for c in jobs.c
+}
+
+
 def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
+    """The values of a new job's row that vary, for NEW_JOB_VALUES."""
     run_at = job.run_at if job.run_at is not None and job.run_at > now else now
     return {
         "id": job.id,
@@ -44,7 +71,6 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "content_type": job.payload.content_type,
         "priority": job.priority,
         "state": (JobState.SCHEDULED if run_at > now else JobState.PENDING).value,
-        "attempts": 0,
         "max_attempts": job.retry.max_attempts,
         "backoff_base_s": job.retry.backoff_base.total_seconds(),
         "backoff_factor": job.retry.backoff_factor,
@@ -57,18 +83,6 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "tags": list(job.tags),
         "created_at": now,
         "scheduled_at": run_at,
-        "started_at": None,
-        "finished_at": None,
-        "result": None,
-        "result_content_type": None,
-        "last_error": None,
-        "progress": 0.0,
-        "progress_message": "",
-        "fencing_token": 0,
-        "leased_by": None,
-        "lease_expires_at": None,
-        "deadline_at": None,
-        "cancel_requested": False,
     }
 
 

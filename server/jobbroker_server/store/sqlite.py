@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from jobbroker_server.store import rows
 from jobbroker_server.store.prepared import Prepared, dbapi_of
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs, json_dumps, json_loads
@@ -71,13 +72,17 @@ class _Inserter:
     """
 
     def __init__(self) -> None:
-        statement = sqlite_insert(jobs).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        statement = (
+            sqlite_insert(jobs)
+            .values(rows.NEW_JOB_VALUES)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        )
         self._insert = Prepared(statement)
 
-    def __call__(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        inserted = self._insert.run_many(conn, rows)
-        ids = [row["id"] for row in rows]
-        if inserted == len(rows):
+    def __call__(self, conn: Connection, new_rows: list[dict[str, Any]]) -> set[str]:
+        inserted = self._insert.run_many(conn, new_rows)
+        ids = [row["id"] for row in new_rows]
+        if inserted == len(new_rows):
             return set(ids)
         return set(conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(ids))).scalars())
 
@@ -286,8 +291,8 @@ class SqliteStore(SqlStore):
     async def listen(self, on_ready: Callable[[str], None]) -> None:
         """One broker process owns a SQLite file: its own submits wake it."""
 
-    def _insert_new(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        return self._inserter(conn, rows)
+    def _insert_new(self, conn: Connection, new_rows: list[dict[str, Any]]) -> set[str]:
+        return self._inserter(conn, new_rows)
 
     async def _dispose(self) -> None:
         if self._writer is not None:
