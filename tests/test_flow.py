@@ -180,6 +180,37 @@ def test_wait_job_sees_every_transition(client: Client) -> None:
     assert seen == ["pending", "running", "scheduled", "pending", "running", "succeeded"]
 
 
+def test_a_batch_stores_each_job_with_its_own_options(client: Client) -> None:
+    """submit_many fills each job of its request in place: nothing of one job
+    may leak into the next."""
+    plain = JobRequest("batch.plain", {"n": 1}, queue="opts")
+    rich = JobRequest(
+        "batch.rich",
+        b"\x00raw",
+        queue="opts",
+        priority=3,
+        delay=timedelta(hours=1),
+        max_attempts=7,
+        timeout=timedelta(seconds=9),
+        idempotency_key="batch-rich",
+        metadata={"tenant": "acme"},
+        tags=["a", "b"],
+    )
+    handles = client.submit_many([plain, rich, plain])
+    first, second, third = (client.get_job(h.id) for h in handles)
+    assert second.task == "batch.rich" and second.payload == b"\x00raw"
+    assert (second.priority, second.retry.max_attempts) == (3, 7)
+    assert second.state is JobState.SCHEDULED and second.timeout == timedelta(seconds=9)
+    assert second.idempotency_key == "batch-rich"
+    assert (dict(second.metadata), second.tags) == ({"tenant": "acme"}, ("a", "b"))
+    for job in (first, third):
+        assert job.task == "batch.plain" and job.json() == {"n": 1}
+        assert job.state is JobState.PENDING
+        assert (job.priority, job.timeout, dict(job.metadata), job.tags) == (0, None, {}, ())
+        assert job.idempotency_key not in (None, "batch-rich")
+    assert first.idempotency_key != third.idempotency_key
+
+
 def test_idle_stream_gets_at_most_its_prefetch_from_one_submit(
     client: Client, broker: BrokerThread
 ) -> None:

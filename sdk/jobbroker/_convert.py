@@ -54,10 +54,6 @@ _CANCEL_REASON_FROM_PB = {
 # --- payloads ---
 
 
-def encode_payload(value: Any) -> job_pb2.Payload:
-    return set_payload(job_pb2.Payload(), value)
-
-
 def set_payload(field: job_pb2.Payload, value: Any) -> job_pb2.Payload:
     """Fill a message's own Payload field (building one apart and copying it
     in costs more): bytes as they are, anything else as JSON."""

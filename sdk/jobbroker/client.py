@@ -59,7 +59,7 @@ class Client:
 
     def submit_many(self, jobs: Sequence[JobRequest]) -> list[JobHandle[Any]]:
         """Store many jobs in one transaction: all or none."""
-        request = broker_pb2.SubmitBatchRequest(jobs=[_calls.build_spec(j) for j in jobs])
+        request = _calls.batch_request(jobs)
         reply = _calls.call(
             lambda: self._stub.SubmitBatch(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
         )
@@ -193,7 +193,7 @@ class AsyncClient:
 
     async def submit_many(self, jobs: Sequence[JobRequest]) -> list[AsyncJobHandle[Any]]:
         """Store many jobs in one transaction: all or none."""
-        request = broker_pb2.SubmitBatchRequest(jobs=[_calls.build_spec(j) for j in jobs])
+        request = _calls.batch_request(jobs)
         reply = await _calls.acall(
             lambda: self._stub.SubmitBatch(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
         )
