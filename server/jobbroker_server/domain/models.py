@@ -43,9 +43,11 @@ class ErrorInfo:
     traceback: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewJob:
-    """A validated submit, ready to store."""
+    """A validated submit, ready to store. Not frozen: one is built per
+    submitted job, and a frozen dataclass's __init__ took three times as long
+    (1.5 of the broker's ~20 us per job in batches)."""
 
     id: str
     queue: str
@@ -57,7 +59,7 @@ class NewJob:
     timeout: timedelta | None
     soft_timeout: timedelta | None
     idempotency_key: str | None
-    metadata: Mapping[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # stored as it is, JSON
     tags: tuple[str, ...] = ()
 
 

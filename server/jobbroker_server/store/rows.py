@@ -79,8 +79,8 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "timeout_s": _seconds(job.timeout),
         "soft_timeout_s": _seconds(job.soft_timeout),
         "idempotency_key": job.idempotency_key,
-        "metadata": dict(job.metadata),
-        "tags": list(job.tags),
+        "metadata": job.metadata,
+        "tags": job.tags,
         "created_at": now,
         "scheduled_at": run_at,
     }

@@ -16,7 +16,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 # Most jobs carry no metadata, no tags and no error: JSON's encoder and
 # decoder cost more than the rest of storing or leasing those columns.
-_EMPTY_DUMPED: dict[type, str] = {dict: "{}", list: "[]", type(None): "null"}
+_EMPTY_DUMPED: dict[type, str] = {dict: "{}", list: "[]", tuple: "[]", type(None): "null"}
 _EMPTY_LOADED: dict[str, Callable[[], Any]] = {"{}": dict, "[]": list, "null": lambda: None}
 
 
