@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 import time
@@ -104,6 +105,27 @@ def test_cancel_running_job_interrupts_the_handler(
         handle.result(timeout=10)
     job = client.get_job(handle.id)
     assert job.state is JobState.CANCELLED and job.attempts == 1
+
+
+def test_a_finished_job_leaves_no_reference_cycle(client: Client, worker: Worker) -> None:
+    """A finished job's objects are freed by reference counting. A cycle per
+    job (a lease whose cancel hook held its own _Running did) leaves them to
+    the cyclic collector, whose passes then cost the worker per job."""
+    assert client.submit(t.add, [0]).result(timeout=10) == 0
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        handles = [client.submit(t.add, [n]) for n in range(20)]
+        assert [h.result(timeout=10) for h in handles] == list(range(20))
+        wait_for(lambda: not worker._running)
+        gc.collect()
+        kinds = {f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not kinds & {"jobbroker.lease.AsyncLease", "jobbroker.worker._Running"}
 
 
 def test_broker_worker_command_runs_a_module_and_stops_on_sigterm(

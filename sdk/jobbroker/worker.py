@@ -46,9 +46,9 @@ class _Running:
     reporting: bool = False  # its outcome is on the way: a lost heartbeat is no news
 
 
-def _interrupt(running: _Running, reason: str) -> None:
-    if not running.interrupt.done():
-        running.interrupt.set_result(reason)
+def _interrupt(interrupt: asyncio.Future[str], reason: str) -> None:
+    if not interrupt.done():
+        interrupt.set_result(reason)
 
 
 class Worker:
@@ -246,7 +246,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         async for lease in stream:
             running = _Running(lease, loop.create_future())
-            lease.on_cancel(functools.partial(_interrupt, running, "cancelled"))
+            # The hook holds the future, not `running`: a lease that referred
+            # back to its own _Running made a cycle per job, which only the
+            # cyclic collector could free.
+            lease.on_cancel(functools.partial(_interrupt, running.interrupt, "cancelled"))
             running.task = asyncio.create_task(self._execute(running, threads))
             self._running[lease.job.id] = running
             running.task.add_done_callback(functools.partial(self._finished, lease.job.id))
@@ -292,7 +295,7 @@ class Worker:
             for running in held:
                 if running.lease in lost and not running.reporting:
                     log.warning("lost the lease on job %s", running.lease.job.id)
-                    _interrupt(running, "lost")
+                    _interrupt(running.interrupt, "lost")
 
     # --- jobs ---
 
