@@ -16,6 +16,7 @@ from jobbroker_server.domain.models import NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import migrations, open_store
+from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import metadata
 from tests.processes import BROKER
 
@@ -84,7 +85,6 @@ def test_a_newer_schema_is_refused_with_one_line(database: str) -> None:
 
 def test_a_version_1_database_is_migrated_to_the_partial_indexes(database: str) -> None:
     """Steps 2 and 3 on a database that a broker of schema version 1 left, with a job in it."""
-    from jobbroker_server.store.sql import SqlStore
 
     def as_version_1(conn: sa.Connection) -> None:
         conn.execute(sa.text("DROP INDEX ix_jobs_finished"))
