@@ -1,0 +1,242 @@
+"""An integrity check of a broker's store, by SQL against its database.
+
+It reads the SQLite file or the PostgreSQL schema a broker runs on, while the
+broker runs or after it was killed, in one snapshot (a read transaction on
+SQLite's WAL, REPEATABLE READ on PostgreSQL), and names every row that breaks
+an invariant the store keeps in every transaction:
+
+- every job is in a state of ``domain/states.py``, every attempt has a known outcome;
+- a running job holds a lease (holder, expiry, start) and exactly one attempt
+  in outcome running, the one of its current fencing token;
+- no other attempt is left running: not on a job that is not running, not
+  under an older token;
+- no attempt belongs to a job that is gone (an orphan);
+- a job that is not running holds no lease, and a job has ``finished_at``
+  exactly when it is terminal; an attempt has ``finished_at`` exactly when it ended;
+- every lease left one attempt row: the tokens of a job's attempts are exactly
+  1..fencing_token, and ``attempts`` (released ones do not count, a replay
+  starts again from 0) is between 0 and the number of attempts that were not
+  released;
+- a succeeded job's current attempt succeeded.
+
+``missing`` and ``assert_none_missing`` check that acknowledged jobs are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from jobbroker_server.domain.models import AttemptOutcome
+from jobbroker_server.domain.states import TERMINAL, JobState
+from jobbroker_server.store.postgres import engine_url
+from jobbroker_server.store.tables import jobs
+
+T = TypeVar("T")
+
+SAMPLE = 5  # offending ids shown per broken invariant
+
+_STATES = sorted(s.value for s in JobState)
+_TERMINAL = sorted(s.value for s in TERMINAL)
+_OUTCOMES = sorted(o.value for o in AttemptOutcome)
+
+# Each invariant: its name and a SELECT of the ids of the jobs that break it.
+_CHECKS: tuple[tuple[str, str], ...] = (
+    ("job in an unknown state", "SELECT id FROM jobs WHERE state NOT IN :states"),
+    (
+        "attempt with an unknown outcome",
+        "SELECT job_id FROM attempts WHERE outcome NOT IN :outcomes",
+    ),
+    (
+        "running job without exactly one running attempt of its fencing token",
+        """SELECT j.id FROM jobs j WHERE j.state = 'running' AND (
+             SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id
+             AND a.outcome = 'running' AND a.fencing_token = j.fencing_token) <> 1""",
+    ),
+    (
+        "attempt left running on a job that is not running or under an older token",
+        """SELECT a.job_id FROM attempts a JOIN jobs j ON j.id = a.job_id
+           WHERE a.outcome = 'running'
+           AND (j.state <> 'running' OR a.fencing_token <> j.fencing_token)""",
+    ),
+    (
+        "orphan attempt (its job is gone)",
+        """SELECT a.job_id FROM attempts a LEFT JOIN jobs j ON j.id = a.job_id
+           WHERE j.id IS NULL""",
+    ),
+    (
+        "running job without a lease (holder, expiry or start)",
+        """SELECT id FROM jobs WHERE state = 'running'
+           AND (lease_expires_at IS NULL OR leased_by IS NULL OR started_at IS NULL)""",
+    ),
+    (
+        "job that is not running but holds a lease",
+        """SELECT id FROM jobs WHERE state <> 'running' AND (lease_expires_at IS NOT NULL
+           OR leased_by IS NOT NULL OR deadline_at IS NOT NULL)""",
+    ),
+    (
+        "finished_at set on a job that is not terminal, or missing on one that is",
+        """SELECT id FROM jobs WHERE (state IN :terminal AND finished_at IS NULL)
+           OR (state NOT IN :terminal AND finished_at IS NOT NULL)""",
+    ),
+    (
+        "attempt whose finished_at disagrees with its outcome",
+        """SELECT job_id FROM attempts WHERE (outcome = 'running' AND finished_at IS NOT NULL)
+           OR (outcome <> 'running' AND finished_at IS NULL)""",
+    ),
+    (
+        "counters out of range (attempts < 0 or fencing_token < attempts)",
+        "SELECT id FROM jobs WHERE attempts < 0 OR fencing_token < attempts",
+    ),
+    (
+        "attempt rows are not exactly the tokens 1..fencing_token",
+        """SELECT j.id FROM jobs j WHERE
+             (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) <> j.fencing_token
+             OR EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id
+                        AND (a.fencing_token < 1 OR a.fencing_token > j.fencing_token))""",
+    ),
+    (
+        "attempts counts more than the attempts that were not released",
+        """SELECT j.id FROM jobs j WHERE j.attempts > (SELECT COUNT(*) FROM attempts a
+             WHERE a.job_id = j.id AND a.outcome <> 'released')""",
+    ),
+    (
+        "succeeded job whose current attempt did not succeed",
+        """SELECT j.id FROM jobs j WHERE j.state = 'succeeded' AND NOT EXISTS (
+             SELECT 1 FROM attempts a WHERE a.job_id = j.id
+             AND a.fencing_token = j.fencing_token AND a.outcome = 'succeeded')""",
+    ),
+)
+
+_PARAMS = {"states": _STATES, "outcomes": _OUTCOMES, "terminal": _TERMINAL}
+
+
+def _statement(name: str, sql: str) -> tuple[str, sa.TextClause, dict[str, list[str]]]:
+    params = {key: value for key, value in _PARAMS.items() if f":{key}" in sql}
+    stmt = sa.text(f"{sql} LIMIT {SAMPLE}")
+    stmt = stmt.bindparams(*(sa.bindparam(key, expanding=True) for key in params))
+    return name, stmt, params
+
+
+_STATEMENTS = tuple(_statement(name, sql) for name, sql in _CHECKS)
+
+
+def _violations(conn: Connection, reaped_within: timedelta | None) -> list[str]:
+    found = []
+    for name, stmt, params in _STATEMENTS:
+        ids = list(conn.execute(stmt, params).scalars())
+        if ids:
+            found.append(f"{name}: {ids}")
+    if reaped_within is not None:
+        found.extend(_overdue(conn, reaped_within))
+    return found
+
+
+def _overdue(conn: Connection, reaped_within: timedelta) -> list[str]:
+    """Running jobs whose lease expired longer ago than the reaper may take."""
+    cutoff = datetime.now(UTC) - reaped_within
+    stmt = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.state == "running", jobs.c.lease_expires_at < cutoff)
+        .limit(SAMPLE)
+    )
+    ids = list(conn.execute(stmt).scalars())
+    if not ids:
+        return []
+    return [f"running job whose lease expired over {reaped_within} ago, not reaped: {ids}"]
+
+
+def _begin_sqlite(engine: sa.Engine) -> None:
+    """A real BEGIN, so every check reads one snapshot of the WAL (pysqlite's
+    own transaction handling issues none before a SELECT)."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+@contextmanager
+def _sqlite(path: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+    _begin_sqlite(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def read(database: str, op: Callable[[Connection], T]) -> T:
+    """Run ``op`` on a sync Connection to the broker's database, in one snapshot.
+
+    PostgreSQL has no sync driver here: the op runs through asyncpg's
+    ``run_sync``, as the broker's own operations do.
+    """
+    if not database.startswith(("postgresql://", "postgres://")):
+        path = database.removeprefix("sqlite:///").removeprefix("sqlite://")
+        with _sqlite(path) as engine, engine.begin() as conn:
+            return op(conn)
+
+    async def run() -> T:
+        url, server_settings = engine_url(database)
+        engine = create_async_engine(
+            url,
+            isolation_level="REPEATABLE READ",
+            connect_args={"server_settings": server_settings},
+            poolclass=sa.pool.NullPool,
+        )
+        try:
+            async with engine.begin() as conn:
+                return await conn.run_sync(op)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def violations(database: str, reaped_within: timedelta | None = None) -> list[str]:
+    """Every broken invariant, with up to SAMPLE ids each; empty when the store is sound.
+
+    With ``reaped_within``, a running job whose lease expired longer ago than
+    that counts too: the reaper is stuck (a liveness check, not a transaction's).
+    """
+    return read(database, lambda conn: _violations(conn, reaped_within))
+
+
+def assert_intact(database: str, reaped_within: timedelta | None = None) -> None:
+    broken = violations(database, reaped_within)
+    assert not broken, "store integrity broken:\n  " + "\n  ".join(broken)
+
+
+def _states(conn: Connection, ids: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        stmt = sa.select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(chunk))
+        found.update((job_id, state) for job_id, state in conn.execute(stmt))
+    return found
+
+
+def states_of(database: str, ids: Collection[str]) -> dict[str, str]:
+    """The stored state of each of ``ids`` that is stored."""
+    return read(database, lambda conn: _states(conn, sorted(ids)))
+
+
+def missing(database: str, acknowledged: Collection[str]) -> set[str]:
+    """The acknowledged job ids that are not in the store."""
+    return set(acknowledged) - set(states_of(database, acknowledged))
+
+
+def assert_none_missing(database: str, acknowledged: Collection[str]) -> None:
+    lost = missing(database, acknowledged)
+    assert not lost, f"{len(lost)} acknowledged jobs are not stored: {sorted(lost)[:SAMPLE]}"
