@@ -50,7 +50,7 @@ def _count(client: Client) -> int:
         (
             job_pb2.JobSpec(queue="q", task="t", delay={"seconds": 9000 * 365 * 86400}),
             "INVALID_ARGUMENT",
-            "run_at must fall between the years 1 and 9999",
+            "delay is 283824000000s; the limit is 315360000s (3650 days)",
         ),
         (
             job_pb2.JobSpec(queue="q", task="t", payload=job_pb2.Payload(data=b"x" * 1001)),

@@ -13,11 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+from jobbroker.v1 import broker_pb2
 from jobbroker_server.clock import Clock, SystemClock
 from jobbroker_server.config import Settings
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.rpc.convert import Limits
+from jobbroker_server.rpc.handlers import add_service
 from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.rpc.servicer import BrokerServicer
 from jobbroker_server.services.background import DepthSampler, Reaper, Retention, Scheduler
@@ -90,7 +91,7 @@ class BrokerApp:
                 ("grpc.max_send_message_length", message_limit),
             ]
         )
-        broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
+        add_service(broker_pb2.DESCRIPTOR.services_by_name["Broker"], servicer, server)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lag
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -5,7 +5,8 @@ BrokerError
 ├── NotFound             no such job
 ├── FailedPrecondition   the job's state does not allow it
 │   └── IllegalTransition
-└── ResourceExhausted    payload or batch over a configured limit
+├── ResourceExhausted    payload or batch over a configured limit
+└── Internal             the broker failed; its log says why, the reply does not
 
 A report under a stale lease is not an error here: the stream answers it with
 ReportStatus.LEASE_LOST in its Ack, and the SDK raises LeaseLostError.
@@ -36,3 +37,7 @@ class IllegalTransition(FailedPrecondition):
 
 class ResourceExhausted(BrokerError):
     reason = "RESOURCE_EXHAUSTED"
+
+
+class Internal(BrokerError):
+    reason = "INTERNAL"

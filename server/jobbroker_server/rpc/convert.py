@@ -10,9 +10,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobbroker.v1 import broker_pb2, job_pb2
 from jobbroker_server.clock import EPOCH
-from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
+from jobbroker_server.domain import limits
+from jobbroker_server.domain.errors import InvalidArgument
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.models import (
+    JSON_CONTENT_TYPE,
     Attempt,
     AttemptOutcome,
     Completion,
@@ -28,8 +30,6 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
-
-MAX_NAME = 200
 
 STATE_TO_PB = {
     JobState.PENDING: job_pb2.JOB_STATE_PENDING,
@@ -65,27 +65,27 @@ class Limits:
     retry: RetryPolicy  # defaults for what a submit leaves unset
 
 
-def _name(value: str, what: str) -> str:
-    if not value.strip():
-        raise InvalidArgument(f"{what} must not be empty")
-    if len(value) > MAX_NAME:
-        raise InvalidArgument(f"{what} is {len(value)} characters; the limit is {MAX_NAME}")
-    return value
-
-
-def _duration(msg: duration_pb2.Duration, what: str) -> timedelta:
-    value = msg.ToTimedelta()
-    if value < timedelta(0):
-        raise InvalidArgument(f"{what} must not be negative (got {value.total_seconds()}s)")
-    return value
+def _duration(
+    msg: duration_pb2.Duration, what: str, limit: timedelta, *, positive: bool = False
+) -> timedelta:
+    # A Duration's seconds range past what timedelta holds (and 0 < nanos with
+    # negative seconds is malformed): bound the seconds before converting.
+    if abs(msg.seconds) > limit.total_seconds() + 1:
+        raise InvalidArgument(limits.too_long(what, msg.seconds, limit))
+    return limits.duration(msg.ToTimedelta(), what, limit, positive=positive)
 
 
 def _optional_duration(
-    parent: job_pb2.JobSpec | job_pb2.RetryPolicy, field: str, what: str
+    parent: job_pb2.JobSpec | job_pb2.RetryPolicy,
+    field: str,
+    limit: timedelta,
+    *,
+    positive: bool = False,
 ) -> timedelta | None:
     if not parent.HasField(field):
         return None
-    return _duration(getattr(parent, field), what)
+    what = field if isinstance(parent, job_pb2.JobSpec) else f"retry.{field}"
+    return _duration(getattr(parent, field), what, limit, positive=positive)
 
 
 def _retry(spec: job_pb2.JobSpec, defaults: RetryPolicy) -> RetryPolicy:
@@ -93,72 +93,72 @@ def _retry(spec: job_pb2.JobSpec, defaults: RetryPolicy) -> RetryPolicy:
         return defaults
     r = spec.retry
     jitter = r.jitter if r.HasField("jitter") else defaults.jitter
-    if not 0.0 <= jitter <= 1.0:
-        raise InvalidArgument(f"retry.jitter must be between 0 and 1 (got {jitter})")
-    if r.backoff_factor and r.backoff_factor < 1.0:
-        raise InvalidArgument(f"retry.backoff_factor must be at least 1 (got {r.backoff_factor})")
-    base = _optional_duration(r, "backoff_base", "retry.backoff_base")
-    cap = _optional_duration(r, "backoff_cap", "retry.backoff_cap")
+    base = _optional_duration(r, "backoff_base", limits.MAX_BACKOFF)
+    cap = _optional_duration(r, "backoff_cap", limits.MAX_BACKOFF)
+    attempts = r.max_attempts and limits.max_attempts(r.max_attempts)
+    factor = r.backoff_factor and limits.backoff_factor(r.backoff_factor)
     return RetryPolicy(
-        max_attempts=r.max_attempts or defaults.max_attempts,
+        max_attempts=attempts or defaults.max_attempts,
         backoff_base=defaults.backoff_base if base is None else base,
-        backoff_factor=r.backoff_factor or defaults.backoff_factor,
+        backoff_factor=factor or defaults.backoff_factor,
         backoff_cap=defaults.backoff_cap if cap is None else cap,
-        jitter=jitter,
+        jitter=limits.fraction(jitter, "retry.jitter"),
     )
 
 
-def new_job(spec: job_pb2.JobSpec, limits: Limits, now: datetime) -> NewJob:
-    """Validate one submitted spec; raise InvalidArgument or ResourceExhausted."""
-    queue = _name(spec.queue, "queue")
-    task = _name(spec.task, "task")
-    size = len(spec.payload.data)
-    if size > limits.max_payload_bytes:
-        raise ResourceExhausted(
-            f"payload is {size} bytes; this broker accepts at most {limits.max_payload_bytes} "
-            "(--max-payload-bytes); store large data elsewhere and submit a reference"
-        )
-    if spec.HasField("run_at") and spec.HasField("delay"):
-        raise InvalidArgument("give run_at or delay, not both")
-    run_at = None
-    try:
+def _run_at(spec: job_pb2.JobSpec, now: datetime) -> datetime | None:
+    if spec.HasField("delay"):
         if spec.HasField("run_at"):
-            run_at = spec.run_at.ToDatetime(tzinfo=UTC)
-        elif spec.HasField("delay"):
-            run_at = now + _duration(spec.delay, "delay")
-    except (OverflowError, ValueError):
-        raise InvalidArgument("run_at must fall between the years 1 and 9999") from None
+            raise InvalidArgument("give run_at or delay, not both")
+        return now + _duration(spec.delay, "delay", limits.MAX_DELAY)
+    if not spec.HasField("run_at"):
+        return None
+    latest = now + limits.MAX_DELAY
+    seconds = spec.run_at.seconds
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS or seconds > (latest - EPOCH).total_seconds():
+        raise InvalidArgument(
+            f"run_at must fall between the year 1 and {latest:%Y-%m-%d} "
+            f"(at most {limits.MAX_DELAY.days} days ahead)"
+        )
+    try:
+        return spec.run_at.ToDatetime(tzinfo=UTC)
+    except (OverflowError, ValueError):  # nanos out of range
+        raise InvalidArgument("run_at is not a valid timestamp") from None
+
+
+_MIN_SECONDS = int((datetime(1, 1, 2, tzinfo=UTC) - EPOCH).total_seconds())
+_MAX_SECONDS = int((datetime(9999, 1, 1, tzinfo=UTC) - EPOCH).total_seconds())
+
+
+def new_job(spec: job_pb2.JobSpec, limit: Limits, now: datetime) -> NewJob:
+    """Validate one submitted spec; raise InvalidArgument or ResourceExhausted."""
+    limits.payload_size(len(spec.payload.data), limit.max_payload_bytes)
     key = spec.idempotency_key or None
-    if key is not None and len(key) > MAX_NAME:
-        raise InvalidArgument(f"idempotency_key is {len(key)} characters; the limit is {MAX_NAME}")
     return NewJob(
         id=new_job_id(),
-        queue=queue,
-        task=task,
-        payload=Payload(spec.payload.data, spec.payload.content_type or "application/json"),
+        queue=limits.name(spec.queue, "queue"),
+        task=limits.name(spec.task, "task"),
+        payload=Payload(spec.payload.data, _content_type(spec.payload.content_type)),
         priority=spec.priority,
-        run_at=run_at,
-        retry=_retry(spec, limits.retry),
-        timeout=_positive(_optional_duration(spec, "timeout", "timeout"), "timeout"),
-        soft_timeout=_positive(
-            _optional_duration(spec, "soft_timeout", "soft_timeout"), "soft_timeout"
-        ),
-        idempotency_key=key,
-        metadata=dict(spec.metadata) if spec.metadata else {},  # an empty map is slow to copy
-        tags=tuple(spec.tags),
+        run_at=_run_at(spec, now),
+        retry=_retry(spec, limit.retry),
+        timeout=_optional_duration(spec, "timeout", limits.MAX_TIMEOUT, positive=True),
+        soft_timeout=_optional_duration(spec, "soft_timeout", limits.MAX_TIMEOUT, positive=True),
+        idempotency_key=None if key is None else limits.name(key, "idempotency_key"),
+        # An empty map is slow to copy, and most jobs have none.
+        metadata=limits.metadata(spec.metadata) if spec.metadata else {},
+        tags=limits.tags(spec.tags) if spec.tags else (),
     )
 
 
-def _positive(value: timedelta | None, what: str) -> timedelta | None:
-    if value is not None and value <= timedelta(0):
-        raise InvalidArgument(f"{what} must be positive")
-    return value
-
-
-def job_id(value: str) -> str:
+def _content_type(value: str) -> str:
     if not value:
-        raise InvalidArgument("job_id must not be empty")
-    return value
+        return JSON_CONTENT_TYPE
+    return limits.text(value, "content_type", limits.MAX_CONTENT_TYPE)
+
+
+def job_id(value: str, what: str = "job_id") -> str:
+    return limits.name(value, what)
 
 
 # --- domain -> wire ---

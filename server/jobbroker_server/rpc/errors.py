@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 
@@ -17,8 +14,6 @@ from jobbroker_server.domain.errors import (
     NotFound,
     ResourceExhausted,
 )
-
-log = logging.getLogger(__name__)
 
 REASON_KEY = "jobbroker-reason"
 
@@ -47,40 +42,3 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: BrokerError)
     context.set_trailing_metadata(((REASON_KEY, error.reason),))
     await context.abort(status_of(error), str(error))
     raise AssertionError("abort returned")  # pragma: no cover
-
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Self = TypeVar("Self")
-Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def unary(
-    method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
-) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
-    """Turn the BrokerErrors of a unary method into status codes."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
-        try:
-            return await method(self, request, context)
-        except BrokerError as error:
-            await abort(context, error)
-
-    return wrapper
-
-
-def streaming(
-    method: Callable[[Self, Req, Ctx], AsyncIterator[Resp]],
-) -> Callable[[Self, Req, Ctx], AsyncIterator[Resp]]:
-    """Turn the BrokerErrors of a response-streaming method into status codes."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Self, request: Req, context: Ctx) -> AsyncIterator[Resp]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except BrokerError as error:
-            await abort(context, error)
-
-    return wrapper

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -10,18 +11,27 @@ import grpc
 
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.errors import BrokerError, InvalidArgument, ResourceExhausted
+from jobbroker_server.domain import limits
+from jobbroker_server.domain.errors import (
+    BrokerError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from jobbroker_server.domain.models import JobFilter, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.rpc import convert
-from jobbroker_server.rpc.errors import error_pb, streaming, unary
+from jobbroker_server.rpc.errors import error_pb
 from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.services.jobs import Jobs
+
+log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_SELECTED = 10_000  # job ids one DLQ call may name
 
 
 def _submit_pb(
@@ -53,6 +63,9 @@ async def _stream_answer(
             results = await stored
         except BrokerError as error:
             failed = error
+        except Exception:
+            log.exception("storing submitted jobs failed")
+            failed = Internal("the broker failed to store these jobs; its log has the details")
     answer = broker_pb2.SubmitBatchResponse()
     stored_results = iter(results)
     for refusal in refusals:
@@ -96,14 +109,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             raise InvalidArgument("job must be set")
         return convert.new_job(request.job, self._limits, self._clock.now())
 
-    @unary
     async def Submit(
         self, request: broker_pb2.SubmitRequest, context: Ctx
     ) -> broker_pb2.SubmitResponse:
         [result] = await self._jobs.submit_many([self._new_job(request)])
         return _submit_pb(result)
 
-    @unary
     async def SubmitBatch(
         self, request: broker_pb2.SubmitBatchRequest, context: Ctx
     ) -> broker_pb2.SubmitBatchResponse:
@@ -172,28 +183,24 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 refusals.append(None)
         return refusals, self._jobs.submit_soon(valid) if valid else None
 
-    @unary
     async def GetJob(
         self, request: broker_pb2.GetJobRequest, context: Ctx
     ) -> broker_pb2.GetJobResponse:
         job = await self._jobs.get(convert.job_id(request.job_id))
         return broker_pb2.GetJobResponse(job=convert.job_pb(job))
 
-    @streaming
     async def WaitJob(
         self, request: broker_pb2.WaitJobRequest, context: Ctx
     ) -> AsyncIterator[broker_pb2.JobEvent]:
         async for job in self._jobs.wait(convert.job_id(request.job_id)):
             yield broker_pb2.JobEvent(job=convert.job_pb(job))
 
-    @unary
     async def CancelJob(
         self, request: broker_pb2.CancelJobRequest, context: Ctx
     ) -> broker_pb2.CancelJobResponse:
         job = await self._jobs.cancel(convert.job_id(request.job_id))
         return broker_pb2.CancelJobResponse(job=convert.job_pb(job))
 
-    @unary
     async def ListJobs(
         self, request: broker_pb2.ListJobsRequest, context: Ctx
     ) -> broker_pb2.ListJobsResponse:
@@ -204,41 +211,38 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 raise InvalidArgument(f"unknown job state {pb}")
             states.append(convert.STATE_FROM_PB[pb])
         where = JobFilter(
-            queue=request.queue or None,
+            queue=_optional_name(request.queue, "queue"),
             states=tuple(states),
-            task=request.task or None,
-            after_id=request.page_token or None,
+            task=_optional_name(request.task, "task"),
+            after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
         )
         return _page(await self._jobs.find(where), size)
 
-    @unary
     async def ListDeadJobs(
         self, request: broker_pb2.ListDeadJobsRequest, context: Ctx
     ) -> broker_pb2.ListJobsResponse:
         size = _page_size(request.page_size)
         where = JobFilter(
-            queue=request.queue or None,
+            queue=_optional_name(request.queue, "queue"),
             states=(JobState.DEAD,),
-            after_id=request.page_token or None,
+            after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
         )
         return _page(await self._jobs.find(where), size)
 
-    @unary
     async def ReplayDeadJobs(
         self, request: broker_pb2.ReplayDeadJobsRequest, context: Ctx
     ) -> broker_pb2.ReplayDeadJobsResponse:
-        _check_selection(request.job_ids, request.all, "replay")
-        ids = await self._jobs.replay_dead(request.queue or None, list(request.job_ids))
+        ids = _selection(request.job_ids, request.all, "replay")
+        ids = await self._jobs.replay_dead(_optional_name(request.queue, "queue"), ids)
         return broker_pb2.ReplayDeadJobsResponse(job_ids=ids)
 
-    @unary
     async def PurgeDeadJobs(
         self, request: broker_pb2.PurgeDeadJobsRequest, context: Ctx
     ) -> broker_pb2.PurgeDeadJobsResponse:
-        _check_selection(request.job_ids, request.all, "purge")
-        purged = await self._jobs.purge_dead(request.queue or None, list(request.job_ids))
+        ids = _selection(request.job_ids, request.all, "purge")
+        purged = await self._jobs.purge_dead(_optional_name(request.queue, "queue"), ids)
         return broker_pb2.PurgeDeadJobsResponse(purged=purged)
 
     async def LeaseStream(
@@ -249,6 +253,17 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             yield message
 
 
-def _check_selection(job_ids: Any, everything: bool, verb: str) -> None:
+def _selection(job_ids: Sequence[str], everything: bool, verb: str) -> list[str]:
     if bool(job_ids) == everything:
         raise InvalidArgument(f"{verb} takes job ids or all=true, exactly one of them")
+    if len(job_ids) > MAX_SELECTED:
+        raise InvalidArgument(
+            f"{verb} takes at most {MAX_SELECTED} job ids (got {len(job_ids)}); "
+            "select by queue with all=true instead"
+        )
+    return [convert.job_id(job_id, "job_ids[]") for job_id in job_ids]
+
+
+def _optional_name(value: str, what: str) -> str | None:
+    """A filter field: empty means unset, anything else must be a valid name."""
+    return limits.name(value, what) if value else None

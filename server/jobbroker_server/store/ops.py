@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from jobbroker_server.domain import states
+from jobbroker_server.domain import limits, states
 from jobbroker_server.domain.errors import NotFound
 from jobbroker_server.domain.models import (
     AttemptOutcome,
@@ -223,7 +223,7 @@ def lease_many(
     leased: list[Any] = [_LeasedRow._make((*row, *known)) for row in found]
     leased.sort(key=lambda row: (-row.priority, row.id))  # RETURNING has no order
     timed = [
-        {"b_id": row.id, "b_deadline": now + timedelta(seconds=row.timeout_s)}
+        {"b_id": row.id, "b_deadline": now + timedelta(seconds=_timeout_s(row))}
         for row in leased
         if row.timeout_s
     ]
@@ -232,6 +232,10 @@ def lease_many(
     ids = [row.id for row in leased]
     _START_ATTEMPTS.run(conn, {"ids": ids, "worker_id": worker_id, "now": now})
     return [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
+
+
+def _timeout_s(row: Any) -> float:
+    return limits.finite_seconds(row.timeout_s, limits.MAX_TIMEOUT) or 0.0
 
 
 def submit_and_lease(

@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from jobbroker_server.domain import limits
 from jobbroker_server.domain.models import Attempt, AttemptOutcome, ErrorInfo, Job, NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
@@ -19,8 +20,11 @@ def _seconds(value: timedelta | None) -> float | None:
     return None if value is None else value.total_seconds()
 
 
-def _delta(value: float | None) -> timedelta | None:
-    return None if value is None else timedelta(seconds=value)
+def _delta(value: float | None, limit: timedelta = limits.MAX_TIMEOUT) -> timedelta | None:
+    """A stored duration, within ``limit`` even if a row predates the limits."""
+    if value is None:
+        return None
+    return timedelta(seconds=limits.finite_seconds(value, limit) or 0.0)
 
 
 def error_to_json(error: ErrorInfo | None) -> dict[str, str] | None:
@@ -103,9 +107,9 @@ def _retry_policy(
     """Jobs mostly share a few policies (the policy is immutable)."""
     return RetryPolicy(
         max_attempts=max_attempts,
-        backoff_base=timedelta(seconds=base_s),
+        backoff_base=_delta(base_s, limits.MAX_BACKOFF) or timedelta(0),
         backoff_factor=factor,
-        backoff_cap=timedelta(seconds=cap_s),
+        backoff_cap=_delta(cap_s, limits.MAX_BACKOFF) or timedelta(0),
         jitter=jitter,
     )
 
