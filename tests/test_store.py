@@ -15,6 +15,7 @@ import pytest
 
 from jobbroker_server.domain.errors import IllegalTransition, NotFound
 from jobbroker_server.domain.ids import new_job_id
+from jobbroker_server.domain.limits import MAX_LEASE_BYTES
 from jobbroker_server.domain.models import (
     AttemptOutcome,
     Completion,
@@ -70,12 +71,13 @@ def job(
     key: str | None = None,
     max_attempts: int = 3,
     timeout: timedelta | None = None,
+    payload: bytes = b"{}",
 ) -> NewJob:
     return NewJob(
         id=new_job_id(),
         queue=queue,
         task="t",
-        payload=Payload(b"{}"),
+        payload=Payload(payload),
         priority=priority,
         run_at=run_at,
         retry=RetryPolicy(max_attempts=max_attempts, backoff_base=timedelta(seconds=10), jitter=0),
@@ -119,7 +121,10 @@ def test_submit_and_lease_fills_each_ask_in_the_same_transaction(db: Harness) ->
     older = job(priority=0)
     db(db.store.submit_many([older], T0, WINDOW))
     urgent, plain, later = job(priority=5), job(priority=0), job(run_at=T0 + timedelta(hours=1))
-    asks = [LeaseAsk(("q",), 2, "w1"), LeaseAsk(("other", "q"), 5, "w2")]
+    asks = [
+        LeaseAsk(("q",), 2, "w1", MAX_LEASE_BYTES),
+        LeaseAsk(("other", "q"), 5, "w2", MAX_LEASE_BYTES),
+    ]
     results, leased = db(db.store.submit_and_lease([urgent, plain, later], T0, WINDOW, asks, LEASE))
     assert [r.state for r in results] == [JobState.PENDING, JobState.PENDING, JobState.SCHEDULED]
     # Each ask is served in order, highest priority first, then FIFO: the
@@ -189,7 +194,9 @@ def test_failures_back_off_then_dead_letter_with_history(db: Harness) -> None:
         ("w1", AttemptOutcome.FAILED, "one"),
         ("w2", AttemptOutcome.FAILED, "two"),
     ]
-    assert [j.id for j in db(db.store.list_jobs(JobFilter(states=(JobState.DEAD,))))] == [r.job_id]
+    assert [j.id for j in db(db.store.list_jobs(JobFilter(states=(JobState.DEAD,)))).jobs] == [
+        r.job_id
+    ]
     assert db(db.store.replay_dead(None, [], T0)) == [r.job_id]
     replayed = db(db.store.get_job(r.job_id))
     assert replayed.state is JobState.PENDING and replayed.attempts == 0
@@ -264,14 +271,14 @@ def test_retention_deletes_finished_jobs_but_keeps_dead_ones(db: Harness) -> Non
         db(db.store.get_job(ok.id))
     assert db(db.store.get_job(dead.id)).state is JobState.DEAD
     assert db(db.store.purge_dead(None, [dead.id])) == 1
-    assert db(db.store.queue_depths()) == {}
+    assert db(db.store.queue_depths(1000)) == {}
 
 
 def test_submit_many_is_all_or_nothing(db: Harness) -> None:
     a = job()
     with pytest.raises(Exception, match=r"UNIQUE|unique|duplicate"):
         db(db.store.submit_many([job(), a, a], T0, WINDOW))  # the same id twice
-    assert db(db.store.queue_depths()) == {}
+    assert db(db.store.queue_depths(1000)) == {}
 
 
 def test_heartbeat_extends_only_current_leases(db: Harness) -> None:
@@ -334,7 +341,7 @@ def test_concurrent_operations_fail_alone(db: Harness) -> None:
     stored = [o for o in outcomes if not isinstance(o, BaseException)]
     assert len(failed) == 4 and all(isinstance(e, NotFound) for e in failed)
     assert len(stored) == 20
-    listed = db(store.list_jobs(JobFilter(limit=100)))
+    listed = db(store.list_jobs(JobFilter(limit=100))).jobs
     assert sorted(j.id for j in listed) == sorted(r[0].job_id for r in stored)
 
 
@@ -461,10 +468,46 @@ def test_queue_depths_count_waiting_running_and_dead_jobs_per_queue(db: Harness)
     db(db.store.fail_many([Failure(LeaseRef(dead.id, 1), ErrorInfo("E", "x"))], T0))
     later = job("b", run_at=T0 + timedelta(hours=1))
     db(db.store.submit_many([job("b"), job("b"), later, job("c")], T0, WINDOW))
-    assert db(db.store.queue_depths()) == {
+    assert db(db.store.queue_depths(1000)) == {
         ("a", JobState.RUNNING): 1,
         ("a", JobState.DEAD): 1,
         ("b", JobState.PENDING): 2,
         ("b", JobState.SCHEDULED): 1,
         ("c", JobState.PENDING): 1,
     }
+    # Past the cap, the other queues are counted together, by state.
+    assert db(db.store.queue_depths(1)) == {
+        ("a", JobState.RUNNING): 1,
+        ("a", JobState.DEAD): 1,
+        (None, JobState.PENDING): 3,
+        (None, JobState.SCHEDULED): 1,
+    }
+
+
+def test_ready_queues_names_the_queues_with_pending_jobs(db: Harness) -> None:
+    later = job("later", run_at=T0 + timedelta(hours=1))
+    db(db.store.submit_many([job("a"), job("a"), later, job("b")], T0, WINDOW))
+    db(db.store.lease_many(["b"], 1, "w", LEASE, T0))
+    assert db(db.store.ready_queues(["a", "b", "later", "none"])) == {"a"}
+
+
+def test_a_lease_takes_no_more_payload_bytes_than_asked_but_always_one_job(db: Harness) -> None:
+    big = [job("q", payload=b"x" * 1000) for _ in range(5)]
+    db(db.store.submit_many(big, T0, WINDOW))
+    first = db(db.store.lease_many(["q"], 10, "w", LEASE, T0, max_bytes=2500))
+    assert [lease.job.id for lease in first] == [j.id for j in big[:3]]  # 0, 1000, 2000 before
+    alone = db(db.store.lease_many(["q"], 10, "w", LEASE, T0, max_bytes=10))
+    assert [lease.job.id for lease in alone] == [big[3].id]
+    rest = db(db.store.lease_many(["q"], 10, "w", LEASE, T0))
+    assert [lease.job.id for lease in rest] == [big[4].id]
+
+
+def test_a_listing_holds_no_more_bytes_than_asked_but_always_one_job(db: Harness) -> None:
+    big = [job("q", payload=b"x" * 1000) for _ in range(4)]
+    db(db.store.submit_many(big, T0, WINDOW))
+    page = db(db.store.list_jobs(JobFilter(limit=10, max_bytes=2500)))
+    assert [j.id for j in page.jobs] == [j.id for j in big[:2]] and page.more
+    page = db(db.store.list_jobs(JobFilter(limit=10, max_bytes=10, after_id=big[1].id)))
+    assert [j.id for j in page.jobs] == [big[2].id] and page.more
+    page = db(db.store.list_jobs(JobFilter(limit=10, after_id=big[2].id)))
+    assert [j.id for j in page.jobs] == [big[3].id] and not page.more

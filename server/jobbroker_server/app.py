@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from jobbroker.v1 import broker_pb2
+from jobbroker_server import ports
 from jobbroker_server.clock import Clock, SystemClock
-from jobbroker_server.config import Settings
+from jobbroker_server.config import Settings, check
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.rpc.convert import Limits
 from jobbroker_server.rpc.handlers import add_service
@@ -23,10 +23,12 @@ from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.rpc.servicer import BrokerServicer
 from jobbroker_server.services.background import DepthSampler, Reaper, Retention, Scheduler
 from jobbroker_server.services.dispatcher import Dispatcher
+from jobbroker_server.services.health import StoreHealth
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.reports import Reports
 from jobbroker_server.services.watch import JobWatch
-from jobbroker_server.store import Store, open_store
+from jobbroker_server.store import Store
+from jobbroker_server.store.open import open_migrated, shown
 
 log = logging.getLogger("jobbroker")
 
@@ -39,7 +41,7 @@ class BrokerApp:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_queues=settings.max_metric_queues)
         self.port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -48,10 +50,21 @@ class BrokerApp:
         self._metrics_http: Any = None
 
     async def start(self) -> None:
+        """Check the settings, open the store (locked, migrated), then bind the
+        ports. Each failure raises one line that names what failed (SettingError,
+        CannotOpenStore, CannotListen), with nothing left open or bound."""
+        check(self.settings)
+        store, _version = await open_migrated(self.settings.database)
+        self._store = store
+        try:
+            await self._start(store)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, store: Store) -> None:
         s = self.settings
-        self._store = store = open_store(s.database)
-        await store.migrate()
-        watch = JobWatch()
+        watch = JobWatch(s.max_watch_streams)
         dispatcher = Dispatcher(
             store,
             self.clock,
@@ -59,6 +72,8 @@ class BrokerApp:
             watch,
             lease_duration=s.lease_duration,
             poll_interval=s.poll_interval,
+            max_streams=s.max_lease_streams,
+            max_payload_bytes=s.max_payload_bytes,
         )
         scheduler = Scheduler(store, dispatcher, self.clock, watch, s.poll_interval)
         reaper = Reaper(store, dispatcher, self.clock, self.metrics, watch, s.reap_interval)
@@ -79,7 +94,7 @@ class BrokerApp:
         self._dispatcher = dispatcher
         servicer = BrokerServicer(
             jobs,
-            LeaseStreams(dispatcher, reports),
+            LeaseStreams(dispatcher, reports, s.max_payload_bytes),
             self.clock,
             Limits(s.max_payload_bytes, s.retry),
             s.max_batch,
@@ -89,26 +104,33 @@ class BrokerApp:
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
+                # gRPC's default lets a second broker share the port and take
+                # half the calls into its own database.
+                ("grpc.so_reuseport", 0),
             ]
         )
         add_service(broker_pb2.DESCRIPTOR.services_by_name["Broker"], servicer, server)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lag
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        ports.ensure_free(s.host, s.port, ports.GRPC_PORT)
+        if s.metrics_port:
+            ports.ensure_free(s.host, s.metrics_port, ports.METRICS_PORT)
+            self._metrics_http = ports.serve_metrics(s.host, s.metrics_port, self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        self.port = ports.bind_grpc(server, s.host, s.port)
         await server.start()
         self._server = server
-        for status_of in ("", SERVICE_NAME):
-            await self._health.set(status_of, health_pb2.HealthCheckResponse.SERVING)
-        for service in (scheduler, reaper, retention, depths):
+        await self._set_serving(True)
+        health_probe = StoreHealth(store, self.clock, self._set_serving)
+        for service in (scheduler, reaper, retention, depths, dispatcher, health_probe):
             self._tasks.append(asyncio.create_task(service.run()))
-        if s.metrics_port >= 0 and s.metrics_port != 0:
-            http, _thread = start_http_server(s.metrics_port, s.host, self.metrics.registry)
-            self._metrics_http = http
-            self.metrics_port = http.server_port
-        log.info("jobbroker listening on %s:%d, database %s", s.host, self.port, s.database)
+        log.info("jobbroker listening on %s:%d, database %s", s.host, self.port, shown(s.database))
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status.SERVING if serving else status.NOT_SERVING)
 
     async def stop(self) -> None:
         """Stop leasing, refuse new calls, let open streams report, close the store."""

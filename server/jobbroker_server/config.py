@@ -1,8 +1,12 @@
-"""The broker's settings: defaults, ``BROKER_*`` environment variables, flags."""
+"""The broker's settings: defaults, ``BROKER_*`` environment variables, flags.
+
+A value that cannot be used is refused before the broker opens anything, with
+one line that names the flag and the variable (``check``).
+"""
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -25,6 +29,9 @@ class Settings:
     shutdown_grace: timedelta = timedelta(seconds=10)
     reap_interval: timedelta = timedelta(seconds=1)
     poll_interval: timedelta = timedelta(seconds=1)
+    max_lease_streams: int = 1000  # open LeaseStreams at once
+    max_watch_streams: int = 10_000  # open WaitJob calls at once
+    max_metric_queues: int = 1000  # queues with labels of their own; the rest share one
 
 
 # (setting, environment variable, type) for what `broker serve` takes as flags.
@@ -38,15 +45,105 @@ ENV: tuple[tuple[str, str, type], ...] = (
     ("dedup_window", "BROKER_DEDUP_WINDOW_SECONDS", timedelta),
     ("retention", "BROKER_RETENTION_SECONDS", timedelta),
     ("shutdown_grace", "BROKER_SHUTDOWN_GRACE_SECONDS", timedelta),
+    ("max_lease_streams", "BROKER_MAX_LEASE_STREAMS", int),
+    ("max_watch_streams", "BROKER_MAX_WATCH_STREAMS", int),
+    ("max_metric_queues", "BROKER_MAX_METRIC_QUEUES", int),
 )
 
 
-def env_default(name: str, kind: type, default: object) -> object:
-    """The environment's value for a setting, or ``default``."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
+class SettingError(ValueError):
+    """A setting the broker cannot run with; the message names it."""
+
+
+def flag_of(env: str) -> str:
+    """``BROKER_LEASE_SECONDS`` -> ``--lease-seconds``."""
+    return "--" + env.removeprefix("BROKER_").lower().replace("_", "-")
+
+
+def _named(name: str) -> str:
+    env = next((e for n, e, _ in ENV if n == name), None)
+    return f"{flag_of(env)} ({env})" if env else name
+
+
+def parse(kind: type, raw: str) -> object:
+    """A setting's text as its type; ValueError naming what was expected."""
+    text = raw.strip()
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("a whole number") from None
+    if kind is timedelta:
+        try:
+            seconds = float(text)
+            if math.isfinite(seconds):
+                return timedelta(seconds=seconds)
+        except (ValueError, OverflowError):
+            pass
+        raise ValueError("a number of seconds")
+    return raw
+
+
+def from_text(env: str, kind: type, raw: str, *, from_env: bool) -> object:
+    """``parse``, its error naming where the text came from: ``env``, or the flag."""
     try:
-        return timedelta(seconds=float(raw)) if kind is timedelta else kind(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+        return parse(kind, raw)
+    except ValueError as expected:
+        where = f"{env}={raw!r}" if from_env else f"{flag_of(env)} {raw!r}"
+        raise SettingError(f"{where} is not {expected}") from None
+
+
+# Durations past this would put `now ± duration` out of the store's range.
+_LONGEST = timedelta(days=3650)
+_PORTS = range(0, 65536)
+_LARGEST_PAYLOAD = 512 * 1024 * 1024  # twice it must fit gRPC's int32 message limit
+
+# Each count setting and its least value.
+_COUNTS: tuple[tuple[str, int], ...] = (
+    ("max_batch", 1),
+    ("max_lease_streams", 1),
+    ("max_watch_streams", 1),
+    ("max_metric_queues", 0),
+)
+
+# Each duration setting, and whether it may be 0 (else it must be more).
+_DURATIONS: tuple[tuple[str, bool], ...] = (
+    ("lease_duration", False),
+    ("dedup_window", True),
+    ("retention", True),
+    ("retention_interval", False),
+    ("shutdown_grace", True),
+    ("reap_interval", False),
+    ("poll_interval", False),
+)
+
+
+def check(settings: Settings) -> None:
+    """Raise SettingError for the first setting the broker cannot run with."""
+    s = settings
+    for name in ("host", "database"):
+        if not getattr(s, name).strip():
+            raise SettingError(f"{_named(name)} must not be empty")
+    for name in ("port", "metrics_port"):
+        if getattr(s, name) not in _PORTS:
+            raise SettingError(
+                f"{_named(name)} must be a port from 0 to 65535, not {getattr(s, name)}"
+            )
+    if not 1 <= s.max_payload_bytes <= _LARGEST_PAYLOAD:
+        raise SettingError(
+            f"{_named('max_payload_bytes')} must be from 1 to {_LARGEST_PAYLOAD}, "
+            f"not {s.max_payload_bytes}"
+        )
+    for name, least in _COUNTS:
+        if getattr(s, name) < least:
+            raise SettingError(f"{_named(name)} must be at least {least}, not {getattr(s, name)}")
+    for name, zero_allowed in _DURATIONS:
+        value: timedelta = getattr(s, name)
+        seconds = f"{value.total_seconds():g}"
+        if value < timedelta(0) or (value == timedelta(0) and not zero_allowed):
+            bound = "0 or more" if zero_allowed else "more than 0"
+            raise SettingError(f"{_named(name)} must be {bound} seconds, not {seconds}")
+        if value > _LONGEST:
+            raise SettingError(
+                f"{_named(name)} must be at most {_LONGEST.days} days, not {seconds} seconds"
+            )

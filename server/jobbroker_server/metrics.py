@@ -1,10 +1,12 @@
 """Every Prometheus metric of the broker. Seconds as the unit; labels bounded
-to queue and state, never a job id."""
+to queue and state, never a job id, and to ``max_queues`` queues: the first
+that many queues seen get labels of their own, every later one shares
+OTHER_QUEUES, so a client that makes up queue names cannot grow /metrics."""
 
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -14,9 +16,14 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
+OTHER_QUEUES = "_other"
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_queues: int = 1000) -> None:
         self.registry = registry or CollectorRegistry()
+        self.max_queues = max_queues
+        self._queues: set[str] = set()
         r = self.registry
         self.submitted = Counter(
             "jobbroker_jobs_submitted", "Jobs stored by submit", ["queue"], registry=r
@@ -56,29 +63,48 @@ class Metrics:
         )
         self.streams = Gauge("jobbroker_worker_streams", "Open LeaseStreams", registry=r)
 
-    @staticmethod
-    def count(counter: Counter, queues: Iterable[str]) -> None:
+    def queue_label(self, queue: str | None) -> str:
+        """The label a queue's samples go under (None: queues not named apart)."""
+        if queue is None:
+            return OTHER_QUEUES
+        if queue in self._queues:
+            return queue
+        if len(self._queues) < self.max_queues:
+            self._queues.add(queue)
+            return queue
+        return OTHER_QUEUES
+
+    def count(self, counter: Counter, queues: Iterable[str]) -> None:
         """One increment per queue for a batch, not one label lookup per job."""
         for queue, n in Tally(queues).items():
-            counter.labels(queue).inc(n)
+            counter.labels(self.queue_label(queue)).inc(n)
 
-    @staticmethod
-    def observe(histogram: Histogram, samples: Iterable[tuple[str, float]]) -> None:
+    def observe(self, histogram: Histogram, samples: Iterable[tuple[str, float]]) -> None:
         """Observe each (queue, value), looking a queue's label up once per batch."""
         children: dict[str, Histogram] = {}
         for queue, value in samples:
             child = children.get(queue)
             if child is None:
-                child = children[queue] = histogram.labels(queue)
+                child = children[queue] = histogram.labels(self.queue_label(queue))
             child.observe(value)
 
     def count_outcomes(self, ended: Iterable[tuple[str, JobState]]) -> None:
         """Count ended attempts by the state each left its job in."""
         for (queue, state), n in Tally(ended).items():
+            label = self.queue_label(queue)
             if state is JobState.SUCCEEDED:
-                self.succeeded.labels(queue).inc(n)
+                self.succeeded.labels(label).inc(n)
                 continue
             if state is not JobState.CANCELLED:
-                self.failed.labels(queue).inc(n)
+                self.failed.labels(label).inc(n)
             if state is JobState.DEAD:
-                self.dead_lettered.labels(queue).inc(n)
+                self.dead_lettered.labels(label).inc(n)
+
+    def set_depths(self, depths: Mapping[tuple[str | None, JobState], int]) -> None:
+        """Replace the depth gauge's samples; queues past the cap are summed."""
+        summed: Tally[tuple[str, str]] = Tally()
+        for (queue, state), n in depths.items():
+            summed[(self.queue_label(queue), state.value)] += n
+        self.queue_depth.clear()
+        for (label, state_label), n in summed.items():
+            self.queue_depth.labels(label, state_label).set(n)

@@ -6,6 +6,9 @@ BrokerError
 ├── FailedPrecondition   the job's state does not allow it
 │   └── IllegalTransition
 ├── ResourceExhausted    payload or batch over a configured limit
+│   └── StorageFull      the database's disk is full; nothing was written
+├── StoreUnavailable     the database cannot be used now (unreachable,
+│                        read-only); safe to retry, the broker reconnects
 └── Internal             the broker failed; its log says why, the reply does not
 
 A report under a stale lease is not an error here: the stream answers it with
@@ -39,5 +42,17 @@ class ResourceExhausted(BrokerError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class StorageFull(ResourceExhausted):
+    reason = "STORAGE_FULL"
+
+
+class StoreUnavailable(BrokerError):
+    reason = "STORE_UNAVAILABLE"
+
+
 class Internal(BrokerError):
     reason = "INTERNAL"
+
+
+# Errors that say the store itself cannot be used, whatever was asked of it.
+STORE_DOWN: tuple[type[BrokerError], ...] = (StorageFull, StoreUnavailable)

@@ -36,6 +36,11 @@ MAX_PROGRESS_MESSAGE = 1024
 # message may name.
 MAX_SUBSCRIBED_QUEUES = 100
 MAX_REFS_PER_MESSAGE = 10_000
+# Payload bytes one lease message carries at most (or one job's, if larger):
+# far inside the SDK's receive limit, with the other fields' limits above.
+MAX_LEASE_BYTES = 4 * 1024 * 1024
+# What a broker sends and an SDK accepts in one message.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def name(value: str, what: str) -> str:
@@ -103,7 +108,9 @@ def duration(value: timedelta, what: str, limit: timedelta, *, positive: bool = 
 
 
 def too_long(what: str, seconds: float, limit: timedelta) -> str:
-    return f"{what} is {seconds:.0f}s; the limit is {limit.total_seconds():.0f}s ({limit.days} days)"
+    return (
+        f"{what} is {seconds:.0f}s; the limit is {limit.total_seconds():.0f}s ({limit.days} days)"
+    )
 
 
 def fraction(value: float, what: str) -> float:

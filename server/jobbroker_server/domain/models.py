@@ -123,6 +123,7 @@ class LeaseAsk:
     queues: tuple[str, ...]
     limit: int
     worker_id: str
+    max_bytes: int  # of payload, in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +172,13 @@ class JobFilter:
     task: str | None = None
     after_id: str | None = None  # page token: ids sort by creation time
     limit: int = 100
+    max_bytes: int = 16 * 1024 * 1024  # of payloads and results, in all
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[Job]
+    more: bool  # a next page may hold jobs: ask after the last one
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -277,23 +278,52 @@ def report_pb(result: ReportResult) -> broker_pb2.ReportResult:
 
 
 def lease_ref(msg: broker_pb2.LeaseRef) -> LeaseRef:
-    return LeaseRef(msg.job_id, msg.fencing_token)
+    job_id = msg.job_id
+    # Checked for what the store cannot hold, not for being a name: one bad id
+    # in a group commit's batch would fail every worker's reports in it.
+    if len(job_id) > limits.MAX_NAME or "\0" in job_id:
+        raise InvalidArgument("a lease's job_id is not a job id")
+    return LeaseRef(job_id, msg.fencing_token)
 
 
-def completion(msg: broker_pb2.Completion) -> Completion:
-    result = None
-    if msg.HasField("result"):
-        result = Payload(msg.result.data, msg.result.content_type or "application/json")
-    return Completion(lease_ref(msg.lease), result)
+def lease_refs(refs: Sequence[broker_pb2.LeaseRef]) -> list[LeaseRef]:
+    if len(refs) > limits.MAX_REFS_PER_MESSAGE:
+        raise InvalidArgument(
+            f"a message names at most {limits.MAX_REFS_PER_MESSAGE} leases (got {len(refs)})"
+        )
+    return [lease_ref(ref) for ref in refs]
+
+
+def completion(msg: broker_pb2.Completion, max_result_bytes: int) -> Completion | Failure:
+    """The completion, or for a result over the limit, the attempt's failure
+    that dead-letters its job and says why."""
+    ref = lease_ref(msg.lease)
+    if not msg.HasField("result"):
+        return Completion(ref, None)
+    size = len(msg.result.data)
+    if size > max_result_bytes:
+        message = (
+            f"the result is {size} bytes; this broker stores at most {max_result_bytes} "
+            "(--max-payload-bytes): store large results elsewhere and return a reference"
+        )
+        return Failure(ref, ErrorInfo("ResultTooLarge", message), permanent=True)
+    content_type = limits.clipped(msg.result.content_type, limits.MAX_CONTENT_TYPE)
+    return Completion(ref, Payload(msg.result.data, content_type or JSON_CONTENT_TYPE))
 
 
 def failure(msg: broker_pb2.Failure) -> Failure:
-    retry_after = msg.retry_after.ToTimedelta() if msg.HasField("retry_after") else None
-    if retry_after is not None and retry_after < timedelta(0):
-        retry_after = timedelta(0)
+    retry_after = None
+    if msg.HasField("retry_after"):
+        seconds = min(max(msg.retry_after.seconds, 0), int(limits.MAX_BACKOFF.total_seconds()))
+        retry_after = timedelta(seconds=seconds, microseconds=max(msg.retry_after.nanos, 0) // 1000)
+    error = msg.error
     return Failure(
         lease=lease_ref(msg.lease),
-        error=ErrorInfo(msg.error.type, msg.error.message, msg.error.traceback),
+        error=ErrorInfo(
+            limits.clipped(error.type, limits.MAX_NAME),
+            limits.clipped(error.message, limits.MAX_ERROR_MESSAGE),
+            limits.clipped(error.traceback, limits.MAX_TRACEBACK),
+        ),
         permanent=msg.permanent,
         retry_after=retry_after,
         cancelled=msg.cancelled,
@@ -301,4 +331,6 @@ def failure(msg: broker_pb2.Failure) -> Failure:
 
 
 def progress(msg: broker_pb2.Progress) -> Progress:
-    return Progress(lease_ref(msg.lease), msg.progress, msg.message)
+    fraction = limits.fraction(msg.progress, "progress")
+    message = limits.clipped(msg.message, limits.MAX_PROGRESS_MESSAGE)
+    return Progress(lease_ref(msg.lease), fraction, message)

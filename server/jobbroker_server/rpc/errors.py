@@ -13,6 +13,8 @@ from jobbroker_server.domain.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    StorageFull,
+    StoreUnavailable,
 )
 
 REASON_KEY = "jobbroker-reason"
@@ -21,7 +23,9 @@ STATUS: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 

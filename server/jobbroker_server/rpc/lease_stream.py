@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence, Sized
 from typing import Any
 
 import grpc
 
 from jobbroker.v1 import broker_pb2
+from jobbroker_server.domain import limits
 from jobbroker_server.domain.errors import BrokerError, InvalidArgument
-from jobbroker_server.domain.models import ReportResult, ReportStatus
+from jobbroker_server.domain.models import Completion, Failure, ReportResult, ReportStatus
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import abort
 from jobbroker_server.services.dispatcher import (
@@ -38,9 +39,10 @@ _CANCEL_TO_PB = {
 
 
 class LeaseStreams:
-    def __init__(self, dispatcher: Dispatcher, reports: Reports) -> None:
+    def __init__(self, dispatcher: Dispatcher, reports: Reports, max_result_bytes: int) -> None:
         self._dispatcher = dispatcher
         self._reports = reports
+        self._max_result_bytes = max_result_bytes
         # A third of the lease: two heartbeats may be lost before it expires.
         self._heartbeat_interval = convert.duration(dispatcher.lease_duration / 3)
 
@@ -57,6 +59,7 @@ class LeaseStreams:
         except BrokerError as error:
             await abort(context, error)
         reader = asyncio.create_task(self._read(session, requests))
+        out_task: asyncio.Future[Outgoing] | None = None
         try:
             while True:
                 out_task = asyncio.ensure_future(session.outbox.get())
@@ -70,7 +73,11 @@ class LeaseStreams:
                 reader.result()  # raise what ended the reader, if anything
                 return
         finally:
-            reader.cancel()
+            # Neither task may outlive the call: a pending one is destroyed
+            # with the generator, and logged as such.
+            for task in (out_task, reader):
+                if task is not None:
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             await self._dispatcher.close(session)
@@ -79,16 +86,21 @@ class LeaseStreams:
         if first.WhichOneof("kind") != "subscribe":
             raise InvalidArgument("the first message of a LeaseStream must be subscribe")
         sub = first.subscribe
-        queues = [q for q in sub.queues if q.strip()]
-        if not queues or len(queues) != len(sub.queues):
-            raise InvalidArgument("subscribe.queues must name at least one queue, none empty")
+        if not sub.queues or len(sub.queues) > limits.MAX_SUBSCRIBED_QUEUES:
+            raise InvalidArgument(
+                f"subscribe.queues must name between 1 and {limits.MAX_SUBSCRIBED_QUEUES} "
+                f"queues (got {len(sub.queues)})"
+            )
+        queues = list(dict.fromkeys(limits.name(q, "subscribe.queues[]") for q in sub.queues))
         if not 1 <= sub.prefetch <= MAX_PREFETCH:
             raise InvalidArgument(
                 f"subscribe.prefetch must be between 1 and {MAX_PREFETCH} (got {sub.prefetch})"
             )
-        worker_id = sub.worker_id or "anonymous"
+        if len(sub.held) > MAX_PREFETCH:
+            raise InvalidArgument(f"subscribe.held names at most {MAX_PREFETCH} leases")
+        worker_id = limits.name(sub.worker_id, "subscribe.worker_id") if sub.worker_id else ""
         held = [convert.lease_ref(ref) for ref in sub.held]
-        return self._dispatcher.open(worker_id, queues, sub.prefetch, held)
+        return self._dispatcher.open(worker_id or "anonymous", queues, sub.prefetch, held)
 
     async def _read(
         self, session: Session, requests: AsyncIterator[broker_pb2.WorkerMessage]
@@ -99,24 +111,46 @@ class LeaseStreams:
                 session.outbox.put_nowait(Acked(msg.seq, results))
 
     async def _apply(self, session: Session, msg: broker_pb2.WorkerMessage) -> list[ReportResult]:
-        kind = msg.WhichOneof("kind")
         self._dispatcher.alive(session)
+        try:
+            return await self._report(session, msg)
+        except InvalidArgument as error:  # this message is refused; the stream goes on
+            refused = ReportResult("", ReportStatus.INVALID, str(error))
+            return [refused] * max(_items(msg), 1)
+
+    async def _report(self, session: Session, msg: broker_pb2.WorkerMessage) -> list[ReportResult]:
+        kind = msg.WhichOneof("kind")
         r = self._reports
         if kind == "heartbeat":
-            return await r.heartbeat(session, [convert.lease_ref(x) for x in msg.heartbeat.leases])
+            return await r.heartbeat(session, convert.lease_refs(msg.heartbeat.leases))
         if kind == "complete":
-            done = [convert.completion(c) for c in msg.complete.completions]
-            return await r.complete(session, done)
+            _bounded(msg.complete.completions, "complete.completions")
+            return await self._complete(session, msg.complete.completions)
         if kind == "fail":
+            _bounded(msg.fail.failures, "fail.failures")
             return await r.fail(session, [convert.failure(f) for f in msg.fail.failures])
         if kind == "release":
-            return await r.release(session, [convert.lease_ref(x) for x in msg.release.leases])
+            return await r.release(session, convert.lease_refs(msg.release.leases))
         if kind == "progress":
             return await r.progress(session, convert.progress(msg.progress))
         if kind == "flow":
-            self._dispatcher.set_prefetch(session, min(msg.flow.prefetch, MAX_PREFETCH))
+            self._dispatcher.set_prefetch(session, min(max(msg.flow.prefetch, 0), MAX_PREFETCH))
             return []
         return [ReportResult("", ReportStatus.INVALID, f"unexpected message {kind!r} on a stream")]
+
+    async def _complete(
+        self, session: Session, completions: Sequence[broker_pb2.Completion]
+    ) -> list[ReportResult]:
+        """Completions, but a result over the payload limit fails its job for good
+        (its handler would only make it again): each report's result, in order."""
+        reports = [convert.completion(c, self._max_result_bytes) for c in completions]
+        done = [c for c in reports if isinstance(c, Completion)]
+        if len(done) == len(reports):
+            return await self._reports.complete(session, done)
+        refused = [f for f in reports if isinstance(f, Failure)]
+        succeeded = iter(await self._reports.complete(session, done) if done else [])
+        failed = iter(await self._reports.fail(session, refused))
+        return [next(succeeded if isinstance(c, Completion) else failed) for c in reports]
 
     def _message(self, out: Outgoing) -> broker_pb2.BrokerMessage:
         if isinstance(out, Leased):
@@ -138,4 +172,23 @@ class LeaseStreams:
         ]
         return broker_pb2.BrokerMessage(
             cancel=broker_pb2.CancelLeases(leases=refs, reason=_CANCEL_TO_PB[out.reason])
+        )
+
+
+def _items(msg: broker_pb2.WorkerMessage) -> int:
+    """How many reports a message carries: each is answered."""
+    kind = msg.WhichOneof("kind")
+    if kind in ("heartbeat", "release"):
+        return len(getattr(msg, kind).leases)
+    if kind == "complete":
+        return len(msg.complete.completions)
+    if kind == "fail":
+        return len(msg.fail.failures)
+    return 1 if kind == "progress" else 0
+
+
+def _bounded(items: Sized, what: str) -> None:
+    if len(items) > limits.MAX_REFS_PER_MESSAGE:
+        raise InvalidArgument(
+            f"{what} holds at most {limits.MAX_REFS_PER_MESSAGE} reports (got {len(items)})"
         )

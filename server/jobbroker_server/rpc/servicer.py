@@ -18,7 +18,7 @@ from jobbroker_server.domain.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from jobbroker_server.domain.models import JobFilter, NewJob, SubmitResult
+from jobbroker_server.domain.models import JobFilter, JobPage, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import error_pb
@@ -82,10 +82,10 @@ def _page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE, MAX_PAGE)
 
 
-def _page(jobs: list[Any], size: int) -> broker_pb2.ListJobsResponse:
-    token = jobs[-1].id if len(jobs) == size else ""
+def _page(page: JobPage) -> broker_pb2.ListJobsResponse:
+    token = page.jobs[-1].id if page.more and page.jobs else ""
     return broker_pb2.ListJobsResponse(
-        jobs=[convert.job_pb(j) for j in jobs], next_page_token=token
+        jobs=[convert.job_pb(j) for j in page.jobs], next_page_token=token
     )
 
 
@@ -217,7 +217,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
         )
-        return _page(await self._jobs.find(where), size)
+        return _page(await self._jobs.find(where))
 
     async def ListDeadJobs(
         self, request: broker_pb2.ListDeadJobsRequest, context: Ctx
@@ -229,7 +229,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
         )
-        return _page(await self._jobs.find(where), size)
+        return _page(await self._jobs.find(where))
 
     async def ReplayDeadJobs(
         self, request: broker_pb2.ReplayDeadJobsRequest, context: Ctx

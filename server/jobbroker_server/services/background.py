@@ -150,10 +150,8 @@ class DepthSampler:
         self._interval = interval.total_seconds()
 
     async def run_once(self) -> None:
-        depths = await self._store.queue_depths()
-        self._metrics.queue_depth.clear()
-        for (queue, state), n in depths.items():
-            self._metrics.queue_depth.labels(queue, state.value).set(n)
+        depths = await self._store.queue_depths(self._metrics.max_queues)
+        self._metrics.set_depths(depths)
 
     async def run(self) -> None:
         await _every(self._interval, "queue depth sampler", self.run_once)

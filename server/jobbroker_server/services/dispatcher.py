@@ -1,9 +1,10 @@
 """Streams and credits: push leased jobs to the worker streams that have room.
 
 Each open LeaseStream is a Session with a prefetch window. A session's pump
-leases up to its free room in one query whenever it is woken (a submit to one
-of its queues, a report that freed a slot, the scheduler) or, as a safety net,
-every poll interval. A session with room for a queue's jobs is instead
+leases up to its free room (MAX_LEASE_BATCH at a time) whenever it is woken:
+a submit to one of its queues, a report that freed a slot, the scheduler, or
+the safety net that looks for ready jobs every poll interval, one query for
+all idle streams. A session with room for a queue's jobs is instead
 claimed by the submit to that queue, which leases for it in the submit's own
 transaction (`claim`, then `deliver`): the job reaches the worker without a
 second trip to the store.
@@ -12,7 +13,6 @@ second trip to the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,13 +20,29 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.models import Lease, LeaseAsk, LeaseRef, ReportResult
+from jobbroker_server.domain import limits
+from jobbroker_server.domain.errors import ResourceExhausted
+from jobbroker_server.domain.models import (
+    ErrorInfo,
+    Failure,
+    Job,
+    Lease,
+    LeaseAsk,
+    LeaseRef,
+    ReportResult,
+)
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
 log = logging.getLogger(__name__)
+
+# Most jobs one lease query takes for one stream: a large window is filled by
+# several, so no transaction (a submit's, which may lease too) grows with it.
+MAX_LEASE_BATCH = 256
+# Most queues one round of the safety net looks at.
+SAFETY_NET_QUEUES = 500
 
 
 class CancelReason(enum.StrEnum):
@@ -93,6 +109,8 @@ class Dispatcher:
         *,
         lease_duration: timedelta,
         poll_interval: timedelta,
+        max_streams: int = 1000,
+        max_payload_bytes: int = 1024 * 1024,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -103,10 +121,20 @@ class Dispatcher:
         self._sessions: dict[Session, asyncio.Task[None]] = {}
         self._holder: dict[str, Session] = {}
         self._draining = False
+        self._max_streams = max_streams
+        # A lease takes at least one job, so the budget holds the largest one.
+        self._max_payload = max_payload_bytes
+        self._lease_bytes = max(limits.MAX_LEASE_BYTES, max_payload_bytes)
+        self._checked = 0  # where the safety net's round of queues goes on
 
     def open(
         self, worker_id: str, queues: Sequence[str], prefetch: int, held: Iterable[LeaseRef]
     ) -> Session:
+        if len(self._sessions) >= self._max_streams:
+            raise ResourceExhausted(
+                f"this broker serves at most {self._max_streams} lease streams at once "
+                "(--max-lease-streams); close idle workers or raise the limit"
+            )
         session = Session(worker_id, tuple(queues), prefetch)
         self.adopt(session, held)
         self._sessions[session] = asyncio.create_task(self._pump(session))
@@ -157,9 +185,9 @@ class Dispatcher:
                 continue
             if not any(needed.get(queue, 0) > 0 for queue in session.queues):
                 continue
-            room = session.room
+            room = min(session.room, MAX_LEASE_BATCH)
             session.leasing = True
-            claimed[session] = LeaseAsk(session.queues, room, session.worker_id)
+            claimed[session] = LeaseAsk(session.queues, room, session.worker_id, self._lease_bytes)
             for queue in session.queues:
                 taken = min(room, needed.get(queue, 0))
                 needed[queue] = needed.get(queue, 0) - taken
@@ -182,7 +210,7 @@ class Dispatcher:
                 await self._hand_out(session, leases, now)
             except Exception:  # releasing a closed stream's leases: they expire instead
                 log.exception("handing leases to worker %s failed", session.worker_id)
-            if leased is None or session.rewake or len(leases) >= ask.limit:
+            if leased is None or session.rewake or self._full(leases, ask.limit):
                 session.rewake = False  # there may be more for it: look again
                 session.wake.set()
 
@@ -229,9 +257,10 @@ class Dispatcher:
             session.wake.set()
 
     async def _pump(self, session: Session) -> None:
+        """Lease for one stream whenever it is woken. An idle stream costs
+        nothing: no timer, no query (the safety net in ``run`` looks for it)."""
         while not session.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.wake.wait(), self._poll)
+            await session.wake.wait()
             session.wake.clear()
             if session.leasing:
                 session.rewake = True
@@ -240,18 +269,65 @@ class Dispatcher:
                 continue
             session.leasing = True
             try:
-                await self._lease(session)
+                full = await self._lease(session)
             except Exception:
                 log.exception("leasing for worker %s failed; retrying", session.worker_id)
+                full = False
+                asyncio.get_running_loop().call_later(self._poll, session.wake.set)
             finally:
                 session.leasing = False
+            if full:  # there may be more: go on at once
+                session.wake.set()
 
-    async def _lease(self, session: Session) -> None:
+    async def _lease(self, session: Session) -> bool:
+        """Lease what fits; True when the batch was full."""
         now = self._clock.now()
+        limit = min(session.room, MAX_LEASE_BATCH)
         leases = await self._store.lease_many(
-            session.queues, session.room, session.worker_id, self.lease_duration, now
+            session.queues, limit, session.worker_id, self.lease_duration, now, self._lease_bytes
         )
         await self._hand_out(session, leases, now)
+        return self._full(leases, limit)
+
+    def _full(self, leases: Sequence[Lease], limit: int) -> bool:
+        """Whether a lease may have left jobs it had room for: it took its
+        limit, or the next job may not have fitted its bytes."""
+        if len(leases) >= limit:
+            return True
+        taken = sum(len(lease.job.payload.data) for lease in leases)
+        return bool(leases) and taken + self._max_payload > self._lease_bytes
+
+    async def run_once(self) -> set[str]:
+        """The safety net: wake the streams with room whose queues have ready
+        jobs that no wake-up announced (a lock skipped by a lease that another
+        replica then rolled back, a notification lost while reconnecting).
+        One store call per round, over at most SAFETY_NET_QUEUES queues: a
+        client that subscribes to many queues slows the round, not the broker."""
+        wanted = list(
+            dict.fromkeys(
+                queue
+                for session in self._sessions
+                if not session.closed and not session.leasing and session.wants_more
+                for queue in session.queues
+            )
+        )
+        if not wanted or self._draining:
+            return set()
+        start = self._checked % len(wanted)
+        window = (wanted[start:] + wanted[:start])[:SAFETY_NET_QUEUES]
+        self._checked = start + len(window)
+        ready = await self._store.ready_queues(window)
+        if ready:
+            self.wake(ready)
+        return ready
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll)
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("looking for ready jobs failed; retrying")
 
     async def _hand_out(self, session: Session, leases: list[Lease], now: datetime) -> None:
         if not leases:
@@ -260,6 +336,8 @@ class Dispatcher:
             refs = [LeaseRef(lease.job.id, lease.fencing_token) for lease in leases]
             await self._store.release_many(refs, self._clock.now())
             return
+        if any(_size(lease.job) > _DELIVERABLE for lease in leases):
+            leases = await self._drop_undeliverable(leases, now)
         started = self._clock.monotonic()
         for lease in leases:
             session.held[lease.job.id] = started
@@ -271,3 +349,36 @@ class Dispatcher:
         self._metrics.count(self._metrics.leased, (lease.job.queue for lease in leases))
         self._watch.publish((lease.job.id, JobState.RUNNING) for lease in leases)
         session.outbox.put_nowait(Leased(leases))
+
+    async def _drop_undeliverable(self, leases: list[Lease], now: datetime) -> list[Lease]:
+        """Dead-letter the jobs too large for any lease message (stored under a
+        larger limit than today's); the rest go on to the worker."""
+        kept, failures = [], []
+        for lease in leases:
+            size = _size(lease.job)
+            if size <= _DELIVERABLE:
+                kept.append(lease)
+                continue
+            message = (
+                f"the job is {size} bytes, more than the {_DELIVERABLE} a lease message may "
+                "carry to a worker: it cannot be delivered"
+            )
+            ref = LeaseRef(lease.job.id, lease.fencing_token)
+            failures.append(Failure(ref, ErrorInfo("Undeliverable", message), permanent=True))
+        results = [r for r in await self._store.fail_many(failures, now) if r.state is not None]
+        self._metrics.count_outcomes((r.queue, r.state) for r in results if r.state)
+        self._watch.publish((r.job_id, r.state) for r in results if r.state)
+        log.warning("dead-lettered %d job(s) too large to deliver", len(failures))
+        return kept
+
+
+# A job's bytes in a lease message, but for its small fixed fields: a message
+# carries at most limits.MAX_MESSAGE_BYTES, and a job past this never fits.
+_DELIVERABLE = limits.MAX_MESSAGE_BYTES - 1024 * 1024
+
+
+def _size(job: Job) -> int:
+    size = len(job.payload.data)
+    if job.metadata:
+        size += sum(len(key) + len(value) for key, value in job.metadata.items())
+    return size

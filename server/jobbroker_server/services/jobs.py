@@ -10,7 +10,8 @@ from dataclasses import replace
 from datetime import timedelta
 
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.models import Job, JobFilter, LeaseRef, NewJob, SubmitResult
+from jobbroker_server.domain.errors import STORE_DOWN
+from jobbroker_server.domain.models import Job, JobFilter, JobPage, LeaseRef, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.background import Scheduler
@@ -40,8 +41,11 @@ class Jobs:
         self._metrics = metrics
         self._watch = watch
         self._dedup_window = dedup_window
-        self._poll = poll_interval.total_seconds()
-        self._submits = GroupCommit(self._store_submits)
+        # A waiter looks at its job every poll interval where other replicas
+        # change jobs unseen; alone on its store, every change is published
+        # here, and the look is only a safety net.
+        self._wait_poll = poll_interval.total_seconds() * (1 if store.shared else 30)
+        self._submits = GroupCommit(self._store_submits, shared_errors=STORE_DOWN)
 
     async def _store_submits(self, jobs: list[NewJob]) -> list[SubmitResult]:
         """One group's transaction, which also fills the worker streams with room
@@ -86,7 +90,7 @@ class Jobs:
             while not last.terminal:
                 state: JobState | None = None
                 with contextlib.suppress(TimeoutError):
-                    state = await asyncio.wait_for(changes.get(), self._poll)
+                    state = await asyncio.wait_for(changes.get(), self._wait_poll)
                 job = await self._store.get_job(job_id)
                 if state is None:
                     state = job.state  # the poll: a change not published here
@@ -103,7 +107,7 @@ class Jobs:
             self._watch.publish([(job.id, job.state)])
         return job
 
-    async def find(self, where: JobFilter) -> list[Job]:
+    async def find(self, where: JobFilter) -> JobPage:
         return await self._store.list_jobs(where)
 
     async def replay_dead(self, queue: str | None, job_ids: Sequence[str]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jobbroker_server.clock import Clock
+from jobbroker_server.domain.errors import STORE_DOWN
 from jobbroker_server.domain.models import (
     Completion,
     Failure,
@@ -39,8 +40,8 @@ class Reports:
         self._clock = clock
         self._metrics = metrics
         self._watch = watch
-        self._completions = GroupCommit(self._store_completions)
-        self._heartbeats = GroupCommit(self._store_heartbeats)
+        self._completions = GroupCommit(self._store_completions, shared_errors=STORE_DOWN)
+        self._heartbeats = GroupCommit(self._store_heartbeats, shared_errors=STORE_DOWN)
 
     async def _store_completions(self, completions: list[Completion]) -> list[ReportResult]:
         return await self._store.complete_many(completions, self._clock.now())

@@ -12,11 +12,13 @@ import abc
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+from jobbroker_server.domain import limits
 from jobbroker_server.domain.models import (
     Completion,
     Failure,
     Job,
     JobFilter,
+    JobPage,
     Lease,
     LeaseAsk,
     LeaseRef,
@@ -30,6 +32,10 @@ from jobbroker_server.domain.states import JobState
 
 
 class Store(abc.ABC):
+    # Whether other processes change jobs too: then a change can happen that
+    # this process does not see, and its waiters must look for themselves.
+    shared = False
+
     @abc.abstractmethod
     async def migrate(self) -> int:
         """Bring the schema to this broker's version and return it; refuse
@@ -59,9 +65,11 @@ class Store(abc.ABC):
         worker_id: str,
         lease_for: timedelta,
         now: datetime,
+        max_bytes: int = limits.MAX_LEASE_BYTES,
     ) -> list[Lease]:
         """Move up to ``limit`` pending jobs of ``queues`` to running, highest
-        priority first and FIFO within a priority, each with a new fencing token."""
+        priority first and FIFO within a priority, each with a new fencing token;
+        no more than fit ``max_bytes`` of payload, but always one."""
 
     @abc.abstractmethod
     async def submit_and_lease(
@@ -123,7 +131,7 @@ class Store(abc.ABC):
         """Raises NotFound."""
 
     @abc.abstractmethod
-    async def list_jobs(self, where: JobFilter) -> list[Job]: ...
+    async def list_jobs(self, where: JobFilter) -> JobPage: ...
 
     @abc.abstractmethod
     async def replay_dead(
@@ -141,4 +149,15 @@ class Store(abc.ABC):
         ``before``; dead jobs stay until replayed or purged."""
 
     @abc.abstractmethod
-    async def queue_depths(self) -> dict[tuple[str, JobState], int]: ...
+    async def queue_depths(self, max_queues: int) -> dict[tuple[str | None, JobState], int]:
+        """Jobs waiting, running or dead, by queue for the first ``max_queues``
+        queues (in name order), and by state alone (queue None) for the rest."""
+
+    @abc.abstractmethod
+    async def ready_queues(self, queues: Sequence[str]) -> set[str]:
+        """Which of ``queues`` have a pending job: one index seek per queue."""
+
+    @abc.abstractmethod
+    async def probe_write(self, broker: str, now: datetime) -> None:
+        """Record that ``broker`` wrote at ``now``, and commit: raises whatever
+        keeps the store from taking writes (unreachable, disk full, read-only)."""

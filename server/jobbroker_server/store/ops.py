@@ -9,6 +9,7 @@ lease names the job, state running and the fencing token.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import namedtuple
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain import limits, states
-from jobbroker_server.domain.errors import NotFound
+from jobbroker_server.domain.errors import NotFound, StorageFull
 from jobbroker_server.domain.models import (
     AttemptOutcome,
     Completion,
@@ -27,6 +28,7 @@ from jobbroker_server.domain.models import (
     Failure,
     Job,
     JobFilter,
+    JobPage,
     Lease,
     LeaseAsk,
     LeaseRef,
@@ -41,7 +43,7 @@ from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.store import rows
 from jobbroker_server.store.prepared import Prepared
-from jobbroker_server.store.tables import UTCDateTime, attempts, jobs
+from jobbroker_server.store.tables import UTCDateTime, attempts, broker_health, jobs
 
 RUNNING = JobState.RUNNING.value
 _FINISHED = (JobState.SUCCEEDED, JobState.CANCELLED)  # what retention deletes
@@ -136,15 +138,27 @@ def _instant(name: str = "now") -> sa.BindParameter[Any]:
 # SKIP LOCKED: replicas leasing at once never pick the same job (SQLite, with
 # one writer, renders no locking clause). The materialized CTE runs the
 # LIMITed pick once, whatever plan the UPDATE gets.
-_PICKED = (
-    sa.select(jobs.c.id)
+_CANDIDATES = (
+    sa.select(jobs.c.id, jobs.c.priority, sa.func.length(jobs.c.payload).label("size"))
     .where(_is(JobState.PENDING), jobs.c.queue.in_(_ids("queues")))
     .order_by(jobs.c.priority.desc(), jobs.c.id)
     .limit(sa.bindparam("limit"))
     .with_for_update(skip_locked=True)
-    .cte("picked")
+    .cte("candidates")
     .prefix_with("MATERIALIZED")
 )
+# Of those, the ones whose payloads, with all before them, fit ``max_bytes``
+# (the first always does): a lease message stays within what a worker accepts.
+_AHEAD = sa.select(
+    _CANDIDATES.c.id,
+    (
+        sa.func.sum(_CANDIDATES.c.size).over(
+            order_by=(_CANDIDATES.c.priority.desc(), _CANDIDATES.c.id)
+        )
+        - _CANDIDATES.c.size
+    ).label("ahead"),
+).subquery("ahead")
+_PICKED = sa.select(_AHEAD.c.id).where(_AHEAD.c.ahead < sa.bindparam("max_bytes")).cte("picked")
 # The columns a lease sets to values the call knows: it reads back only the
 # others, and ``lease_many`` fills these in, a bind parameter with the value
 # the call gave for it (decoding the whole row cost ~5 µs more per leased job,
@@ -202,6 +216,7 @@ def lease_many(
     worker_id: str,
     lease_for: timedelta,
     now: datetime,
+    max_bytes: int = limits.MAX_LEASE_BYTES,
 ) -> list[Lease]:
     if limit <= 0 or not queues:
         return []
@@ -213,6 +228,7 @@ def lease_many(
         "now": now,
         "worker_id": worker_id,
         "expires": expires,
+        "max_bytes": max_bytes,
     }
     found = _LEASE.rows(conn, params)
     if not found:
@@ -248,7 +264,9 @@ def submit_and_lease(
     lease_for: timedelta,
 ) -> tuple[list[SubmitResult], list[list[Lease]]]:
     results = submit_many(conn, insert_new, jobs_in, now, dedup_window)
-    leased = [lease_many(conn, a.queues, a.limit, a.worker_id, lease_for, now) for a in asks]
+    leased = [
+        lease_many(conn, a.queues, a.limit, a.worker_id, lease_for, now, a.max_bytes) for a in asks
+    ]
     return results, leased
 
 
@@ -447,8 +465,17 @@ def get_job(conn: Connection, job_id: str, *, history: bool = True) -> Job:
     return _job(conn, job_id, history=history)
 
 
-def list_jobs(conn: Connection, where: JobFilter) -> list[Job]:
-    stmt = sa.select(jobs).order_by(jobs.c.id).limit(where.limit)
+def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
+    """A page of jobs in id order: up to ``where.limit``, and no more than fit
+    ``where.max_bytes`` of payloads and results (but always one), so that no
+    listing outgrows what a client accepts, nor the broker's memory."""
+    size = (
+        sa.func.length(jobs.c.payload)
+        + sa.func.coalesce(sa.func.length(jobs.c.result), 0)
+        + sa.func.length(sa.cast(jobs.c.metadata, sa.Text))
+        + sa.func.coalesce(sa.func.length(sa.cast(jobs.c.last_error, sa.Text)), 0)
+    )
+    stmt = sa.select(jobs.c.id, size.label("size")).order_by(jobs.c.id).limit(where.limit)
     if where.queue:
         stmt = stmt.where(jobs.c.queue == where.queue)
     if where.states:
@@ -457,7 +484,17 @@ def list_jobs(conn: Connection, where: JobFilter) -> list[Job]:
         stmt = stmt.where(jobs.c.task == where.task)
     if where.after_id:
         stmt = stmt.where(jobs.c.id > where.after_id)
-    return [rows.job_from_row(row) for row in conn.execute(stmt)]
+    ids: list[str] = []
+    total = 0
+    found = conn.execute(stmt).all()
+    for job_id, job_size in found:
+        if ids and total + job_size > where.max_bytes:
+            break
+        ids.append(job_id)
+        total += job_size
+    picked = conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.id))
+    listed = [rows.job_from_row(row) for row in picked]
+    return JobPage(listed, more=len(ids) < len(found) or len(found) == where.limit)
 
 
 def replay_dead(
@@ -512,16 +549,30 @@ _DEPTH = {
 }
 
 
-def queue_depths(conn: Connection) -> dict[tuple[str, JobState], int]:
+_REST = {
+    state: sa.select(sa.func.count()).where(jobs.c.queue > sa.bindparam("after"), _is(state))
+    for state in DEPTH_STATES
+}
+
+
+def queue_depths(conn: Connection, max_queues: int) -> dict[tuple[str | None, JobState], int]:
     """Each queue is found by seeking the (queue, state, id) index from the one
     before, and each of its depths is a range of that index: the cost grows with
-    the queues and the jobs in those states, not with the finished jobs."""
-    depths: dict[tuple[str, JobState], int] = {}
+    the queues and the jobs in those states, not with the finished jobs. Past
+    ``max_queues`` queues, one count per state covers all the rest."""
+    depths: dict[tuple[str | None, JobState], int] = {}
     queue = conn.execute(_NEXT_QUEUE, {"after": ""}).scalar()
+    seen, last = 0, ""
     while queue is not None:
+        if seen == max_queues:
+            for state, count in _REST.items():
+                if n := conn.execute(count, {"after": last}).scalar():
+                    depths[(None, state)] = n
+            break
         for state, count in _DEPTH.items():
             if n := conn.execute(count, {"queue": queue}).scalar():
                 depths[(queue, state)] = n
+        seen, last = seen + 1, queue
         queue = conn.execute(_NEXT_QUEUE, {"after": queue}).scalar()
     return depths
 
@@ -689,3 +740,43 @@ def _delete(conn: Connection, ids: list[str]) -> None:
         chunk = ids[start : start + 500]
         conn.execute(attempts.delete().where(attempts.c.job_id.in_(chunk)))
         conn.execute(jobs.delete().where(jobs.c.id.in_(chunk)))
+
+
+_HAS_READY = Prepared(
+    sa.select(jobs.c.id)
+    .where(_is(JobState.PENDING), jobs.c.queue == sa.bindparam("queue"))
+    .limit(1)
+)
+
+
+def ready_queues(conn: Connection, queues: Sequence[str]) -> set[str]:
+    return {queue for queue in queues if _HAS_READY.rows(conn, {"queue": queue})}
+
+
+# Less room than this on a SQLite database's disk counts as full: its WAL
+# reuses the space it has, so small writes (the probe's) would go on
+# succeeding while a burst of submits fails.
+MIN_FREE_BYTES = 4 * 1024 * 1024
+# A broker's row older than this is one that stopped: its first probe deletes them.
+_STALE_PROBE = timedelta(days=1)
+
+
+def probe_write(conn: Connection, broker: str, now: datetime) -> None:
+    """The health probe's write: rewrite ``broker``'s row (created at its first probe)."""
+    if conn.dialect.name == "sqlite":
+        _check_room(conn)
+    row = broker_health.c.broker == broker
+    if conn.execute(broker_health.update().where(row).values(probed_at=now)).rowcount == 0:
+        conn.execute(broker_health.delete().where(broker_health.c.probed_at < now - _STALE_PROBE))
+        conn.execute(broker_health.insert().values(broker=broker, probed_at=now))
+
+
+def _check_room(conn: Connection) -> None:
+    """Raise StorageFull when the SQLite file's disk has less than MIN_FREE_BYTES free."""
+    for _seq, name, path in conn.exec_driver_sql("PRAGMA database_list"):
+        if name != "main" or not path:
+            continue
+        disk = os.statvfs(os.path.dirname(path))
+        free = disk.f_bavail * disk.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise StorageFull(f"the database's disk is full ({free} bytes free)")

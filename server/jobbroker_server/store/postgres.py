@@ -13,7 +13,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from jobbroker_server.store import migrations, rows
 from jobbroker_server.store.sql import SqlStore
@@ -38,6 +38,13 @@ def engine_url(dsn: str) -> tuple[str, dict[str, str]]:
 
 
 log = logging.getLogger(__name__)
+
+# A connection attempt to a database that does not answer gives up after this
+# long (asyncpg's own default is a minute), so callers hear UNAVAILABLE at once.
+CONNECT_TIMEOUT = 5.0
+# A statement on a connection whose peer vanished without a reset would wait
+# for TCP to give up, many minutes; no store operation runs this long.
+COMMAND_TIMEOUT = 60.0
 
 READY_CHANNEL = "jobbroker_ready"
 
@@ -78,6 +85,8 @@ _INSERT_NEW = (
 
 
 class PostgresStore(SqlStore):
+    shared = True  # replicas
+
     def __init__(self, dsn: str, rng: random.Random | None = None, pool_size: int = 10) -> None:
         super().__init__(rng)
         url, server_settings = engine_url(dsn)
@@ -86,15 +95,23 @@ class PostgresStore(SqlStore):
         self._listener: asyncpg.Connection | None = None
         self._relistening: asyncio.Future[None] | None = None
         self._on_ready: Callable[[str], None] = lambda queue: None
+        # A connection broken by an outage is found by the ping on checkout
+        # (or by its first failure, which recycles the whole pool) and
+        # replaced by a new one: the pool recovers when the database is back.
         self._engine = create_async_engine(
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
-            connect_args={"server_settings": server_settings},
+            connect_args={
+                "server_settings": server_settings,
+                "timeout": CONNECT_TIMEOUT,
+                "command_timeout": COMMAND_TIMEOUT,
+            },
             json_serializer=json_dumps,
             json_deserializer=json_loads,
         )
+        self._url = url
 
     async def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -110,7 +127,21 @@ class PostgresStore(SqlStore):
             conn.exec_driver_sql(statement)
 
     async def migrate(self) -> int:
-        return await self._run(_migrate_alone, self._dialect_schema)
+        """On a connection of its own without COMMAND_TIMEOUT: building an
+        index on a large table may take longer."""
+        engine = create_async_engine(
+            self._url,
+            poolclass=sa.pool.NullPool,
+            connect_args={"server_settings": self._server_settings, "timeout": CONNECT_TIMEOUT},
+        )
+        try:
+            return await self._guarded(self._migrate_on(engine))
+        finally:
+            await engine.dispose()
+
+    async def _migrate_on(self, engine: AsyncEngine) -> int:
+        async with engine.begin() as conn:
+            return await conn.run_sync(_migrate_alone, self._dialect_schema)
 
     async def listen(self, on_ready: Callable[[str], None]) -> None:
         """LISTEN on a connection of its own, outside the pool; if it drops,

@@ -15,11 +15,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Connection
 
+from jobbroker_server.domain import limits
 from jobbroker_server.domain.models import (
     Completion,
     Failure,
     Job,
     JobFilter,
+    JobPage,
     Lease,
     LeaseAsk,
     LeaseRef,
@@ -30,7 +32,7 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.store import migrations, ops
+from jobbroker_server.store import faults, migrations, ops
 from jobbroker_server.store.base import Store
 
 P = ParamSpec("P")
@@ -41,6 +43,7 @@ class SqlStore(Store):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._faults = faults.FaultLog()
 
     # --- what a dialect supplies ---
 
@@ -67,11 +70,26 @@ class SqlStore(Store):
         torn down (and an acknowledged lease possibly undelivered); instead the
         caller stops waiting while the operation commits or rolls back, and
         close() waits for it.
+
+        A fault of the database (unreachable, disk full, read-only) comes out
+        as StoreUnavailable or StorageFull, in our words; the driver's error
+        goes to the log (see ``faults``).
         """
-        task = asyncio.ensure_future(self._transact(op, *args, **kwargs))
+        return await self._guarded(self._transact(op, *args, **kwargs))
+
+    async def _guarded(self, work: Awaitable[T]) -> T:
+        """``_run`` for an operation a dialect runs its own way."""
+        task = asyncio.ensure_future(work)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except Exception as error:
+            fault = faults.translate(error)
+            if fault is None:
+                raise
+            self._faults.report(fault, error)
+            raise fault from None
 
     async def close(self) -> None:
         if self._inflight:
@@ -100,10 +118,12 @@ class SqlStore(Store):
         worker_id: str,
         lease_for: timedelta,
         now: datetime,
+        max_bytes: int = limits.MAX_LEASE_BYTES,
     ) -> list[Lease]:
         if limit <= 0 or not queues:
             return []
-        return await self._run(ops.lease_many, queues, limit, worker_id, lease_for, now)
+        op = ops.lease_many
+        return await self._run(op, queues, limit, worker_id, lease_for, now, max_bytes)
 
     async def submit_and_lease(
         self,
@@ -150,7 +170,7 @@ class SqlStore(Store):
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:
         return await self._run(ops.get_job, job_id, history=history)
 
-    async def list_jobs(self, where: JobFilter) -> list[Job]:
+    async def list_jobs(self, where: JobFilter) -> JobPage:
         return await self._run(ops.list_jobs, where)
 
     async def replay_dead(
@@ -164,5 +184,11 @@ class SqlStore(Store):
     async def delete_finished(self, before: datetime, limit: int) -> int:
         return await self._run(ops.delete_finished, before, limit)
 
-    async def queue_depths(self) -> dict[tuple[str, JobState], int]:
-        return await self._run(ops.queue_depths)
+    async def queue_depths(self, max_queues: int) -> dict[tuple[str | None, JobState], int]:
+        return await self._run(ops.queue_depths, max_queues)
+
+    async def ready_queues(self, queues: Sequence[str]) -> set[str]:
+        return await self._run(ops.ready_queues, queues) if queues else set()
+
+    async def probe_write(self, broker: str, now: datetime) -> None:
+        await self._run(ops.probe_write, broker, now)
