@@ -26,15 +26,23 @@ from ._convert import (
     timestamp_to_pb,
 )
 from ._uuid7 import uuid7
-from .errors import DeadlineExceededError, InvalidArgumentError, from_rpc_error
+from .errors import DeadlineExceededError, InvalidArgumentError, JobBrokerError, from_rpc_error
 from .task import Task
 from .types import JobRequest, JobState, Page, RetryPolicy
 
 T = TypeVar("T")
 
-CALL_ATTEMPTS = 5
+CALL_ATTEMPTS = 5  # for a stream re-opened without a deadline (wait_job)
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
+
+# What the broker may send (its `message_limit` in app.py) and take: a lease
+# batch or a listing of large payloads must not pass the SDK's default 4 MiB.
+MESSAGE_LIMIT = 64 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+)
 
 
 def default_worker_id() -> str:
@@ -67,33 +75,70 @@ def retryable(
     return error.code() in codes and attempt + 1 < CALL_ATTEMPTS
 
 
-def call(fn: Callable[[], T], codes: frozenset[grpc.StatusCode] = _RETRIED) -> T:
-    """Run a unary call, retrying UNAVAILABLE a few times; errors come out mapped.
+def _refusal(error: Exception) -> JobBrokerError:
+    """The mapped error of a failed attempt: a call's status, or the broker's
+    answer to one submit of a stream (already a JobBrokerError)."""
+    if isinstance(error, JobBrokerError):
+        return error
+    assert isinstance(error, grpc.RpcError)
+    return from_rpc_error(error)
+
+
+def _pause(
+    error: JobBrokerError, attempt: int, deadline: float, codes: frozenset[grpc.StatusCode]
+) -> float | None:
+    """How long to wait before trying again; None to give up with `error`."""
+    if error.code not in codes:
+        return None
+    pause = backoff(attempt)
+    return pause if time.monotonic() + pause < deadline else None
+
+
+def call(
+    fn: Callable[[float], T], seconds: float, codes: frozenset[grpc.StatusCode] = _RETRIED
+) -> T:
+    """Run a unary call, `fn(seconds left)`, within `seconds` in all;
+    UNAVAILABLE (the broker, or its database, is away for a moment) is retried
+    with backoff until then. Errors come out mapped.
 
     Every call the clients make is safe to repeat: reads, and submits, which
     always carry an idempotency key (and so are retried after a deadline too).
     """
+    deadline = time.monotonic() + seconds
     attempt = 0
     while True:
         try:
-            return fn()
-        except grpc.RpcError as error:
-            if not retryable(error, attempt, codes):
-                raise from_rpc_error(error) from error
-        time.sleep(backoff(attempt))
+            return fn(max(deadline - time.monotonic(), 0.0))
+        except (grpc.RpcError, JobBrokerError) as failed:
+            error = _refusal(failed)
+            pause = _pause(error, attempt, deadline, codes)
+            if pause is None:
+                if error is failed:
+                    raise
+                raise error from failed
+        time.sleep(pause)
         attempt += 1
 
 
-async def acall(fn: Callable[[], Awaitable[T]], codes: frozenset[grpc.StatusCode] = _RETRIED) -> T:
+async def acall(
+    fn: Callable[[float], Awaitable[T]],
+    seconds: float,
+    codes: frozenset[grpc.StatusCode] = _RETRIED,
+) -> T:
     """`call` for grpc.aio."""
+    deadline = time.monotonic() + seconds
     attempt = 0
     while True:
         try:
-            return await fn()
-        except grpc.RpcError as error:
-            if not retryable(error, attempt, codes):
-                raise from_rpc_error(error) from error
-        await asyncio.sleep(backoff(attempt))
+            return await fn(max(deadline - time.monotonic(), 0.0))
+        except (grpc.RpcError, JobBrokerError) as failed:
+            error = _refusal(failed)
+            pause = _pause(error, attempt, deadline, codes)
+            if pause is None:
+                if error is failed:
+                    raise
+                raise error from failed
+        await asyncio.sleep(pause)
         attempt += 1
 
 

@@ -34,7 +34,7 @@ class Client:
     """A blocking client of one broker. Use it from threads freely; close it when done."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: timedelta | float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=_calls.CHANNEL_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._timeout = _calls.to_timedelta(timeout).total_seconds()
         self._submits = SubmitPipe(self._stub)
@@ -53,7 +53,7 @@ class Client:
         """Store a job and return its handle once the broker committed it."""
         spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = _calls.call(
-            lambda: self._submits.submit(spec, self._timeout), _calls.SUBMIT_RETRIED
+            lambda left: self._submits.submit(spec, left), self._timeout, _calls.SUBMIT_RETRIED
         )
         return JobHandle(self, reply.job_id, reply.duplicate)
 
@@ -61,7 +61,9 @@ class Client:
         """Store many jobs in one transaction: all or none."""
         request = _calls.batch_request(jobs)
         reply = _calls.call(
-            lambda: self._stub.SubmitBatch(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+            lambda left: self._stub.SubmitBatch(request, timeout=left),
+            self._timeout,
+            _calls.SUBMIT_RETRIED,
         )
         return [JobHandle(self, r.job_id, r.duplicate) for r in reply.results]
 
@@ -161,14 +163,14 @@ class Client:
         self.close()
 
     def _unary(self, method: grpc.UnaryUnaryMultiCallable[Any, R], request: Any) -> R:
-        return _calls.call(lambda: method(request, timeout=self._timeout))
+        return _calls.call(lambda left: method(request, timeout=left), self._timeout)
 
 
 class AsyncClient:
     """The asyncio client; create and use it inside one event loop."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: timedelta | float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=_calls.CHANNEL_OPTIONS)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         self._timeout = _calls.to_timedelta(timeout).total_seconds()
         self._submits = AsyncSubmitPipe(self._stub)
@@ -187,7 +189,7 @@ class AsyncClient:
         """Store a job and return its handle once the broker committed it."""
         spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = await _calls.acall(
-            lambda: self._submits.submit(spec, self._timeout), _calls.SUBMIT_RETRIED
+            lambda left: self._submits.submit(spec, left), self._timeout, _calls.SUBMIT_RETRIED
         )
         return AsyncJobHandle(self, reply.job_id, reply.duplicate)
 
@@ -195,7 +197,9 @@ class AsyncClient:
         """Store many jobs in one transaction: all or none."""
         request = _calls.batch_request(jobs)
         reply = await _calls.acall(
-            lambda: self._stub.SubmitBatch(request, timeout=self._timeout), _calls.SUBMIT_RETRIED
+            lambda left: self._stub.SubmitBatch(request, timeout=left),
+            self._timeout,
+            _calls.SUBMIT_RETRIED,
         )
         return [AsyncJobHandle(self, r.job_id, r.duplicate) for r in reply.results]
 
@@ -302,4 +306,4 @@ class AsyncClient:
         await self.close()
 
     async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, R], request: Any) -> R:
-        return await _calls.acall(lambda: method(request, timeout=self._timeout))
+        return await _calls.acall(lambda left: method(request, timeout=left), self._timeout)

@@ -5,8 +5,8 @@ JobBrokerError                   .code (grpc.StatusCode | None), .reason, .messa
 ├── JobNotFoundError             no such job
 ├── FailedPreconditionError      the job's state does not allow it
 │   └── LeaseLostError           stale fencing token, or the job no longer runs
-├── ResourceExhaustedError       payload or batch over a broker limit
-├── BrokerUnavailableError       the broker cannot be reached (retried first)
+├── ResourceExhaustedError       payload or batch over a broker limit, or its disk is full
+├── BrokerUnavailableError       the broker, or its database, cannot be reached (retried first)
 ├── AuthenticationError          unauthenticated or permission denied
 ├── DeadlineExceededError        also a TimeoutError
 ├── JobFailedError               the awaited job is dead; .job, .error
@@ -107,6 +107,8 @@ _BY_REASON: dict[str, type[JobBrokerError]] = {
     "ILLEGAL_TRANSITION": FailedPreconditionError,
     "LEASE_LOST": LeaseLostError,
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "STORAGE_FULL": ResourceExhaustedError,
+    "STORE_UNAVAILABLE": BrokerUnavailableError,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[JobBrokerError]] = {
