@@ -74,6 +74,7 @@ class AsyncLeaseStream:
         self._call: _Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
+        self.answered = False  # the broker sent something on it: it was up
 
     async def open(self) -> None:
         if self._call is not None:
@@ -94,6 +95,12 @@ class AsyncLeaseStream:
                 raise StopAsyncIteration
             raise self._core.error
         return lease
+
+    @property
+    def ended(self) -> bool:
+        """True once the RPC is over, broken or closed: reports on it fail, and
+        its leases are for another stream to take over (`held=`)."""
+        return self._core.error is not None
 
     @property
     def held(self) -> list[AsyncLease]:
@@ -196,6 +203,7 @@ class AsyncLeaseStream:
         error: JobBrokerError = BrokerUnavailableError("the broker ended the lease stream")
         try:
             async for message in call:
+                self.answered = True
                 for lease in self._core.dispatch(message, lambda leased: AsyncLease(self, leased)):
                     self._inbox.put_nowait(lease)
         except grpc.RpcError as rpc_error:

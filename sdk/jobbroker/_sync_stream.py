@@ -68,6 +68,13 @@ class LeaseStream:
         return lease
 
     @property
+    def ended(self) -> bool:
+        """True once the RPC is over, broken or closed: reports on it fail, and
+        its leases are for another stream to take over (`held=`)."""
+        with self._lock:
+            return self._core.error is not None
+
+    @property
     def held(self) -> list[Lease]:
         """Leases pushed to this stream and not yet completed, failed or released."""
         with self._lock:

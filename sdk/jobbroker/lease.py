@@ -43,6 +43,9 @@ class SyncReporter(Protocol):
 class AsyncReporter(Protocol):
     async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
 
+    @property
+    def ended(self) -> bool: ...
+
 
 class _LeaseBase:
     def __init__(

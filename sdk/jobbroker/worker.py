@@ -1,4 +1,11 @@
-"""Worker: serves tasks over one LeaseStream, reconnecting when the broker goes away."""
+"""Worker: serves tasks over one LeaseStream, reconnecting when the broker goes away.
+
+A worker never exits because of what the broker said: a stream that ends,
+with any status, is opened again after a jittered backoff (see
+`reconnect_delay`), for as long as the worker runs. The jobs it
+holds go on running meanwhile; the new stream's subscribe names them, and an
+outcome that could not be sent is sent again on it, with the job's token.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from ._threads import HandlerThreads
 from ._window import Window
 from .client import DEFAULT_TARGET, AsyncClient
 from .context import JobContext
-from .errors import BrokerUnavailableError, JobBrokerError, JobNotFoundError, LeaseLostError
+from .errors import JobBrokerError, JobNotFoundError, LeaseLostError
 from .lease import AsyncLease, release_message
 from .task import AsyncTask, SyncTask, Task, TaskDecorator, TaskOptions, make_decorator
 from .types import ErrorInfo, RetryPolicy
@@ -32,9 +39,28 @@ R = TypeVar("R")
 
 log = logging.getLogger("jobbroker.worker")
 
-RECONNECT_ATTEMPTS = 8
-_RECONNECT_CAP = 15.0
+# The first reconnect waits 0.5-1 s, each next one twice that, at most 15-30 s.
+RECONNECT_FIRST = 0.5
+RECONNECT_CAP = 30.0
+# A stream that stayed up this long, or that the broker answered on, was
+# healthy: after its end, the backoff starts again from the first delay.
+_STEADY = 10.0
 _IDLE_TICK = 1.0  # how often the heartbeat loop looks when nothing is held
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds before reconnect number `failures` in a row (1-based), with jitter."""
+    return random.uniform(0.5, 1.0) * min(RECONNECT_FIRST * 2.0**failures, RECONNECT_CAP)
+
+
+def _describe(error: JobBrokerError) -> str:
+    return f"{error.code.name}: {error.message}" if error.code is not None else error.message
+
+
+def _refused(error: JobBrokerError) -> bool:
+    """The broker answered the report and refused it (its Ack said why); any
+    other failure means the report may not have reached it."""
+    return error.code is None and error.reason is not None
 
 
 @dataclass(eq=False)
@@ -96,6 +122,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._reconnected = asyncio.Condition()
         self._generation = 0
+        self._stopped_at: float | None = None  # when a stop was first seen while away
 
     def register(self, task: Task[Any, Any]) -> Task[Any, Any]:
         known = self._tasks.get(task.name)
@@ -159,6 +186,9 @@ class Worker:
     async def run_async(self) -> None:
         if not self.queues:
             raise ValueError("the worker has no queues: register a task or pass queues=")
+        if not all(queue.strip() for queue in self.queues):
+            raise ValueError(f"queue names must not be empty (got {self.queues!r})")
+        self._stopped_at = None
         self._stopping = asyncio.Event()
         self._reconnected = asyncio.Condition()
         self._slots = asyncio.Semaphore(self._concurrency)
@@ -201,25 +231,50 @@ class Worker:
             # Resizes go to it from now on: jobs held across a reconnect go on
             # finishing while it opens, and a flow message follows its subscribe.
             self._stream = stream
+            opened = time.monotonic()
             try:
                 await stream.open()
-                failures = 0
                 await self._announce_stream()
                 await self._pump(stream, threads)
                 return
-            except BrokerUnavailableError as error:
-                failures += 1
-                if failures > RECONNECT_ATTEMPTS:
-                    raise
-                delay = random.uniform(0.5, 1.0) * min(0.5 * 2.0**failures, _RECONNECT_CAP)
-                log.warning("lease stream broke (%s); reconnecting in %.1fs", error, delay)
+            except JobBrokerError as error:
+                # Whatever ended it (the broker gone, its database down, a
+                # refusal), the next stream may fare better: never give up.
+                healthy = stream.answered or time.monotonic() - opened >= _STEADY
+                failures = 1 if healthy else failures + 1
+                delay = reconnect_delay(failures)
+                log.warning(
+                    "lease stream broke (%s); reconnecting in %.1fs", _describe(error), delay
+                )
                 await stream.close()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                if self._stopping.is_set() and not self._running:
+                if await self._away(delay):
                     return
             finally:
                 self._stream = None
+
+    async def _away(self, delay: float) -> bool:
+        """Wait `delay` before reconnecting; True when the worker should end
+        instead: it is stopping and holds no job, or its grace ran out while
+        the broker was away (those jobs' leases expire and they run again)."""
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if not self._stopping.is_set():
+                return False
+        else:
+            await asyncio.sleep(min(delay, 1.0))
+        if not self._running:
+            return True
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        if time.monotonic() - self._stopped_at < self._grace.total_seconds():
+            return False  # reconnect to report what finishes
+        log.warning("stopping without the broker: %d jobs not reported", len(self._running))
+        unreported = [r.task for r in self._running.values() if r.task is not None]
+        for task in unreported:
+            task.cancel()
+        await asyncio.gather(*unreported, return_exceptions=True)
+        return True
 
     async def _announce_stream(self) -> None:
         async with self._reconnected:
@@ -287,9 +342,9 @@ class Worker:
             held = [r for r in self._running.values() if r.lease.stream is stream]
             try:
                 lost = await stream.heartbeat([r.lease for r in held])
-            except BrokerUnavailableError:
-                return
             except JobBrokerError as error:
+                if stream.ended or error.code is not None:
+                    return  # the stream is over; the next one heartbeats
                 log.warning("heartbeat failed: %s", error)
                 continue
             for running in held:
@@ -333,31 +388,33 @@ class Worker:
         return lambda held: held.fail(info, retryable=False)
 
     async def _report(self, lease: AsyncLease, report: Report) -> None:
-        """Send an outcome, across reconnects; a lost lease means another attempt owns it."""
-        for _ in range(RECONNECT_ATTEMPTS):
+        """Send an outcome until the broker answers it, on each new stream
+        after a reconnect; a lost lease means another attempt owns it."""
+        attempt = 0
+        while True:
             generation = self._generation
+            stream = lease.stream
             try:
                 await report(lease)
                 return
             except (LeaseLostError, JobNotFoundError) as error:
                 log.info("job %s: outcome not recorded: %s", lease.job.id, error)
                 return
-            except BrokerUnavailableError:
-                if not await self._await_reconnect(generation):
-                    break
             except JobBrokerError as error:
-                log.error("job %s: reporting failed: %s", lease.job.id, error)
-                return
-        log.error("job %s: gave up reporting; its lease will expire", lease.job.id)
+                if _refused(error):
+                    log.error("job %s: reporting failed: %s", lease.job.id, error)
+                    return
+                if error.code is None and not stream.ended:
+                    # No Ack in time on a stream still up: send it again there.
+                    log.warning("job %s: %s; sending it again", lease.job.id, error)
+                    await asyncio.sleep(_calls.backoff(attempt))
+                    attempt += 1
+                    continue
+                await self._await_reconnect(generation)
 
-    async def _await_reconnect(self, generation: int) -> bool:
+    async def _await_reconnect(self, generation: int) -> None:
         async with self._reconnected:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._reconnected.wait_for(lambda: self._generation > generation),
-                    _RECONNECT_CAP * 4,
-                )
-            return self._generation > generation
+            await self._reconnected.wait_for(lambda: self._generation > generation)
 
     def _post(self, report: Callable[[], Awaitable[None]]) -> None:
         """Fire-and-forget a report from a handler, from any thread."""
