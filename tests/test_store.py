@@ -4,9 +4,11 @@ when configured). Each operation must move jobs only along allowed edges."""
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import time
 from collections.abc import Coroutine, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -511,3 +513,28 @@ def test_a_listing_holds_no_more_bytes_than_asked_but_always_one_job(db: Harness
     assert [j.id for j in page.jobs] == [big[2].id] and page.more
     page = db(db.store.list_jobs(JobFilter(limit=10, after_id=big[2].id)))
     assert [j.id for j in page.jobs] == [big[3].id] and not page.more
+
+
+def test_a_stored_job_past_every_limit_neither_stops_leasing_nor_the_reaper(db: Harness) -> None:
+    """A row written before the submit limits (or by hand) with a timeout and a
+    backoff no datetime can hold: its queue still leases, and its attempt ends."""
+    poison = replace(
+        job("q", max_attempts=5, timeout=timedelta(days=10**6)),
+        retry=RetryPolicy(
+            max_attempts=5,
+            backoff_base=timedelta(days=10**6),
+            backoff_factor=math.inf,
+            backoff_cap=timedelta(days=10**7),
+        ),
+    )
+    other = job("q")
+    db(db.store.submit_many([poison, other], T0, WINDOW))
+    leases = db(db.store.lease_many(["q"], 10, "w", LEASE, T0))
+    assert {lease.job.id for lease in leases} == {poison.id, other.id}
+    reaped = db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1)))
+    assert {r.lease.job_id: r.state for r in reaped} == {
+        poison.id: JobState.SCHEDULED,
+        other.id: JobState.SCHEDULED,
+    }
+    again = db(db.store.get_job(poison.id))
+    assert T0 < again.scheduled_at <= T0 + LEASE + timedelta(days=30, seconds=2)
