@@ -1,6 +1,8 @@
 """``broker``: run the broker or a worker, and operate on jobs and the DLQ.
 
-Bad input and broker errors print one line and exit non-zero, never a traceback.
+Bad input, broker errors, a broker that is not there and a start-up that
+fails print one line and exit non-zero, never a traceback; a closed pipe
+(``broker jobs ls | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -16,39 +18,50 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from jobbroker import Client, Job, JobBrokerError, JobState, Task, Worker
+from jobbroker import (
+    BrokerUnavailableError,
+    Client,
+    DeadlineExceededError,
+    Job,
+    JobBrokerError,
+    JobState,
+    Task,
+    Worker,
+)
 from jobbroker_server.app import serve
-from jobbroker_server.config import ENV, Settings, env_default
+from jobbroker_server.config import ENV, Settings, flag_of, from_text
 from jobbroker_server.domain.errors import BrokerError
-from jobbroker_server.store import open_store
+from jobbroker_server.store.open import open_migrated
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# How long an operator command waits for the broker: a broker that is not
+# there should not hold a terminal for the SDK's 30 s.
+DEFAULT_TIMEOUT = 10.0
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     for name, env, kind in ENV:
         default = getattr(defaults, name)
-        flag = "--" + env.removeprefix("BROKER_").lower().replace("_", "-")
         shown = default.total_seconds() if kind is timedelta else default
-        parser.add_argument(
-            flag,
-            dest=name,
-            type=float if kind is timedelta else kind,
-            default=env_default(env, kind, default),
-            help=f"default {shown} (env {env})",
-        )
+        # Taken as text and converted in _settings, so that a bad value, from
+        # the flag or the environment, is one line that names where it came from.
+        parser.add_argument(flag_of(env), dest=name, help=f"default {shown} (env {env})")
     parser.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "INFO"))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Each setting from its flag, else its variable, else the default; the
+    app checks the values (config.check) before it opens anything."""
     values = {}
-    for name, _env, kind in ENV:
-        value = getattr(args, name)
-        if kind is timedelta and not isinstance(value, timedelta):
-            value = timedelta(seconds=value)
-        values[name] = value
-    return Settings(**values)
+    for name, env, kind in ENV:
+        raw: str | None = getattr(args, name)
+        from_env = raw is None
+        if from_env:
+            raw = os.environ.get(env)
+        if raw is not None:
+            values[name] = from_text(env, kind, raw, from_env=from_env)
+    return Settings(**values)  # type: ignore[arg-type]  # each value is its setting's type
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -61,11 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     async def run() -> int:
-        store = open_store(args.database)
-        try:
-            return await store.migrate()
-        finally:
-            await store.close()
+        store, version = await open_migrated(args.database)  # refused while a broker holds it
+        await store.close()
+        return version
 
     print(f"schema is at version {asyncio.run(run())}")
     return 0
@@ -78,8 +89,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(args.module)
-    except ImportError as exc:
-        raise SystemExit(f"broker: error: cannot import {args.module!r}: {exc}") from None
+    except Exception as exc:  # the module's own error, told in one line
+        kind = "" if isinstance(exc, ImportError) else f"{type(exc).__name__}: "
+        raise SystemExit(f"broker: error: cannot import {args.module!r}: {kind}{exc}") from None
     tasks = [value for value in vars(module).values() if isinstance(value, Task)]
     if not tasks:
         raise SystemExit(f"broker: error: module {args.module!r} declares no @task functions")
@@ -104,7 +116,7 @@ def _payload(text: str | None) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         handle = client.submit(
             args.task,
             _payload(args.payload),
@@ -119,6 +131,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait is not None:
             print(json.dumps(handle.result(timeout=args.wait)))
     return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, timeout=args.timeout)
 
 
 def _when(value: Any) -> str:
@@ -159,7 +175,7 @@ def _table(jobs: Sequence[Job]) -> None:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         job = client.get_job(args.id) if args.action == "get" else client.cancel(args.id)
     _show_job(job)
     return 0
@@ -167,14 +183,14 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
     states = [JobState(s) for s in args.state] if args.state else None
-    with Client(args.target) as client:
+    with _client(args) as client:
         page = client.list_jobs(queue=args.queue, states=states, page_size=args.limit)
     _table(page.jobs)
     return 0
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         if args.action == "ls":
             _table(client.dlq_list(queue=args.queue, page_size=args.limit).jobs)
             return 0
@@ -195,6 +211,13 @@ def _parser() -> argparse.ArgumentParser:
         "--target",
         default=os.environ.get("BROKER_TARGET", DEFAULT_TARGET),
         help=f"broker address (env BROKER_TARGET, default {DEFAULT_TARGET})",
+    )
+    target.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for the broker (default {DEFAULT_TIMEOUT:g})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -261,15 +284,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_there(args: argparse.Namespace, exc: JobBrokerError) -> str | None:
+    """What to say when no broker answered (not: one that answered with an error)."""
+    target = getattr(args, "target", None)
+    if target is None or exc.reason is not None:
+        return None
+    fix = "start one with `broker serve`, or name the right one with --target or BROKER_TARGET"
+    if isinstance(exc, BrokerUnavailableError):
+        return f"no broker is reachable at {target} ({exc}); {fix}"
+    if isinstance(exc, DeadlineExceededError):
+        return f"the broker at {target} did not answer within {args.timeout:g}s; {fix}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (JobBrokerError, BrokerError) as exc:
+    except JobBrokerError as exc:
+        print(f"broker: error: {_not_there(args, exc) or exc}", file=sys.stderr)
+        return 1
+    except (BrokerError, ValueError) as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say, and nowhere to
+        # say it; point stdout at /dev/null so the exit's flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a command killed by SIGPIPE
+    except OSError as exc:
         print(f"broker: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

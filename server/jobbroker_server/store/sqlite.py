@@ -25,6 +25,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jobbroker_server.store import rows
+from jobbroker_server.store.lock import FileLock
 from jobbroker_server.store.prepared import Prepared, dbapi_of
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs, json_dumps, json_loads
@@ -268,6 +269,8 @@ class _Writer:
 
 class SqliteStore(SqlStore):
     def __init__(self, path: str, rng: random.Random | None = None) -> None:
+        """Open the file at ``path``, locked for this store's lifetime (see
+        ``lock``): a second store on it raises StoreLocked."""
         super().__init__(rng)
         self._engine = sa.create_engine(
             f"sqlite:///{path}",
@@ -280,6 +283,8 @@ class SqliteStore(SqlStore):
         sa.event.listen(self._engine, "begin", _begin_immediate)
         self._writer: _Writer | None = None
         self._inserter = _Inserter()
+        in_memory = path in ("", ":memory:")
+        self._file_lock = None if in_memory else FileLock.acquire(path)
 
     def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -300,3 +305,6 @@ class SqliteStore(SqlStore):
             self._writer = None
         else:
             self._engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.release()  # after the last connection closed
+            self._file_lock = None
