@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import FailedPrecondition
-from jobbroker_server.store.tables import jobs, metadata, schema_version
+from jobbroker_server.store.tables import broker_health, jobs, metadata, schema_version
 
 
 class SchemaTooNew(FailedPrecondition):
@@ -42,11 +42,17 @@ def _v3_dead_index(conn: Connection) -> None:
     _index("ix_jobs_dead").create(conn, checkfirst=True)
 
 
+def _v4_broker_health(conn: Connection) -> None:
+    """The row each broker's health probe rewrites."""
+    broker_health.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
     (2, _v2_partial_finished_index),
     (3, _v3_dead_index),
+    (4, _v4_broker_health),
 )
 LATEST = STEPS[-1][0]
 

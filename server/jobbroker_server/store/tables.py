@@ -164,3 +164,12 @@ schema_version = sa.Table(
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("applied_at", UTCDateTime, nullable=False),
 )
+
+# A row per running broker, rewritten by its health probe about once a second
+# (services/health.py): a write that fails is what makes health NOT_SERVING.
+broker_health = sa.Table(
+    "broker_health",
+    metadata,
+    sa.Column("broker", sa.String(200), primary_key=True),
+    sa.Column("probed_at", UTCDateTime, nullable=False),
+)
