@@ -35,6 +35,10 @@ MESSAGE_BYTES = 4 * 1024 * 1024  # a message is sent once its jobs encode to thi
 # answer comes is what lets submits gather: sent at once, each would be a
 # message of its own queued in the broker, which then pays a message per job.
 MESSAGES_IN_FLIGHT = 2
+# How long closing a client waits for its submit reader to end. The reader
+# must be gone before the channel closes: one left inside the call it read
+# once kept `broker submit` from exiting, in grpc's channel __del__.
+CLOSE_WAIT = 5.0
 
 
 class StreamError(grpc.RpcError):
@@ -129,7 +133,8 @@ class _SyncStream:
         self.broken = False
         self._room = threading.Semaphore(MESSAGES_IN_FLIGHT)
         self._call = stub.SubmitGrouped(_messages(self._specs, self._room))
-        threading.Thread(target=self._read, name="jobbroker-submits", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="jobbroker-submits", daemon=True)
+        self._reader.start()
 
     def send(self, spec: job_pb2.JobSpec) -> Future[broker_pb2.SubmitResponse]:
         future: Future[broker_pb2.SubmitResponse] = Future()
@@ -164,8 +169,13 @@ class _SyncStream:
             future.set_exception(error)
 
     def close(self) -> None:
+        """End the call and wait (at most CLOSE_WAIT) for the reader to see it end."""
         self._specs.put(None)
         cast(Callable[[], bool], self._call.cancel)()  # the stubs leave cancel untyped
+        if self._reader is not threading.current_thread():
+            self._reader.join(CLOSE_WAIT)
+            if self._reader.is_alive():
+                log.warning("the submit stream's reader did not end within %.0fs", CLOSE_WAIT)
 
 
 class SubmitPipe:
@@ -188,9 +198,9 @@ class SubmitPipe:
 
     def close(self) -> None:
         with self._lock:
-            if self._stream is not None:
-                self._stream.close()
-                self._stream = None
+            stream, self._stream = self._stream, None
+        if stream is not None:  # closed outside the lock: it waits for the reader
+            stream.close()
 
 
 _AioCall = grpc.aio.StreamStreamCall[broker_pb2.SubmitBatchRequest, broker_pb2.SubmitBatchResponse]
