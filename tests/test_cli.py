@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from jobbroker import Client, JobState, RetryPolicy
+from jobbroker import Client, JobRequest, JobState, RetryPolicy
 from jobbroker_server.testing import BrokerThread
 from tests.processes import BROKER
 
@@ -102,14 +107,83 @@ def test_bad_input_prints_one_line(broker: BrokerThread, args: list[str], text: 
     _one_line_error(subprocess.run(argv, capture_output=True, text=True, timeout=30), text)
 
 
-def test_unreachable_broker_is_one_line() -> None:
+def test_unreachable_broker_is_one_line_that_says_what_to_do() -> None:
+    began = time.monotonic()
     done = subprocess.run(
         [*BROKER, "job", "get", "--target", "127.0.0.1:1", "x"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    _one_line_error(done, "")
+    _one_line_error(done, "no broker answers at 127.0.0.1:1 within 3s")
+    assert "`broker serve`" in done.stderr and "--target or BROKER_TARGET" in done.stderr
+    assert time.monotonic() - began < 10  # not the SDK's retries for the whole --timeout
+
+
+def test_a_broker_that_never_answers_is_one_line() -> None:
+    """Something listens but never speaks gRPC (a wrong port, a hung host)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        began = time.monotonic()
+        done = subprocess.run(
+            [*BROKER, "jobs", "ls", "--target", target, "--timeout", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    _one_line_error(done, f"no broker answers at {target} within 1s")
+    assert time.monotonic() - began < 10
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(broker: BrokerThread, client: Client) -> None:
+    """`broker jobs ls | head -1`: far more output than the pipe holds, and
+    the reader gone after one line."""
+    client.submit_many([JobRequest("listed", i, queue="many") for i in range(1000)])
+    proc = subprocess.Popen(
+        [*BROKER, "jobs", "ls", "--target", broker.target, "--queue", "many", "--limit", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("ID")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 141, err  # as a command killed by SIGPIPE
+    assert err == ""
+
+
+def test_a_bad_serve_variable_does_not_break_other_commands(broker: BrokerThread) -> None:
+    done = subprocess.run(
+        [*BROKER, "jobs", "ls", "--target", broker.target],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "BROKER_PORT": "abc", "BROKER_LEASE_SECONDS": "soon"},
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('no config file')\n")
+    done = subprocess.run(
+        [*BROKER, "worker", "broken_tasks", "--target", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    _one_line_error(done, "cannot import 'broken_tasks': RuntimeError: no config file")
+
+
+def test_closing_a_client_ends_its_submit_reader(broker: BrokerThread) -> None:
+    """A reader thread left inside its call once kept `broker submit` from
+    exiting (in grpc's channel __del__): close waits for it to end."""
+    for _ in range(5):
+        with Client(broker.target, timeout=10) as client:
+            client.submit("t", None)
+            reader = next(t for t in threading.enumerate() if t.name == "jobbroker-submits")
+        assert not reader.is_alive()
 
 
 def test_submit_wait_prints_the_result(broker: BrokerThread, client: Client) -> None:

@@ -12,11 +12,14 @@ import asyncio
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
+
+import grpc
 
 from jobbroker import (
     BrokerUnavailableError,
@@ -34,9 +37,11 @@ from jobbroker_server.domain.errors import BrokerError
 from jobbroker_server.store.open import open_migrated
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-# How long an operator command waits for the broker: a broker that is not
-# there should not hold a terminal for the SDK's 30 s.
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 30.0  # each call of an operator command
+# How long an operator command waits for a broker to answer at all: one that
+# is not there should not hold a terminal while the SDK retries for --timeout.
+CONNECT_WAIT = 3.0
+_FIX = "start one with `broker serve`, or name the right one with --target or BROKER_TARGET"
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +139,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    """A client of the broker at --target, once something answers there."""
+    wait = min(CONNECT_WAIT, args.timeout)
+    channel = grpc.insecure_channel(args.target)
+    ready = grpc.channel_ready_future(channel)
+    try:
+        ready.result(timeout=wait)
+    except grpc.FutureTimeoutError:
+        raise SystemExit(
+            f"broker: error: no broker answers at {args.target} within {wait:g}s; {_FIX}"
+        ) from None
+    finally:
+        ready.cancel()
+        channel.close()
     return Client(args.target, timeout=args.timeout)
 
 
@@ -204,6 +222,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description="jobbroker: a durable job broker")
     target = argparse.ArgumentParser(add_help=False)
@@ -214,10 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     target.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"how long to wait for the broker (default {DEFAULT_TIMEOUT:g})",
+        help=f"how long each call to the broker may take (default {DEFAULT_TIMEOUT:g})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -289,11 +317,10 @@ def _not_there(args: argparse.Namespace, exc: JobBrokerError) -> str | None:
     target = getattr(args, "target", None)
     if target is None or exc.reason is not None:
         return None
-    fix = "start one with `broker serve`, or name the right one with --target or BROKER_TARGET"
     if isinstance(exc, BrokerUnavailableError):
-        return f"no broker is reachable at {target} ({exc}); {fix}"
+        return f"no broker is reachable at {target} ({exc}); {_FIX}"
     if isinstance(exc, DeadlineExceededError):
-        return f"the broker at {target} did not answer within {args.timeout:g}s; {fix}"
+        return f"the broker at {target} did not answer within {args.timeout:g}s; {_FIX}"
     return None
 
 
