@@ -210,7 +210,7 @@ def test_malformed_bytes_are_invalid_argument_and_logged_once(
     with grpc.insecure_channel(broker.target) as channel:
         for method in ("Submit", "GetJob", "ListJobs", "CancelJob"):
             call = channel.unary_unary(f"/jobbroker.v1.Broker/{method}")
-            with pytest.raises(grpc.RpcError, match="not a valid jobbroker.v1."):
+            with pytest.raises(grpc.RpcError, match=r"not a valid jobbroker\.v1\."):
                 call(b"\xff\xff\xff", timeout=5)
             for garbage in (b"\x0a\x05ab", b"\x12\x03\xff\xfe\xfd", b"\x0a\x03\xc3\x28a"):
                 with pytest.raises(grpc.RpcError) as caught:
@@ -300,3 +300,21 @@ def test_a_result_over_the_limit_dead_letters_its_job(settings: Settings) -> Non
         )
         assert job.last_error is not None and job.last_error.type == "ResultTooLarge"
         assert "2002 bytes" in job.last_error.message
+
+
+def test_a_closed_lease_stream_leaves_no_task_behind(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Client(broker.target) as client:
+        for _ in range(10):
+            with client.lease_stream(["idle"]):
+                pass
+        wait_for(lambda: broker.app.metrics.streams._value.get() == 0, what="streams closed")
+        broker.run(_collect())
+    assert "Task was destroyed but it is pending" not in caplog.text
+
+
+async def _collect() -> None:
+    import gc
+
+    gc.collect()
