@@ -159,6 +159,12 @@ def test_postgres_cut_for_10s_during_a_drain(
                 )
             )
             submitter.start()
+            # A wait for the job drained last outlasts the cut too.
+            last: list[JobState] = []
+            waiter = threading.Thread(
+                target=lambda: last.extend(j.state for j in client.wait_job(acked[-1], timeout=90))
+            )
+            waiter.start()
             procs.wait_for(lambda: BROKE in procs.named["worker"].output, OUTAGE, "a broken stream")
             ran_during = sum(runs(log).values())
             procs.wait_for(lambda: time.monotonic() - cut_at >= OUTAGE, OUTAGE + 5, "the outage")
@@ -178,6 +184,8 @@ def test_postgres_cut_for_10s_during_a_drain(
                 10,
                 "every acknowledged job to succeed",
             )
+            waiter.join(30)
+            assert last and last[-1] is JobState.SUCCEEDED, last
         procs.alive("worker")
         faults = broker.output.count("database fault")
         reconnects = procs.named["worker"].output.count(BROKE)

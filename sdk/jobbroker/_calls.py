@@ -32,7 +32,6 @@ from .types import JobRequest, JobState, Page, RetryPolicy
 
 T = TypeVar("T")
 
-CALL_ATTEMPTS = 5  # for a stream re-opened without a deadline (wait_job)
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
 
@@ -69,10 +68,31 @@ _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
 SUBMIT_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-def retryable(
-    error: grpc.RpcError, attempt: int, codes: frozenset[grpc.StatusCode] = _RETRIED
-) -> bool:
-    return error.code() in codes and attempt + 1 < CALL_ATTEMPTS
+class StreamRetry:
+    """When to open a broken response stream (WaitJob) again: on UNAVAILABLE,
+    with backoff, until the caller's deadline, or without one for `patience`
+    seconds of failures in a row."""
+
+    def __init__(self, deadline: float | None, patience: float) -> None:
+        self._deadline = deadline
+        self._patience = patience
+        self._attempt = 0
+        self._until: float | None = None
+
+    def heard(self) -> None:
+        """The stream delivered: the next failure starts afresh."""
+        self._attempt = 0
+        self._until = None
+
+    def pause(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before opening it again; None to give up with `error`."""
+        if error.code() not in _RETRIED:
+            return None
+        if self._until is None:
+            self._until = self._deadline or time.monotonic() + self._patience
+        pause = backoff(self._attempt)
+        self._attempt += 1
+        return pause if time.monotonic() + pause < self._until else None
 
 
 def _refusal(error: Exception) -> JobBrokerError:

@@ -89,23 +89,23 @@ class Client:
     def wait_job(self, job_id: str, timeout: timedelta | float | None = None) -> Iterator[Job]:
         """The job now, then each change of its state until it is terminal."""
         deadline = _calls.deadline_after(timeout)
-        attempt = 0
+        retry = _calls.StreamRetry(deadline, self._timeout)
         while True:
             call = self._stub.WaitJob(
                 broker_pb2.WaitJobRequest(job_id=job_id), timeout=_calls.remaining(deadline)
             )
             try:
                 for event in call:
-                    attempt = 0
+                    retry.heard()
                     yield job_from_pb(event.job)
                 return
             except grpc.RpcError as error:
-                if not _calls.retryable(error, attempt):
+                pause = retry.pause(error)
+                if pause is None:
                     raise from_rpc_error(error) from error
             finally:
                 cast(Callable[[], bool], call.cancel)()
-            time.sleep(_calls.backoff(attempt))
-            attempt += 1
+            time.sleep(pause)
 
     def dlq_list(
         self, queue: str | None = None, page_size: int = 100, page_token: str | None = None
@@ -229,23 +229,23 @@ class AsyncClient:
     ) -> AsyncIterator[Job]:
         """The job now, then each change of its state until it is terminal."""
         deadline = _calls.deadline_after(timeout)
-        attempt = 0
+        retry = _calls.StreamRetry(deadline, self._timeout)
         while True:
             call = self._stub.WaitJob(
                 broker_pb2.WaitJobRequest(job_id=job_id), timeout=_calls.remaining(deadline)
             )
             try:
                 async for event in call:
-                    attempt = 0
+                    retry.heard()
                     yield job_from_pb(event.job)
                 return
             except grpc.RpcError as error:
-                if not _calls.retryable(error, attempt):
+                pause = retry.pause(error)
+                if pause is None:
                     raise from_rpc_error(error) from error
             finally:
                 call.cancel()
-            await asyncio.sleep(_calls.backoff(attempt))
-            attempt += 1
+            await asyncio.sleep(pause)
 
     async def dlq_list(
         self, queue: str | None = None, page_size: int = 100, page_token: str | None = None
