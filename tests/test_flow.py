@@ -172,6 +172,7 @@ def test_wait_job_sees_every_transition(client: Client) -> None:
         target=lambda: seen.extend(j.state for j in client.wait_job(handle.id, timeout=10))
     )
     watching.start()
+    wait_for(lambda: seen, what="the waiter to see the job pending")  # before the lease
     with client.lease_stream(["watch"], prefetch=1) as stream:
         leases = iter(stream)
         next(leases).fail("first try")

@@ -240,6 +240,7 @@ def test_open_streams_are_capped(capped: BrokerThread) -> None:
         streams = [client.lease_stream(["q"]) for _ in range(3)]
         for s in streams:
             s.__enter__()
+        wait_for(lambda: _open_streams(capped) == 3, what="three streams open")
         try:
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.LeaseStream(iter([_subscribe(queues=["q"], prefetch=1)]), timeout=5))
@@ -309,7 +310,7 @@ def test_a_closed_lease_stream_leaves_no_task_behind(
         for _ in range(10):
             with client.lease_stream(["idle"]):
                 pass
-        wait_for(lambda: broker.app.metrics.streams._value.get() == 0, what="streams closed")
+        wait_for(lambda: _open_streams(broker) == 0, what="streams closed")
         broker.run(_collect())
     assert "Task was destroyed but it is pending" not in caplog.text
 
@@ -318,3 +319,7 @@ async def _collect() -> None:
     import gc
 
     gc.collect()
+
+
+def _open_streams(broker: BrokerThread) -> float | None:
+    return broker.app.metrics.registry.get_sample_value("jobbroker_worker_streams")
