@@ -269,7 +269,10 @@ def test_sqlite_full_disk(small_disk: Path, tmp_path: Path, procs: Procs) -> Non
             ballast.append(handle.id)
         assert refusal is not None, "a full disk took 400 more submits"
         assert "disk is full" in refusal.message, refusal.message
-        raw = raw_submit(target, submit_spec(log))
+        # Large, so that the few pages a failed transaction gives back cannot hold it.
+        spec = job_pb2.JobSpec(queue="ballast", task="ballast", idempotency_key=str(uuid.uuid4()))
+        spec.payload.data = b"x" * 500_000
+        raw = raw_submit(target, spec)
         assert raw.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, raw
         assert reason_of(raw) == "STORAGE_FULL"
         assert not DRIVER_WORDS.search(raw.details() or ""), raw.details()
