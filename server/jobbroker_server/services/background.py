@@ -14,6 +14,7 @@ from jobbroker_server.domain.models import AttemptOutcome, ReapedLease
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
+from jobbroker_server.services.failures import log_failure
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
@@ -28,7 +29,7 @@ async def _every(interval: float, name: str, step: Callable[[], Awaitable[object
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s failed; retrying in %.1fs", name, interval)
+            log_failure(log, "%s failed; retrying in %.1fs", name, interval)
         await asyncio.sleep(interval)
 
 
@@ -112,7 +113,7 @@ class Scheduler:
             try:
                 sleep = await self.run_once()
             except Exception:
-                log.exception("scheduler failed; retrying")
+                log_failure(log, "scheduler failed; retrying")
                 sleep = self._max_sleep
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), sleep)

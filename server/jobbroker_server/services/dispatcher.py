@@ -33,6 +33,7 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.failures import log_failure
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
@@ -271,7 +272,7 @@ class Dispatcher:
             try:
                 full = await self._lease(session)
             except Exception:
-                log.exception("leasing for worker %s failed; retrying", session.worker_id)
+                log_failure(log, "leasing for worker %s failed; retrying", session.worker_id)
                 full = False
                 asyncio.get_running_loop().call_later(self._poll, session.wake.set)
             finally:
@@ -327,7 +328,7 @@ class Dispatcher:
             try:
                 await self.run_once()
             except Exception:
-                log.exception("looking for ready jobs failed; retrying")
+                log_failure(log, "looking for ready jobs failed; retrying")
 
     async def _hand_out(self, session: Session, leases: list[Lease], now: datetime) -> None:
         if not leases:
