@@ -79,6 +79,10 @@ HOSTILE = {
         "metadata has 65 entries",
     ),
     "a huge metadata value": (_spec(metadata={"k": "v" * 100_000}), "metadata['k']"),
+    "metadata of 20,000 characters": (
+        _spec(metadata={f"k{i}": "v" * 4000 for i in range(5)}),
+        "metadata holds 20010 characters",
+    ),
     "too many tags": (_spec(tags=[f"t{i}" for i in range(65)]), "tags has 65"),
     "a queue of 10,000 characters": (job_pb2.JobSpec(queue="q" * 10_000, task="t"), "queue"),
 }

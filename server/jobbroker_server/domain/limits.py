@@ -19,6 +19,9 @@ MAX_NAME = 200  # queue, task, idempotency key, worker id, tag, metadata key, er
 MAX_CONTENT_TYPE = 100
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_VALUE = 4096
+# All of a job's metadata, keys and values: a full lease batch of such jobs
+# must still fit one message (MAX_MESSAGE_BYTES) beside its payload budget.
+MAX_METADATA_CHARS = 16 * 1024
 MAX_TAGS = 64
 MAX_ATTEMPTS = 1000
 MAX_BACKOFF_FACTOR = 100.0
@@ -75,9 +78,15 @@ def metadata(values: Mapping[str, str]) -> dict[str, str]:
         raise InvalidArgument(
             f"metadata has {len(values)} entries; the limit is {MAX_METADATA_ENTRIES}"
         )
+    total = 0
     for key, value in values.items():
         name(key, "a metadata key")
         text(value, f"metadata[{key!r}]", MAX_METADATA_VALUE)
+        total += len(key) + len(value)
+    if total > MAX_METADATA_CHARS:
+        raise InvalidArgument(
+            f"metadata holds {total} characters; the limit is {MAX_METADATA_CHARS}"
+        )
     return dict(values)
 
 
