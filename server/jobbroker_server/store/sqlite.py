@@ -195,14 +195,21 @@ class _Writer:
         # PASSIVE never waits; RESTART must not either: it holds our writers.
         cursor.execute("PRAGMA busy_timeout=0")
         restarted_at = 0  # the WAL's pages at the last RESTART
+        failing = False  # logged once when checkpoints start failing, once when they recover
         try:
             while not self._stopping.wait(CHECKPOINT_EVERY):
                 try:
                     _, pages, _ = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if pages > WAL_RESTART_PAGES and pages != restarted_at:
                         restarted_at = self._restart(cursor)
-                except sqlite3.Error:
-                    log.exception("WAL checkpoint failed; trying again")
+                except sqlite3.Error as error:
+                    if not failing:
+                        log.warning("WAL checkpoints fail (%s); trying again", error)
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("WAL checkpoints work again")
+                    failing = False
         finally:
             cursor.close()
             conn.close()
