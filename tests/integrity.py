@@ -47,93 +47,111 @@ _STATES = sorted(s.value for s in JobState)
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _OUTCOMES = sorted(o.value for o in AttemptOutcome)
 
-# Each invariant: its name and a SELECT of the ids of the jobs that break it.
-_CHECKS: tuple[tuple[str, str], ...] = (
-    ("job in an unknown state", "SELECT id FROM jobs WHERE state NOT IN :states"),
+# What each job's attempts add up to, for the checks of a job row.
+_PER_JOB = """
+    SELECT job_id, COUNT(*) AS n, MIN(fencing_token) AS lo, MAX(fencing_token) AS hi,
+        SUM(CASE WHEN outcome <> 'released' THEN 1 ELSE 0 END) AS counted,
+        SUM(CASE WHEN outcome = 'running' THEN 1 ELSE 0 END) AS running,
+        MAX(CASE WHEN outcome = 'running' THEN fencing_token END) AS running_token,
+        MAX(CASE WHEN outcome = 'succeeded' THEN fencing_token END) AS succeeded_token
+    FROM attempts GROUP BY job_id
+"""
+# Each invariant of a job: its name and when a row of ``jobs j`` (its
+# attempts' sums as ``a``) breaks it. All are checked in one scan.
+_JOB_CHECKS: tuple[tuple[str, str], ...] = (
+    ("job in an unknown state", "j.state NOT IN :states"),
+    (
+        "running job without exactly one running attempt, of its fencing token",
+        "j.state = 'running' AND NOT (COALESCE(a.running, 0) = 1"
+        " AND a.running_token = j.fencing_token)",
+    ),
+    (
+        "attempt left running on a job that is not running, or under an older token",
+        "COALESCE(a.running, 0) > 0 AND (j.state <> 'running' OR a.running > 1"
+        " OR a.running_token <> j.fencing_token)",
+    ),
+    (
+        "running job without a lease (holder, expiry or start)",
+        "j.state = 'running' AND (j.lease_expires_at IS NULL OR j.leased_by IS NULL"
+        " OR j.started_at IS NULL)",
+    ),
+    (
+        "job that is not running but holds a lease",
+        "j.state <> 'running' AND (j.lease_expires_at IS NOT NULL OR j.leased_by IS NOT NULL"
+        " OR j.deadline_at IS NOT NULL)",
+    ),
+    (
+        "finished_at set on a job that is not terminal, or missing on one that is",
+        "(j.state IN :terminal AND j.finished_at IS NULL)"
+        " OR (j.state NOT IN :terminal AND j.finished_at IS NOT NULL)",
+    ),
+    (
+        "counters out of range (attempts < 0 or fencing_token < attempts)",
+        "j.attempts < 0 OR j.fencing_token < j.attempts",
+    ),
+    (
+        "attempt rows are not exactly the tokens 1..fencing_token",
+        "COALESCE(a.n, 0) <> j.fencing_token OR a.lo < 1 OR a.hi > j.fencing_token",
+    ),
+    (
+        "attempts counts more than the attempts that were not released",
+        "j.attempts > COALESCE(a.counted, 0)",
+    ),
+    (
+        "succeeded job whose current attempt did not succeed",
+        "j.state = 'succeeded' AND (a.succeeded_token IS NULL"
+        " OR a.succeeded_token <> j.fencing_token)",
+    ),
+)
+# Each invariant of an attempt row, by itself: its name and a SELECT of the
+# ids of the jobs whose attempts break it.
+_ATTEMPT_CHECKS: tuple[tuple[str, str], ...] = (
     (
         "attempt with an unknown outcome",
         "SELECT job_id FROM attempts WHERE outcome NOT IN :outcomes",
     ),
     (
-        "running job without exactly one running attempt of its fencing token",
-        """SELECT j.id FROM jobs j WHERE j.state = 'running' AND (
-             SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id
-             AND a.outcome = 'running' AND a.fencing_token = j.fencing_token) <> 1""",
-    ),
-    (
-        "attempt left running on a job that is not running or under an older token",
-        """SELECT a.job_id FROM attempts a JOIN jobs j ON j.id = a.job_id
-           WHERE a.outcome = 'running'
-           AND (j.state <> 'running' OR a.fencing_token <> j.fencing_token)""",
-    ),
-    (
         "orphan attempt (its job is gone)",
-        """SELECT a.job_id FROM attempts a LEFT JOIN jobs j ON j.id = a.job_id
-           WHERE j.id IS NULL""",
-    ),
-    (
-        "running job without a lease (holder, expiry or start)",
-        """SELECT id FROM jobs WHERE state = 'running'
-           AND (lease_expires_at IS NULL OR leased_by IS NULL OR started_at IS NULL)""",
-    ),
-    (
-        "job that is not running but holds a lease",
-        """SELECT id FROM jobs WHERE state <> 'running' AND (lease_expires_at IS NOT NULL
-           OR leased_by IS NOT NULL OR deadline_at IS NOT NULL)""",
-    ),
-    (
-        "finished_at set on a job that is not terminal, or missing on one that is",
-        """SELECT id FROM jobs WHERE (state IN :terminal AND finished_at IS NULL)
-           OR (state NOT IN :terminal AND finished_at IS NOT NULL)""",
+        "SELECT a.job_id FROM attempts a LEFT JOIN jobs j ON j.id = a.job_id WHERE j.id IS NULL",
     ),
     (
         "attempt whose finished_at disagrees with its outcome",
-        """SELECT job_id FROM attempts WHERE (outcome = 'running' AND finished_at IS NOT NULL)
-           OR (outcome <> 'running' AND finished_at IS NULL)""",
-    ),
-    (
-        "counters out of range (attempts < 0 or fencing_token < attempts)",
-        "SELECT id FROM jobs WHERE attempts < 0 OR fencing_token < attempts",
-    ),
-    (
-        "attempt rows are not exactly the tokens 1..fencing_token",
-        """SELECT j.id FROM jobs j WHERE
-             (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) <> j.fencing_token
-             OR EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id
-                        AND (a.fencing_token < 1 OR a.fencing_token > j.fencing_token))""",
-    ),
-    (
-        "attempts counts more than the attempts that were not released",
-        """SELECT j.id FROM jobs j WHERE j.attempts > (SELECT COUNT(*) FROM attempts a
-             WHERE a.job_id = j.id AND a.outcome <> 'released')""",
-    ),
-    (
-        "succeeded job whose current attempt did not succeed",
-        """SELECT j.id FROM jobs j WHERE j.state = 'succeeded' AND NOT EXISTS (
-             SELECT 1 FROM attempts a WHERE a.job_id = j.id
-             AND a.fencing_token = j.fencing_token AND a.outcome = 'succeeded')""",
+        "SELECT job_id FROM attempts WHERE (outcome = 'running' AND finished_at IS NOT NULL)"
+        " OR (outcome <> 'running' AND finished_at IS NULL)",
     ),
 )
 
 _PARAMS = {"states": _STATES, "outcomes": _OUTCOMES, "terminal": _TERMINAL}
+_ROWS = 100  # broken job rows read back at most
 
 
-def _statement(name: str, sql: str) -> tuple[str, sa.TextClause, dict[str, list[str]]]:
+def _statement(sql: str, limit: int) -> tuple[sa.TextClause, dict[str, list[str]]]:
     params = {key: value for key, value in _PARAMS.items() if f":{key}" in sql}
-    stmt = sa.text(f"{sql} LIMIT {SAMPLE}")
-    stmt = stmt.bindparams(*(sa.bindparam(key, expanding=True) for key in params))
-    return name, stmt, params
+    stmt = sa.text(f"{sql} LIMIT {limit}")
+    return stmt.bindparams(*(sa.bindparam(key, expanding=True) for key in params)), params
 
 
-_STATEMENTS = tuple(_statement(name, sql) for name, sql in _CHECKS)
+_JOBS = _statement(
+    "SELECT j.id, "
+    + ", ".join(f"({when}) AS c{i}" for i, (_, when) in enumerate(_JOB_CHECKS))
+    + f" FROM jobs j LEFT JOIN ({_PER_JOB}) a ON a.job_id = j.id WHERE "
+    + " OR ".join(f"({when})" for _, when in _JOB_CHECKS),
+    _ROWS,
+)
+_ATTEMPTS = tuple((name, *_statement(sql, SAMPLE)) for name, sql in _ATTEMPT_CHECKS)
 
 
 def _violations(conn: Connection, reaped_within: timedelta | None) -> list[str]:
-    found = []
-    for name, stmt, params in _STATEMENTS:
-        ids = list(conn.execute(stmt, params).scalars())
-        if ids:
-            found.append(f"{name}: {ids}")
+    broken: dict[str, list[str]] = {}
+    stmt, params = _JOBS
+    for row in conn.execute(stmt, params):
+        for (name, _), hit in zip(_JOB_CHECKS, row[1:], strict=True):
+            if hit:
+                broken.setdefault(name, []).append(row[0])
+    for name, stmt, params in _ATTEMPTS:
+        if ids := list(conn.execute(stmt, params).scalars()):
+            broken[name] = ids
+    found = [f"{name}: {ids[:SAMPLE]}" for name, ids in broken.items()]
     if reaped_within is not None:
         found.extend(_overdue(conn, reaped_within))
     return found
