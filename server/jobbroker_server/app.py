@@ -90,7 +90,9 @@ class BrokerApp:
             poll_interval=s.poll_interval,
         )
         reports = Reports(store, dispatcher, self.clock, self.metrics, watch)
-        await store.listen(lambda queue: dispatcher.wake([queue]))
+        # A notice says a queue has ready jobs, not how many: one stream looks,
+        # and one that fills its batch wakes the next.
+        await store.listen(lambda queue: dispatcher.wake_some({queue: 1}))
         self._dispatcher = dispatcher
         servicer = BrokerServicer(
             jobs,

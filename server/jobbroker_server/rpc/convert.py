@@ -283,7 +283,12 @@ def lease_ref(msg: broker_pb2.LeaseRef) -> LeaseRef:
     # in a group commit's batch would fail every worker's reports in it.
     if len(job_id) > limits.MAX_NAME or "\0" in job_id:
         raise InvalidArgument("a lease's job_id is not a job id")
+    if msg.fencing_token > _MAX_TOKEN:  # a uint64 on the wire; no store holds more
+        raise InvalidArgument(f"fencing_token {msg.fencing_token} is past any lease's")
     return LeaseRef(job_id, msg.fencing_token)
+
+
+_MAX_TOKEN = 2**63 - 1  # the store's BIGINT
 
 
 def lease_refs(refs: Sequence[broker_pb2.LeaseRef]) -> list[LeaseRef]:

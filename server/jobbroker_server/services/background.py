@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -63,9 +64,9 @@ class Reaper:
                 self._dispatcher.cancel(refs, reason)
         self._metrics.count_outcomes((r.queue, r.state) for r in reaped)
         self._watch.publish((r.lease.job_id, r.state) for r in reaped)
-        retried = {r.queue for r in reaped if r.state is JobState.PENDING}
+        retried = Counter(r.queue for r in reaped if r.state is JobState.PENDING)
         if retried:
-            self._dispatcher.wake(retried)
+            self._dispatcher.wake_some(retried)
         return reaped
 
     async def run(self) -> None:
@@ -100,7 +101,7 @@ class Scheduler:
         promoted = await self._store.promote_scheduled(self._clock.now())
         if promoted:
             self._watch.publish((job_id, JobState.PENDING) for job_id, _ in promoted)
-            self._dispatcher.wake({queue for _, queue in promoted})
+            self._dispatcher.wake_some(Counter(queue for _, queue in promoted))
         due = await self._store.next_scheduled_at()
         if due is None:
             return self._max_sleep

@@ -173,6 +173,29 @@ class Dispatcher:
             if wanted is None or wanted.intersection(session.queues):
                 session.wake.set()
 
+    def wake_some(self, ready: Mapping[str, int], but: Iterable[Session] = ()) -> None:
+        """Wake as many streams with room as ``ready`` jobs per queue need, not
+        every stream of those queues: each woken stream runs a lease query,
+        and one job is worth one, not one per open stream."""
+        need = {queue: n for queue, n in ready.items() if n > 0}
+        skipped = set(but)
+        for session in self._sessions:
+            if not need:
+                return
+            if session in skipped or session.closed or not session.wants_more:
+                continue
+            mine = [queue for queue in session.queues if queue in need]
+            if not mine:
+                continue
+            session.wake.set()
+            room = session.room
+            for queue in mine:
+                taken = min(room, need[queue])
+                room -= taken
+                need[queue] -= taken
+                if need[queue] <= 0:
+                    del need[queue]
+
     def claim(self, ready: Mapping[str, int]) -> dict[Session, LeaseAsk]:
         """Sessions with room (`wants_more`) to fill in the transaction that
         stores `ready` (jobs per queue), as many as those jobs need; each is
@@ -277,8 +300,11 @@ class Dispatcher:
                 asyncio.get_running_loop().call_later(self._poll, session.wake.set)
             finally:
                 session.leasing = False
-            if full:  # there may be more: go on at once
-                session.wake.set()
+            if full:  # there may be more: go on at once, or let another stream
+                if session.wants_more:
+                    session.wake.set()
+                else:
+                    self.wake_some(dict.fromkeys(session.queues, 1), but=(session,))
 
     async def _lease(self, session: Session) -> bool:
         """Lease what fits; True when the batch was full."""

@@ -67,7 +67,9 @@ class Jobs:
         if JobState.SCHEDULED in states:
             self._scheduler.poke()
         if JobState.PENDING in states:
-            self._dispatcher.wake(ready, but=claimed)
+            if leased is not None:  # what the claimed streams took needs no one else
+                ready.subtract(lease.job.queue for leases in leased for lease in leases)
+            self._dispatcher.wake_some(ready, but=claimed)
         return results
 
     async def submit_many(self, jobs: Sequence[NewJob]) -> list[SubmitResult]:

@@ -6,6 +6,7 @@ attempts are freed so the stream's pump can lease more.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from jobbroker_server.clock import Clock
@@ -95,9 +96,9 @@ class Reports:
                 ((queue, now - freed[job_id]) for job_id, queue, _ in moved if job_id in freed),
             )
             self._metrics.count_outcomes((queue, state) for _, queue, state in moved)
-        retried = {r.queue for r in results if r.state is JobState.PENDING}
+        retried = Counter(r.queue for r in results if r.state is JobState.PENDING)
         if retried:
-            self._dispatcher.wake(retried)
+            self._dispatcher.wake_some(retried)
 
 
 def _lost(results: Sequence[ReportResult]) -> list[str]:
