@@ -13,6 +13,9 @@ end succeeded, having run at least once, none lost.
 
 Both assert what happened, never how fast: on a loaded machine they take
 longer, not fail. They print their figures (``pytest -s`` shows them).
+
+``test_a_submit_costs_no_query_per_open_stream`` pins what the load test
+found: a submit must not cost a lease query per open stream of its queue.
 """
 
 from __future__ import annotations
@@ -321,6 +324,10 @@ def test_ten_broker_kills_under_load(tmp_path: Path, spawned: Spawned) -> None:
 def test_a_submit_costs_no_query_per_open_stream(
     broker: BrokerThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spawned: Spawned
 ) -> None:
+    """The load test found a submit waking every other stream of its queue, each
+    of which ran a lease query that found nothing: 49 queries per submit with 50
+    streams, and one producer's submits fell from 220/s to 21/s with 200. The
+    lease queries are counted by a spy on the store, not timed."""
     queries = itertools.count()
     lease_many = SqlStore.lease_many
 
