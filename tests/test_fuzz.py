@@ -1185,6 +1185,9 @@ def lease_stream_answers(live: Live, messages: list[broker_pb2.WorkerMessage]) -
 
 
 def test_progress_with_a_token_past_int64_is_refused_not_fatal(live: Live) -> None:
+    """The fuzz found a Progress report with a fencing token of 2**63 or more (a
+    valid uint64) ending the whole stream with INTERNAL: the store could not
+    bind the token. It must be answered, and the stream go on."""
     job_id = live.client.submit("fuzz.task", None, queue=f"fz-{uuid.uuid4().hex}").id
     ref = broker_pb2.LeaseRef(job_id=job_id, fencing_token=2**64 - 1)
     answers = lease_stream_answers(
