@@ -42,7 +42,7 @@ class CuttingProxy:
         except OSError:
             pass
         finally:
-            _close(src, dst)
+            close_sockets(src, dst)
 
     def _answers(self, upstream: socket.socket, client: socket.socket) -> None:
         """Broker to client, frame by frame, watching for response headers."""
@@ -64,13 +64,13 @@ class CuttingProxy:
         except OSError:
             pass
         finally:
-            _close(upstream, client)
+            close_sockets(upstream, client)
 
     def close(self) -> None:
         self._listener.close()
 
 
-def _close(*sockets: socket.socket) -> None:
+def close_sockets(*sockets: socket.socket) -> None:
     """Shut down first: a plain close leaves a peer blocked in recv() unaware."""
     for s in sockets:
         with contextlib.suppress(OSError):

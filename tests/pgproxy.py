@@ -3,9 +3,10 @@ broker's PostgreSQL going away and coming back, without touching PostgreSQL."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
+
+from tests.faults import close_sockets
 
 
 class CuttableProxy:
@@ -52,8 +53,8 @@ class CuttableProxy:
             listener, self._listener = self._listener, None
             sockets, self._open = self._open, set()
         if listener is not None:
-            _close(listener)
-        _close(*sockets)
+            close_sockets(listener)
+        close_sockets(*sockets)
 
     def close(self) -> None:
         self.cut()
@@ -68,11 +69,11 @@ class CuttableProxy:
                 upstream = socket.create_connection(self._upstream, timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                _close(client)
+                close_sockets(client)
                 continue
             with self._lock:
                 if self._listener is not listener:  # cut meanwhile
-                    _close(client, upstream)
+                    close_sockets(client, upstream)
                     return
                 self._open |= {client, upstream}
             for src, dst in ((client, upstream), (upstream, client)):
@@ -87,12 +88,4 @@ class CuttableProxy:
         finally:
             with self._lock:
                 self._open -= {src, dst}
-            _close(src, dst)
-
-
-def _close(*sockets: socket.socket) -> None:
-    """Shut down first: a plain close leaves a peer blocked in recv() unaware."""
-    for s in sockets:
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-        s.close()
+            close_sockets(src, dst)

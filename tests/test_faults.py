@@ -94,6 +94,22 @@ def procs() -> Iterator[Procs]:
         proc.kill()
 
 
+def _all_ran_and_succeeded(
+    procs: Procs, client: Client, log: Path, acked: list[str], *, since: float
+) -> float:
+    """Wait until every acknowledged job ran and succeeded; return how long
+    after ``since`` the last one ran. The run log first: a listing of every
+    job, polled, would slow the drain."""
+    procs.wait_for(lambda: runs(log).keys() >= set(acked), 60, "every job to run")
+    resumed = time.monotonic() - since
+    procs.wait_for(
+        lambda: all_jobs(client, "crash", [JobState.SUCCEEDED]).keys() >= set(acked),
+        10,
+        "every acknowledged job to succeed",
+    )
+    return resumed
+
+
 def submit_spec(log: Path) -> job_pb2.JobSpec:
     spec = job_pb2.JobSpec(queue="crash", task=crash_tasks.record.name)
     spec.payload.data = f'"{log}"'.encode()
@@ -176,14 +192,7 @@ def test_postgres_cut_for_10s_during_a_drain(
             assert late, "the submit made during the outage failed"
             assert late[0][1] >= restored_at
             acked.append(late[0][0])
-            # The run log first: a listing of every job, polled, would slow the drain.
-            procs.wait_for(lambda: runs(log).keys() >= set(acked), 60, "every job to run")
-            resumed = time.monotonic() - restored_at
-            procs.wait_for(
-                lambda: all_jobs(client, "crash", [JobState.SUCCEEDED]).keys() >= set(acked),
-                10,
-                "every acknowledged job to succeed",
-            )
+            resumed = _all_ran_and_succeeded(procs, client, log, acked, since=restored_at)
             waiter.join(30)
             assert last and last[-1] is JobState.SUCCEEDED, last
         procs.alive("worker")
@@ -286,13 +295,7 @@ def test_sqlite_full_disk(small_disk: Path, tmp_path: Path, procs: Procs) -> Non
         filler.unlink()
         freed_at = time.monotonic()
         acked.append(client.submit(crash_tasks.record, str(log)).id)
-        procs.wait_for(lambda: runs(log).keys() >= set(acked), 60, "every job to run")
-        resumed = time.monotonic() - freed_at
-        procs.wait_for(
-            lambda: all_jobs(client, "crash", [JobState.SUCCEEDED]).keys() >= set(acked),
-            10,
-            "every acknowledged job to succeed",
-        )
+        resumed = _all_ran_and_succeeded(procs, client, log, acked, since=freed_at)
         assert all_jobs(client, "ballast").keys() == set(ballast)
     procs.alive("worker")
     print(

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -293,27 +294,40 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+def _health_follows(
+    database: str, harm: Callable[[], object], heal: Callable[[], object], heal_within: float
+) -> str:
+    """A broker on ``database`` is SERVING, NOT_SERVING once ``harm`` has run,
+    SERVING again after ``heal`` and takes a submit, staying up throughout and
+    logging each change once; return its output."""
+    proc, target = start_broker(database)
+    try:
+        _wait_health(target, SERVING)
+        harm()
+        _wait_health(target, NOT_SERVING)
+        assert proc.proc.poll() is None, proc.output
+        heal()
+        _wait_health(target, SERVING, timeout=heal_within)
+        with Client(target, timeout=10) as client:
+            client.submit("after", None)
+        assert proc.proc.poll() is None, proc.output
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0, proc.output
+    assert proc.output.count("health is NOT_SERVING") == 1, proc.output
+    assert proc.output.count("health is SERVING") == 1, proc.output
+    return proc.output
+
+
 def test_health_is_not_serving_while_the_sqlite_disk_is_full(tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "32m")
     try:
-        proc, target = start_broker(str(disk / "broker.db"))
-        try:
-            _wait_health(target, SERVING)
-            filler = _fill(disk)
-            _wait_health(target, NOT_SERVING)
-            assert proc.proc.poll() is None, proc.output
-            filler.unlink()
-            _wait_health(target, SERVING)
-            with Client(target, timeout=5) as client:
-                client.submit("after", None)
-            assert proc.proc.poll() is None, proc.output
-        finally:
-            proc.signal(signal.SIGTERM)
-            assert proc.wait() == 0, proc.output
-        assert proc.output.count("health is NOT_SERVING") == 1, proc.output
-        assert proc.output.count("health is SERVING") == 1, proc.output
-        assert "disk is full" in proc.output
+        filler = disk / "filler"
+        output = _health_follows(
+            str(disk / "broker.db"), lambda: _fill(disk), filler.unlink, heal_within=15
+        )
+        assert "disk is full" in output
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)
 
@@ -322,21 +336,6 @@ def test_health_is_not_serving_while_the_sqlite_disk_is_full(tmp_path: Path) -> 
 def test_health_is_not_serving_while_postgres_is_cut_off(postgres_schema: str) -> None:
     proxy = CuttableProxy("127.0.0.1:" + str(urlsplit(postgres_schema).port or 5432))
     try:
-        proc, target = start_broker(proxy.dsn(postgres_schema))
-        try:
-            _wait_health(target, SERVING)
-            proxy.cut()
-            _wait_health(target, NOT_SERVING)
-            assert proc.proc.poll() is None, proc.output
-            proxy.restore()
-            _wait_health(target, SERVING, timeout=30)
-            with Client(target, timeout=10) as client:
-                client.submit("after", None)
-            assert proc.proc.poll() is None, proc.output
-        finally:
-            proc.signal(signal.SIGTERM)
-            assert proc.wait() == 0, proc.output
-        assert proc.output.count("health is NOT_SERVING") == 1, proc.output
-        assert proc.output.count("health is SERVING") == 1, proc.output
+        _health_follows(proxy.dsn(postgres_schema), proxy.cut, proxy.restore, heal_within=30)
     finally:
         proxy.close()

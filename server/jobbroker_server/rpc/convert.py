@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -291,11 +291,16 @@ def lease_ref(msg: broker_pb2.LeaseRef) -> LeaseRef:
 _MAX_TOKEN = 2**63 - 1  # the store's BIGINT
 
 
-def lease_refs(refs: Sequence[broker_pb2.LeaseRef]) -> list[LeaseRef]:
-    if len(refs) > limits.MAX_REFS_PER_MESSAGE:
+def reports(items: Sized, what: str) -> None:
+    """One message carries at most MAX_REFS_PER_MESSAGE reports."""
+    if len(items) > limits.MAX_REFS_PER_MESSAGE:
         raise InvalidArgument(
-            f"a message names at most {limits.MAX_REFS_PER_MESSAGE} leases (got {len(refs)})"
+            f"{what} holds at most {limits.MAX_REFS_PER_MESSAGE} reports (got {len(items)})"
         )
+
+
+def lease_refs(refs: Sequence[broker_pb2.LeaseRef], what: str) -> list[LeaseRef]:
+    reports(refs, what)
     return [lease_ref(ref) for ref in refs]
 
 

@@ -13,6 +13,7 @@ every method gets the same two guards:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
@@ -66,54 +67,48 @@ async def _checked(
         yield request
 
 
-async def _internal(context: Ctx, method: MethodDescriptor) -> None:
-    reference = uuid.uuid4().hex[:12]
-    log.exception("internal error in %s (reference %s)", method.name, reference)
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"the broker failed to handle {method.name}; its log has the details "
-        f"under reference {reference}",
-    )
+@contextlib.asynccontextmanager
+async def _statuses(context: Ctx, method: MethodDescriptor) -> AsyncIterator[None]:
+    """End the call with the status of what the method raised."""
+    try:
+        yield
+    except BrokerError as error:
+        await abort(context, error)
+    except grpc.aio.AbortError:
+        raise  # the method ended the call itself
+    except Exception:
+        reference = uuid.uuid4().hex[:12]
+        log.exception("internal error in %s (reference %s)", method.name, reference)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"the broker failed to handle {method.name}; its log has the details "
+            f"under reference {reference}",
+        )
+
+
+def _requests(method: MethodDescriptor, request: Any) -> Any:
+    """The request, or for a client stream its messages, each checked."""
+    if method.client_streaming:
+        return _checked(method, request)
+    _refuse(method, request)
+    return request
 
 
 def _unary_response(method: MethodDescriptor, behaviour: Any) -> Any:
-    streaming_in = method.client_streaming
-
     @functools.wraps(behaviour)
     async def handle(request: Any, context: Ctx) -> Any:
-        try:
-            if streaming_in:
-                return await behaviour(_checked(method, request), context)
-            _refuse(method, request)
-            return await behaviour(request, context)
-        except BrokerError as error:
-            await abort(context, error)
-        except grpc.aio.AbortError:
-            raise  # the method ended the call itself
-        except Exception:
-            await _internal(context, method)
+        async with _statuses(context, method):
+            return await behaviour(_requests(method, request), context)
 
     return handle
 
 
 def _stream_response(method: MethodDescriptor, behaviour: Any) -> Any:
-    streaming_in = method.client_streaming
-
     @functools.wraps(behaviour)
     async def handle(request: Any, context: Ctx) -> AsyncIterator[Any]:
-        try:
-            if streaming_in:
-                request = _checked(method, request)
-            else:
-                _refuse(method, request)
-            async for reply in behaviour(request, context):
+        async with _statuses(context, method):
+            async for reply in behaviour(_requests(method, request), context):
                 yield reply
-        except BrokerError as error:
-            await abort(context, error)
-        except grpc.aio.AbortError:
-            raise  # the method ended the call itself
-        except Exception:
-            await _internal(context, method)
 
     return handle
 

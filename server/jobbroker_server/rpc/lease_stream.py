@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence, Sized
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -122,15 +122,19 @@ class LeaseStreams:
         kind = msg.WhichOneof("kind")
         r = self._reports
         if kind == "heartbeat":
-            return await r.heartbeat(session, convert.lease_refs(msg.heartbeat.leases))
+            return await r.heartbeat(
+                session, convert.lease_refs(msg.heartbeat.leases, "heartbeat.leases")
+            )
         if kind == "complete":
-            _bounded(msg.complete.completions, "complete.completions")
+            convert.reports(msg.complete.completions, "complete.completions")
             return await self._complete(session, msg.complete.completions)
         if kind == "fail":
-            _bounded(msg.fail.failures, "fail.failures")
+            convert.reports(msg.fail.failures, "fail.failures")
             return await r.fail(session, [convert.failure(f) for f in msg.fail.failures])
         if kind == "release":
-            return await r.release(session, convert.lease_refs(msg.release.leases))
+            return await r.release(
+                session, convert.lease_refs(msg.release.leases, "release.leases")
+            )
         if kind == "progress":
             return await r.progress(session, convert.progress(msg.progress))
         if kind == "flow":
@@ -185,10 +189,3 @@ def _items(msg: broker_pb2.WorkerMessage) -> int:
     if kind == "fail":
         return len(msg.fail.failures)
     return 1 if kind == "progress" else 0
-
-
-def _bounded(items: Sized, what: str) -> None:
-    if len(items) > limits.MAX_REFS_PER_MESSAGE:
-        raise InvalidArgument(
-            f"{what} holds at most {limits.MAX_REFS_PER_MESSAGE} reports (got {len(items)})"
-        )
