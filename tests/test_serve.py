@@ -185,6 +185,7 @@ def test_a_second_broker_on_the_same_sqlite_file_fails_naming_the_holder(tmp_pat
         (["--lease-seconds", "-1"], {}, ["--lease-seconds (BROKER_LEASE_SECONDS) must be more"]),
         ([], {"BROKER_RETENTION_SECONDS": "nan"}, ["BROKER_RETENTION_SECONDS='nan' is not"]),
         (["--max-payload-bytes", "0"], {}, ["--max-payload-bytes"]),
+        (["--max-payload-bytes", str(33 << 20)], {}, ["--max-payload-bytes", "33554432"]),
         (["--host", "no-such-host.invalid"], {}, ["no-such-host.invalid", "--host (BROKER_HOST)"]),
         (
             ["--database", "{tmp}/no/such/dir/broker.db"],

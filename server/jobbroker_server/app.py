@@ -16,6 +16,7 @@ from jobbroker.v1 import broker_pb2
 from jobbroker_server import ports
 from jobbroker_server.clock import Clock, SystemClock
 from jobbroker_server.config import Settings, check
+from jobbroker_server.domain import limits
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.rpc.convert import Limits
 from jobbroker_server.rpc.handlers import add_service
@@ -101,7 +102,7 @@ class BrokerApp:
             Limits(s.max_payload_bytes, s.retry),
             s.max_batch,
         )
-        message_limit = max(64 * 1024 * 1024, 2 * s.max_payload_bytes)
+        message_limit = limits.MAX_MESSAGE_BYTES  # what the SDK accepts, too
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from jobbroker_server.domain import limits
 from jobbroker_server.domain.retry import RetryPolicy
 
 
@@ -96,7 +97,9 @@ def from_text(env: str, kind: type, raw: str, *, from_env: bool) -> object:
 # Durations past this would put `now ± duration` out of the store's range.
 _LONGEST = timedelta(days=3650)
 _PORTS = range(0, 65536)
-_LARGEST_PAYLOAD = 512 * 1024 * 1024  # twice it must fit gRPC's int32 message limit
+# Half of what one message may carry (limits.MAX_MESSAGE_BYTES, the SDK's
+# receive limit): a job, its result or a lease of it must fit one message.
+_LARGEST_PAYLOAD = limits.MAX_MESSAGE_BYTES // 2
 
 # Each count setting and its least value.
 _COUNTS: tuple[tuple[str, int], ...] = (
