@@ -28,6 +28,11 @@ if _version_not_supported:
 class BrokerStub:
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
     reason is in the "jobbroker-reason" trailing metadata.
+
+    A broker started with --auth takes an API key on every call, as the
+    "authorization" metadata "Bearer <key>": none, or one it does not know, is
+    UNAUTHENTICATED; a key whose role does not allow the method, or whose queues
+    do not include the call's queue, is PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -91,11 +96,31 @@ class BrokerStub:
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.PurgeDeadJobsRequest.SerializeToString,
                 response_deserializer=jobbroker_dot_v1_dot_broker__pb2.PurgeDeadJobsResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/jobbroker.v1.Broker/CreateApiKey',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/jobbroker.v1.Broker/ListApiKeys',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/jobbroker.v1.Broker/RevokeApiKey',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
     reason is in the "jobbroker-reason" trailing metadata.
+
+    A broker started with --auth takes an API key on every call, as the
+    "authorization" metadata "Bearer <key>": none, or one it does not know, is
+    UNAUTHENTICATED; a key whose role does not allow the method, or whose queues
+    do not include the call's queue, is PERMISSION_DENIED.
     """
 
     def Submit(self, request, context):
@@ -174,6 +199,28 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """API keys, for admin keys that are not limited to queues. The key itself
+        is in the reply to CreateApiKey and nowhere else: the broker keeps only
+        its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revoked at once: calls with it are refused, its open streams end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +279,21 @@ def add_BrokerServicer_to_server(servicer, server):
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.PurgeDeadJobsRequest.FromString,
                     response_serializer=jobbroker_dot_v1_dot_broker__pb2.PurgeDeadJobsResponse.SerializeToString,
             ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'jobbroker.v1.Broker', rpc_method_handlers)
@@ -243,6 +305,11 @@ def add_BrokerServicer_to_server(servicer, server):
 class Broker:
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
     reason is in the "jobbroker-reason" trailing metadata.
+
+    A broker started with --auth takes an API key on every call, as the
+    "authorization" metadata "Bearer <key>": none, or one it does not know, is
+    UNAUTHENTICATED; a key whose role does not allow the method, or whose queues
+    do not include the call's queue, is PERMISSION_DENIED.
     """
 
     @staticmethod
@@ -532,6 +599,87 @@ class Broker:
             '/jobbroker.v1.Broker/PurgeDeadJobs',
             jobbroker_dot_v1_dot_broker__pb2.PurgeDeadJobsRequest.SerializeToString,
             jobbroker_dot_v1_dot_broker__pb2.PurgeDeadJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/CreateApiKey',
+            jobbroker_dot_v1_dot_broker__pb2.CreateApiKeyRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ListApiKeys',
+            jobbroker_dot_v1_dot_broker__pb2.ListApiKeysRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/RevokeApiKey',
+            jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,11 @@ GRPC_VERSION: str
 class BrokerStub:
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
     reason is in the "jobbroker-reason" trailing metadata.
+
+    A broker started with --auth takes an API key on every call, as the
+    "authorization" metadata "Bearer <key>": none, or one it does not know, is
+    UNAUTHENTICATED; a key whose role does not allow the method, or whose queues
+    do not include the call's queue, is PERMISSION_DENIED.
     """
 
     @_typing.overload
@@ -58,11 +63,24 @@ class BrokerStub:
     ListDeadJobs: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListDeadJobsRequest, _broker_pb2.ListJobsResponse]
     ReplayDeadJobs: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ReplayDeadJobsRequest, _broker_pb2.ReplayDeadJobsResponse]
     PurgeDeadJobs: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PurgeDeadJobsRequest, _broker_pb2.PurgeDeadJobsResponse]
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateApiKeyRequest, _broker_pb2.CreateApiKeyResponse]
+    """API keys, for admin keys that are not limited to queues. The key itself
+    is in the reply to CreateApiKey and nowhere else: the broker keeps only
+    its hash.
+    """
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListApiKeysRequest, _broker_pb2.ListApiKeysResponse]
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RevokeApiKeyRequest, _broker_pb2.RevokeApiKeyResponse]
+    """Revoked at once: calls with it are refused, its open streams end."""
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
     reason is in the "jobbroker-reason" trailing metadata.
+
+    A broker started with --auth takes an API key on every call, as the
+    "authorization" metadata "Bearer <key>": none, or one it does not know, is
+    UNAUTHENTICATED; a key whose role does not allow the method, or whose queues
+    do not include the call's queue, is PERMISSION_DENIED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -89,10 +107,23 @@ class BrokerAsyncStub(BrokerStub):
     ListDeadJobs: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListDeadJobsRequest, _broker_pb2.ListJobsResponse]  # type: ignore[assignment]
     ReplayDeadJobs: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReplayDeadJobsRequest, _broker_pb2.ReplayDeadJobsResponse]  # type: ignore[assignment]
     PurgeDeadJobs: _aio.UnaryUnaryMultiCallable[_broker_pb2.PurgeDeadJobsRequest, _broker_pb2.PurgeDeadJobsResponse]  # type: ignore[assignment]
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateApiKeyRequest, _broker_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """API keys, for admin keys that are not limited to queues. The key itself
+    is in the reply to CreateApiKey and nowhere else: the broker keeps only
+    its hash.
+    """
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListApiKeysRequest, _broker_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_broker_pb2.RevokeApiKeyRequest, _broker_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Revoked at once: calls with it are refused, its open streams end."""
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
     reason is in the "jobbroker-reason" trailing metadata.
+
+    A broker started with --auth takes an API key on every call, as the
+    "authorization" metadata "Bearer <key>": none, or one it does not know, is
+    UNAUTHENTICATED; a key whose role does not allow the method, or whose queues
+    do not include the call's queue, is PERMISSION_DENIED.
     """
 
     @_abc_1.abstractmethod
@@ -183,5 +214,31 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_pb2.PurgeDeadJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.PurgeDeadJobsResponse, _abc.Awaitable[_broker_pb2.PurgeDeadJobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _broker_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CreateApiKeyResponse, _abc.Awaitable[_broker_pb2.CreateApiKeyResponse]]:
+        """API keys, for admin keys that are not limited to queues. The key itself
+        is in the reply to CreateApiKey and nowhere else: the broker keeps only
+        its hash.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _broker_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListApiKeysResponse, _abc.Awaitable[_broker_pb2.ListApiKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _broker_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.RevokeApiKeyResponse, _abc.Awaitable[_broker_pb2.RevokeApiKeyResponse]]:
+        """Revoked at once: calls with it are refused, its open streams end."""
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
