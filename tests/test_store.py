@@ -23,7 +23,9 @@ from jobbroker_server.domain.models import (
     Completion,
     ErrorInfo,
     Failure,
+    Job,
     JobFilter,
+    Lease,
     LeaseAsk,
     LeaseRef,
     NewJob,
@@ -89,6 +91,12 @@ def job(
     )
 
 
+def ref(leases: list[Lease], held: NewJob | Job) -> LeaseRef:
+    """The lease on ``held`` among ``leases``: its token is not a count to guess."""
+    [lease] = [x for x in leases if x.job.id == held.id]
+    return LeaseRef(held.id, lease.fencing_token)
+
+
 def test_lease_takes_highest_priority_first_then_fifo(db: Harness) -> None:
     jobs = [job(priority=p) for p in (0, 5, 0, 5, 1)]
     db(db.store.submit_many(jobs, T0, WINDOW))
@@ -132,7 +140,7 @@ def test_submit_and_lease_fills_each_ask_in_the_same_transaction(db: Harness) ->
     # Each ask is served in order, highest priority first, then FIFO: the
     # job already waiting goes before the new one of its priority.
     assert [[x.job.id for x in leases] for leases in leased] == [[urgent.id, older.id], [plain.id]]
-    assert all(x.job.state is JobState.RUNNING and x.fencing_token == 1 for x in leased[1])
+    assert all(x.job.state is JobState.RUNNING and x.fencing_token >= 1 for x in leased[1])
     assert db(db.store.get_job(later.id)).state is JobState.SCHEDULED
     assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
 
@@ -228,7 +236,7 @@ def test_reaper_retries_expired_leases_and_times_out_overdue_attempts(db: Harnes
     leases = db(db.store.lease_many(["q"], 2, "w", timedelta(seconds=60), T0))
     assert db(db.store.reap_expired(T0 + timedelta(seconds=1))) == []
     # The slow one heartbeats but passes its hard timeout.
-    db(db.store.heartbeat_many([LeaseRef(slow.id, 1)], timedelta(seconds=60), T0))
+    db(db.store.heartbeat_many([ref(leases, slow)], timedelta(seconds=60), T0))
     [timed_out] = db(db.store.reap_expired(T0 + timedelta(seconds=6)))
     assert timed_out.lease.job_id == slow.id and timed_out.outcome is AttemptOutcome.TIMED_OUT
     [expired] = db(db.store.reap_expired(T0 + timedelta(seconds=61)))
@@ -241,12 +249,12 @@ def test_reaper_retries_expired_leases_and_times_out_overdue_attempts(db: Harnes
 def test_cancel_pending_at_once_running_on_report_finished_refused(db: Harness) -> None:
     a, b = job(), job()
     db(db.store.submit_many([a], T0, WINDOW))
-    db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    leases = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     db(db.store.submit_many([b], T0, WINDOW))
     assert db(db.store.cancel(b.id, T0)).state is JobState.CANCELLED
     running = db(db.store.cancel(a.id, T0))
     assert running.state is JobState.RUNNING  # its worker is told; the report ends it
-    [r] = db(db.store.fail_many([Failure(LeaseRef(a.id, 1), ErrorInfo("E", "x"))], T0))
+    [r] = db(db.store.fail_many([Failure(ref(leases, a), ErrorInfo("E", "x"))], T0))
     assert r.state is JobState.CANCELLED
     with pytest.raises(IllegalTransition, match="cancelled job cannot become cancelled"):
         db(db.store.cancel(a.id, T0))
@@ -264,9 +272,9 @@ def test_release_hands_back_without_counting_an_attempt(db: Harness) -> None:
 def test_retention_deletes_finished_jobs_but_keeps_dead_ones(db: Harness) -> None:
     ok, dead = job(), job(max_attempts=1)
     db(db.store.submit_many([ok, dead], T0, WINDOW))
-    db(db.store.lease_many(["q"], 2, "w", LEASE, T0))
-    db(db.store.complete_many([Completion(LeaseRef(ok.id, 1), None)], T0))
-    db(db.store.fail_many([Failure(LeaseRef(dead.id, 1), ErrorInfo("E", "x"))], T0))
+    leases = db(db.store.lease_many(["q"], 2, "w", LEASE, T0))
+    db(db.store.complete_many([Completion(ref(leases, ok), None)], T0))
+    db(db.store.fail_many([Failure(ref(leases, dead), ErrorInfo("E", "x"))], T0))
     assert db(db.store.delete_finished(T0, 100)) == 0
     assert db(db.store.delete_finished(T0 + timedelta(days=1), 100)) == 1
     with pytest.raises(NotFound):
@@ -287,7 +295,7 @@ def test_heartbeat_extends_only_current_leases(db: Harness) -> None:
     db(db.store.submit_many([job()], T0, WINDOW))
     [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     later = T0 + timedelta(seconds=20)
-    [beat] = db(db.store.heartbeat_many([LeaseRef(lease.job.id, 1)], LEASE, later))
+    [beat] = db(db.store.heartbeat_many([ref([lease], lease.job)], LEASE, later))
     assert beat.status is ReportStatus.OK and beat.lease_expires_at == later + LEASE
     assert db(db.store.get_job(lease.job.id)).lease_expires_at == later + LEASE
     # The first expiry has passed; the extended lease has not.
@@ -465,9 +473,9 @@ def test_sqlite_waits_for_another_process_lock_off_the_event_loop(tmp_path: Path
 def test_queue_depths_count_waiting_running_and_dead_jobs_per_queue(db: Harness) -> None:
     done, dead, running = job("a"), job("a", max_attempts=1), job("a")
     db(db.store.submit_many([done, dead, running], T0, WINDOW))
-    db(db.store.lease_many(["a"], 3, "w", LEASE, T0))
-    db(db.store.complete_many([Completion(LeaseRef(done.id, 1), None)], T0))
-    db(db.store.fail_many([Failure(LeaseRef(dead.id, 1), ErrorInfo("E", "x"))], T0))
+    leases = db(db.store.lease_many(["a"], 3, "w", LEASE, T0))
+    db(db.store.complete_many([Completion(ref(leases, done), None)], T0))
+    db(db.store.fail_many([Failure(ref(leases, dead), ErrorInfo("E", "x"))], T0))
     later = job("b", run_at=T0 + timedelta(hours=1))
     db(db.store.submit_many([job("b"), job("b"), later, job("c")], T0, WINDOW))
     assert db(db.store.queue_depths(1000)) == {

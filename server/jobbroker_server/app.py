@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from jobbroker.v1 import broker_pb2
 from jobbroker_server import ports
 from jobbroker_server.clock import Clock, SystemClock
-from jobbroker_server.config import Settings, check
+from jobbroker_server.config import Settings, check, is_loopback, tls_files
 from jobbroker_server.domain import limits
 from jobbroker_server.metrics import Metrics
+from jobbroker_server.rpc.auth import Guard
 from jobbroker_server.rpc.convert import Limits
 from jobbroker_server.rpc.handlers import add_service
 from jobbroker_server.rpc.lease_stream import LeaseStreams
@@ -26,6 +27,7 @@ from jobbroker_server.services.background import DepthSampler, Reaper, Retention
 from jobbroker_server.services.dispatcher import Dispatcher
 from jobbroker_server.services.health import StoreHealth
 from jobbroker_server.services.jobs import Jobs
+from jobbroker_server.services.keys import ApiKeys
 from jobbroker_server.services.reports import Reports
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
@@ -91,6 +93,10 @@ class BrokerApp:
             poll_interval=s.poll_interval,
         )
         reports = Reports(store, dispatcher, self.clock, self.metrics, watch)
+        keys = ApiKeys(store, self.clock, required=s.auth, refresh=s.poll_interval)
+        if s.auth:
+            await keys.load()
+        self.keys = keys
         # A notice says a queue has ready jobs, not how many: one stream looks,
         # and one that fills its batch wakes the next.
         await store.listen(lambda queue: dispatcher.wake_some({queue: 1}))
@@ -98,6 +104,7 @@ class BrokerApp:
         servicer = BrokerServicer(
             jobs,
             LeaseStreams(dispatcher, reports, s.max_payload_bytes),
+            keys,
             self.clock,
             Limits(s.max_payload_bytes, s.retry),
             s.max_batch,
@@ -112,23 +119,40 @@ class BrokerApp:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        add_service(broker_pb2.DESCRIPTOR.services_by_name["Broker"], servicer, server)
+        service = broker_pb2.DESCRIPTOR.services_by_name["Broker"]
+        add_service(service, servicer, Guard(keys), server)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lag
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
         ports.ensure_free(s.host, s.port, ports.GRPC_PORT)
+        metrics_host = s.metrics_host or s.host
         if s.metrics_port:
-            ports.ensure_free(s.host, s.metrics_port, ports.METRICS_PORT)
-            self._metrics_http = ports.serve_metrics(s.host, s.metrics_port, self.metrics.registry)
+            ports.ensure_free(metrics_host, s.metrics_port, ports.METRICS_PORT)
+            self._metrics_http = ports.serve_metrics(
+                metrics_host, s.metrics_port, self.metrics.registry
+            )
             self.metrics_port = self._metrics_http.server_port
-        self.port = ports.bind_grpc(server, s.host, s.port)
+        self.port = ports.bind_grpc(server, s.host, s.port, tls_files(s))
         await server.start()
         self._server = server
         await self._set_serving(True)
         health_probe = StoreHealth(store, self.clock, self._set_serving)
-        for service in (scheduler, reaper, retention, depths, dispatcher, health_probe):
-            self._tasks.append(asyncio.create_task(service.run()))
-        log.info("jobbroker listening on %s:%d, database %s", s.host, self.port, shown(s.database))
+        for loop in (scheduler, reaper, retention, depths, dispatcher, health_probe, keys):
+            self._tasks.append(asyncio.create_task(loop.run()))
+        log.info(
+            "jobbroker listening on %s:%d (%s, %s), database %s",
+            s.host,
+            self.port,
+            "TLS" if s.tls_cert else "plaintext",
+            "API keys required" if s.auth else "no API keys",
+            shown(s.database),
+        )
+        if s.insecure and not s.auth and not is_loopback(s.host):
+            log.warning(
+                "--insecure: anyone who reaches %s:%d may submit, read and cancel every job",
+                s.host,
+                self.port,
+            )
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse

@@ -44,6 +44,12 @@ CONNECT_WAIT = 3.0
 _FIX = "start one with `broker serve`, or name the right one with --target or BROKER_TARGET"
 
 
+_SWITCHES = {
+    "auth": "every call needs an API key (`broker keys create`)",
+    "insecure": "serve an address other machines reach without --auth",
+}
+
+
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     for name, env, kind in ENV:
@@ -51,7 +57,13 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
         shown = default.total_seconds() if kind is timedelta else default
         # Taken as text and converted in _settings, so that a bad value, from
         # the flag or the environment, is one line that names where it came from.
-        parser.add_argument(flag_of(env), dest=name, help=f"default {shown} (env {env})")
+        if kind is bool:
+            help_text = f"{_SWITCHES[name]} (env {env}=true)"
+            parser.add_argument(
+                flag_of(env), dest=name, action="store_const", const="true", help=help_text
+            )
+        else:
+            parser.add_argument(flag_of(env), dest=name, help=f"default {shown} (env {env})")
     parser.add_argument("--log-level", default=os.environ.get("BROKER_LOG_LEVEL", "INFO"))
 
 

@@ -6,6 +6,7 @@ one line that names the flag and the variable (``check``).
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,6 +21,12 @@ class Settings:
     port: int = 50051
     database: str = "./jobbroker.db"
     metrics_port: int = 9464  # 0 turns the metrics endpoint off
+    metrics_host: str = ""  # "" for the gRPC port's host
+    auth: bool = False  # every call needs an API key
+    insecure: bool = False  # serve a non-loopback address without auth
+    tls_cert: str = ""  # PEM files; both, or neither for plaintext
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM: clients must show a certificate it signed
     max_payload_bytes: int = 1024 * 1024
     max_batch: int = 10_000
     lease_duration: timedelta = timedelta(seconds=30)
@@ -41,6 +48,12 @@ ENV: tuple[tuple[str, str, type], ...] = (
     ("port", "BROKER_PORT", int),
     ("database", "BROKER_DATABASE", str),
     ("metrics_port", "BROKER_METRICS_PORT", int),
+    ("metrics_host", "BROKER_METRICS_HOST", str),
+    ("auth", "BROKER_AUTH", bool),
+    ("insecure", "BROKER_INSECURE", bool),
+    ("tls_cert", "BROKER_TLS_CERT", str),
+    ("tls_key", "BROKER_TLS_KEY", str),
+    ("tls_client_ca", "BROKER_TLS_CLIENT_CA", str),
     ("max_payload_bytes", "BROKER_MAX_PAYLOAD_BYTES", int),
     ("lease_duration", "BROKER_LEASE_SECONDS", timedelta),
     ("dedup_window", "BROKER_DEDUP_WINDOW_SECONDS", timedelta),
@@ -69,6 +82,12 @@ def _named(name: str) -> str:
 def parse(kind: type, raw: str) -> object:
     """A setting's text as its type; ValueError naming what was expected."""
     text = raw.strip()
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError("true or false")
     if kind is int:
         try:
             return int(text)
@@ -83,6 +102,10 @@ def parse(kind: type, raw: str) -> object:
             pass
         raise ValueError("a number of seconds")
     return raw
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
 def from_text(env: str, kind: type, raw: str, *, from_env: bool) -> object:
@@ -132,6 +155,8 @@ def check(settings: Settings) -> None:
             raise SettingError(
                 f"{_named(name)} must be a port from 0 to 65535, not {getattr(s, name)}"
             )
+    _check_exposure(s)
+    _check_tls(s)
     if not 1 <= s.max_payload_bytes <= _LARGEST_PAYLOAD:
         raise SettingError(
             f"{_named('max_payload_bytes')} must be from 1 to {_LARGEST_PAYLOAD}, "
@@ -150,3 +175,56 @@ def check(settings: Settings) -> None:
             raise SettingError(
                 f"{_named(name)} must be at most {_LONGEST.days} days, not {seconds} seconds"
             )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
+
+
+def _check_exposure(s: Settings) -> None:
+    """Off the loopback address, anyone who reaches the port could read every
+    payload: refuse that unless keys are required or it is asked for."""
+    if is_loopback(s.host) or s.auth or s.insecure:
+        return
+    raise SettingError(
+        f"{_named('host')} {s.host} is reachable from other machines: start with "
+        f"{_named('auth')} so that every call needs an API key, or with "
+        f"{_named('insecure')} to serve anyone who can reach it"
+    )
+
+
+def _check_tls(s: Settings) -> None:
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SettingError(f"give {_named('tls_cert')} and {_named('tls_key')} together")
+    if s.tls_client_ca and not s.tls_cert:
+        raise SettingError(
+            f"{_named('tls_client_ca')} checks client certificates over TLS: "
+            f"give {_named('tls_cert')} and {_named('tls_key')} too"
+        )
+    tls_files(s)
+
+
+def tls_files(s: Settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """The certificate, key and client CA the broker serves TLS with (PEM
+    bytes), or None for plaintext; SettingError naming a file it cannot use."""
+    if not s.tls_cert:
+        return None
+    cert, key = _pem(s, "tls_cert"), _pem(s, "tls_key")
+    return cert, key, _pem(s, "tls_client_ca") if s.tls_client_ca else None
+
+
+def _pem(s: Settings, name: str) -> bytes:
+    path = getattr(s, name)
+    try:
+        with open(path, "rb") as file:
+            data: bytes = file.read()
+    except OSError as error:
+        raise SettingError(f"{_named(name)} {path!r}: {error.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise SettingError(f"{_named(name)} {path!r} is not a PEM file")
+    return data

@@ -57,10 +57,22 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> Any:
     return http
 
 
-def bind_grpc(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind the gRPC port; return it (the one chosen, for port 0)."""
+def bind_grpc(
+    server: grpc.aio.Server, host: str, port: int, tls: tuple[bytes, bytes, bytes | None] | None
+) -> int:
+    """Bind the gRPC port, over TLS when ``tls`` gives (certificate, key,
+    client CA); return the port (the one chosen, for port 0). With a client
+    CA, a client must show a certificate that CA signed."""
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key, client_ca = tls
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
+            )
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:  # taken since ensure_free tried it
         bound = 0
     if bound == 0:

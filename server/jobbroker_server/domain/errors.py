@@ -9,6 +9,8 @@ BrokerError
 │   └── StorageFull      the database's disk is full; nothing was written
 ├── StoreUnavailable     the database cannot be used now (unreachable,
 │                        read-only); safe to retry, the broker reconnects
+├── Unauthenticated      no API key, or one the broker does not know (or revoked)
+├── PermissionDenied     the key's role or queues do not allow the call
 └── Internal             the broker failed; its log says why, the reply does not
 
 A report under a stale lease is not an error here: the stream answers it with
@@ -48,6 +50,14 @@ class StorageFull(ResourceExhausted):
 
 class StoreUnavailable(BrokerError):
     reason = "STORE_UNAVAILABLE"
+
+
+class Unauthenticated(BrokerError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    reason = "PERMISSION_DENIED"
 
 
 class Internal(BrokerError):

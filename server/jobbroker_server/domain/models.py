@@ -124,12 +124,16 @@ class LeaseAsk:
     limit: int
     worker_id: str
     max_bytes: int  # of payload, in all
+    holder: str = ""  # the stream's API key id
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseRef:
     job_id: str
     fencing_token: int
+    # The API key id of the stream that reports ("" when auth is off): only
+    # the key that holds a lease may report it.
+    holder: str = ""
 
 
 @dataclass(frozen=True, slots=True)

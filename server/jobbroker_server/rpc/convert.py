@@ -14,6 +14,7 @@ from jobbroker_server.clock import EPOCH
 from jobbroker_server.domain import limits
 from jobbroker_server.domain.errors import InvalidArgument
 from jobbroker_server.domain.ids import new_job_id
+from jobbroker_server.domain.keys import ApiKey, Role
 from jobbroker_server.domain.models import (
     JSON_CONTENT_TYPE,
     Attempt,
@@ -277,7 +278,8 @@ def report_pb(result: ReportResult) -> broker_pb2.ReportResult:
 # --- worker reports: wire -> domain ---
 
 
-def lease_ref(msg: broker_pb2.LeaseRef) -> LeaseRef:
+def lease_ref(msg: broker_pb2.LeaseRef, holder: str) -> LeaseRef:
+    """A lease a stream reports, under the API key id it presented (``holder``)."""
     job_id = msg.job_id
     # Checked for what the store cannot hold, not for being a name: one bad id
     # in a group commit's batch would fail every worker's reports in it.
@@ -285,7 +287,7 @@ def lease_ref(msg: broker_pb2.LeaseRef) -> LeaseRef:
         raise InvalidArgument("a lease's job_id is not a job id")
     if msg.fencing_token > _MAX_TOKEN:  # a uint64 on the wire; no store holds more
         raise InvalidArgument(f"fencing_token {msg.fencing_token} is past any lease's")
-    return LeaseRef(job_id, msg.fencing_token)
+    return LeaseRef(job_id, msg.fencing_token, holder)
 
 
 _MAX_TOKEN = 2**63 - 1  # the store's BIGINT
@@ -299,15 +301,17 @@ def reports(items: Sized, what: str) -> None:
         )
 
 
-def lease_refs(refs: Sequence[broker_pb2.LeaseRef], what: str) -> list[LeaseRef]:
+def lease_refs(refs: Sequence[broker_pb2.LeaseRef], what: str, holder: str) -> list[LeaseRef]:
     reports(refs, what)
-    return [lease_ref(ref) for ref in refs]
+    return [lease_ref(ref, holder) for ref in refs]
 
 
-def completion(msg: broker_pb2.Completion, max_result_bytes: int) -> Completion | Failure:
+def completion(
+    msg: broker_pb2.Completion, max_result_bytes: int, holder: str
+) -> Completion | Failure:
     """The completion, or for a result over the limit, the attempt's failure
     that dead-letters its job and says why."""
-    ref = lease_ref(msg.lease)
+    ref = lease_ref(msg.lease, holder)
     if not msg.HasField("result"):
         return Completion(ref, None)
     size = len(msg.result.data)
@@ -321,14 +325,14 @@ def completion(msg: broker_pb2.Completion, max_result_bytes: int) -> Completion 
     return Completion(ref, Payload(msg.result.data, content_type or JSON_CONTENT_TYPE))
 
 
-def failure(msg: broker_pb2.Failure) -> Failure:
+def failure(msg: broker_pb2.Failure, holder: str) -> Failure:
     retry_after = None
     if msg.HasField("retry_after"):
         seconds = min(max(msg.retry_after.seconds, 0), int(limits.MAX_BACKOFF.total_seconds()))
         retry_after = timedelta(seconds=seconds, microseconds=max(msg.retry_after.nanos, 0) // 1000)
     error = msg.error
     return Failure(
-        lease=lease_ref(msg.lease),
+        lease=lease_ref(msg.lease, holder),
         error=ErrorInfo(
             limits.clipped(error.type, limits.MAX_NAME),
             limits.clipped(error.message, limits.MAX_ERROR_MESSAGE),
@@ -340,7 +344,31 @@ def failure(msg: broker_pb2.Failure) -> Failure:
     )
 
 
-def progress(msg: broker_pb2.Progress) -> Progress:
+def progress(msg: broker_pb2.Progress, holder: str) -> Progress:
     fraction = limits.fraction(msg.progress, "progress")
     message = limits.clipped(msg.message, limits.MAX_PROGRESS_MESSAGE)
-    return Progress(lease_ref(msg.lease), fraction, message)
+    return Progress(lease_ref(msg.lease, holder), fraction, message)
+
+
+ROLE_TO_PB = {
+    Role.PRODUCER: broker_pb2.ROLE_PRODUCER,
+    Role.WORKER: broker_pb2.ROLE_WORKER,
+    Role.ADMIN: broker_pb2.ROLE_ADMIN,
+}
+_ROLE_FROM_PB: dict[int, Role] = {pb: role for role, pb in ROLE_TO_PB.items()}
+
+
+def role(pb: int) -> Role:
+    if pb not in _ROLE_FROM_PB:
+        raise InvalidArgument("role must be producer, worker or admin")
+    return _ROLE_FROM_PB[pb]
+
+
+def api_key_pb(key: ApiKey) -> broker_pb2.ApiKey:
+    msg = broker_pb2.ApiKey(
+        id=key.id, name=key.name, role=ROLE_TO_PB[key.role], queues=list(key.queues)
+    )
+    set_timestamp(msg.created_at, key.created_at)
+    if key.revoked_at is not None:
+        set_timestamp(msg.revoked_at, key.revoked_at)
+    return msg

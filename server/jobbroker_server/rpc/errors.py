@@ -12,9 +12,11 @@ from jobbroker_server.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     StorageFull,
     StoreUnavailable,
+    Unauthenticated,
 )
 
 REASON_KEY = "jobbroker-reason"
@@ -26,6 +28,8 @@ STATUS: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

@@ -1,7 +1,11 @@
 """The Broker service's method handlers: bytes in, status codes out, in one place.
 
 Built from the service's descriptor rather than the generated registration, so
-every method gets the same two guards:
+every method gets the same three guards:
+
+- the call's API key and role are admitted (``auth.Guard``) before the method
+  runs, and the method is given the caller; a call still open when its key is
+  revoked ends with UNAUTHENTICATED;
 
 - a request that does not parse reaches the method as ``Malformed``, and the
   caller gets INVALID_ARGUMENT (grpc's own deserializer failure is UNKNOWN, with
@@ -13,6 +17,7 @@ every method gets the same two guards:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -25,7 +30,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from jobbroker_server.domain.errors import BrokerError, InvalidArgument
+from jobbroker_server.domain.errors import BrokerError, InvalidArgument, Unauthenticated
+from jobbroker_server.rpc.auth import RULES, Guard
 from jobbroker_server.rpc.errors import abort
 
 log = logging.getLogger(__name__)
@@ -68,10 +74,18 @@ async def _checked(
 
 
 @contextlib.asynccontextmanager
-async def _statuses(context: Ctx, method: MethodDescriptor) -> AsyncIterator[None]:
-    """End the call with the status of what the method raised."""
+async def _statuses(context: Ctx, method: MethodDescriptor, guard: Guard) -> AsyncIterator[Any]:
+    """Admit the call and give its caller; end the call with the status of
+    what the method raised."""
     try:
-        yield
+        caller = guard.admit(method.name, context)
+        with guard.keys.open_call(caller):
+            try:
+                yield caller
+            except asyncio.CancelledError:
+                if not guard.keys.ended_by_revocation():
+                    raise
+                raise Unauthenticated("the API key of this call was revoked") from None
     except BrokerError as error:
         await abort(context, error)
     except grpc.aio.AbortError:
@@ -94,20 +108,20 @@ def _requests(method: MethodDescriptor, request: Any) -> Any:
     return request
 
 
-def _unary_response(method: MethodDescriptor, behaviour: Any) -> Any:
+def _unary_response(method: MethodDescriptor, behaviour: Any, guard: Guard) -> Any:
     @functools.wraps(behaviour)
     async def handle(request: Any, context: Ctx) -> Any:
-        async with _statuses(context, method):
-            return await behaviour(_requests(method, request), context)
+        async with _statuses(context, method, guard) as caller:
+            return await behaviour(_requests(method, request), context, caller)
 
     return handle
 
 
-def _stream_response(method: MethodDescriptor, behaviour: Any) -> Any:
+def _stream_response(method: MethodDescriptor, behaviour: Any, guard: Guard) -> Any:
     @functools.wraps(behaviour)
     async def handle(request: Any, context: Ctx) -> AsyncIterator[Any]:
-        async with _statuses(context, method):
-            async for reply in behaviour(_requests(method, request), context):
+        async with _statuses(context, method, guard) as caller:
+            async for reply in behaviour(_requests(method, request), context, caller):
                 yield reply
 
     return handle
@@ -121,17 +135,23 @@ _HANDLER_KINDS = {
 }
 
 
-def add_service(service: ServiceDescriptor, servicer: object, server: grpc.aio.Server) -> None:
-    """Register ``servicer``'s method for each of ``service``'s methods."""
+def add_service(
+    service: ServiceDescriptor, servicer: object, guard: Guard, server: grpc.aio.Server
+) -> None:
+    """Register ``servicer``'s method for each of ``service``'s methods, each
+    called as ``method(request, context, caller)``; a method without a rule in
+    ``auth.RULES`` or without a servicer method stops the broker here."""
     handlers = {}
     for method in service.methods:
+        if method.name not in RULES:
+            raise LookupError(f"{service.full_name}.{method.name} has no rule in rpc/auth.py")
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
         behaviour = getattr(servicer, method.name)
         wrap = _stream_response if method.server_streaming else _unary_response
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
-            wrap(method, behaviour),
+            wrap(method, behaviour, guard),
             request_deserializer=_deserializer(request_cls),
             response_serializer=response_cls.SerializeToString,
         )

@@ -13,6 +13,7 @@ import grpc
 from jobbroker.v1 import broker_pb2
 from jobbroker_server.domain import limits
 from jobbroker_server.domain.errors import BrokerError, InvalidArgument
+from jobbroker_server.domain.keys import Caller
 from jobbroker_server.domain.models import Completion, Failure, ReportResult, ReportStatus
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import abort
@@ -50,12 +51,13 @@ class LeaseStreams:
         self,
         requests: AsyncIterator[broker_pb2.WorkerMessage],
         context: grpc.aio.ServicerContext[Any, Any],
+        caller: Caller,
     ) -> AsyncIterator[broker_pb2.BrokerMessage]:
         first = await anext(requests, None)
         if first is None:
             return
         try:
-            session = self._open(first)
+            session = self._open(first, caller)
         except BrokerError as error:
             await abort(context, error)
         reader = asyncio.create_task(self._read(session, requests))
@@ -82,7 +84,8 @@ class LeaseStreams:
                 await reader
             await self._dispatcher.close(session)
 
-    def _open(self, first: broker_pb2.WorkerMessage) -> Session:
+    def _open(self, first: broker_pb2.WorkerMessage, caller: Caller) -> Session:
+        """A session for the stream, its leases bound to the caller's key."""
         if first.WhichOneof("kind") != "subscribe":
             raise InvalidArgument("the first message of a LeaseStream must be subscribe")
         sub = first.subscribe
@@ -92,6 +95,8 @@ class LeaseStreams:
                 f"queues (got {len(sub.queues)})"
             )
         queues = list(dict.fromkeys(limits.name(q, "subscribe.queues[]") for q in sub.queues))
+        for queue in queues:
+            caller.check_queue(queue)
         if not 1 <= sub.prefetch <= MAX_PREFETCH:
             raise InvalidArgument(
                 f"subscribe.prefetch must be between 1 and {MAX_PREFETCH} (got {sub.prefetch})"
@@ -99,8 +104,10 @@ class LeaseStreams:
         if len(sub.held) > MAX_PREFETCH:
             raise InvalidArgument(f"subscribe.held names at most {MAX_PREFETCH} leases")
         worker_id = limits.name(sub.worker_id, "subscribe.worker_id") if sub.worker_id else ""
-        held = [convert.lease_ref(ref) for ref in sub.held]
-        return self._dispatcher.open(worker_id or "anonymous", queues, sub.prefetch, held)
+        held = [convert.lease_ref(ref, caller.key_id) for ref in sub.held]
+        return self._dispatcher.open(
+            worker_id or "anonymous", queues, sub.prefetch, held, caller.key_id
+        )
 
     async def _read(
         self, session: Session, requests: AsyncIterator[broker_pb2.WorkerMessage]
@@ -121,22 +128,23 @@ class LeaseStreams:
     async def _report(self, session: Session, msg: broker_pb2.WorkerMessage) -> list[ReportResult]:
         kind = msg.WhichOneof("kind")
         r = self._reports
+        holder = session.holder
         if kind == "heartbeat":
             return await r.heartbeat(
-                session, convert.lease_refs(msg.heartbeat.leases, "heartbeat.leases")
+                session, convert.lease_refs(msg.heartbeat.leases, "heartbeat.leases", holder)
             )
         if kind == "complete":
             convert.reports(msg.complete.completions, "complete.completions")
             return await self._complete(session, msg.complete.completions)
         if kind == "fail":
             convert.reports(msg.fail.failures, "fail.failures")
-            return await r.fail(session, [convert.failure(f) for f in msg.fail.failures])
+            return await r.fail(session, [convert.failure(f, holder) for f in msg.fail.failures])
         if kind == "release":
             return await r.release(
-                session, convert.lease_refs(msg.release.leases, "release.leases")
+                session, convert.lease_refs(msg.release.leases, "release.leases", holder)
             )
         if kind == "progress":
-            return await r.progress(session, convert.progress(msg.progress))
+            return await r.progress(session, convert.progress(msg.progress, holder))
         if kind == "flow":
             self._dispatcher.set_prefetch(session, min(max(msg.flow.prefetch, 0), MAX_PREFETCH))
             return []
@@ -147,7 +155,8 @@ class LeaseStreams:
     ) -> list[ReportResult]:
         """Completions, but a result over the payload limit fails its job for good
         (its handler would only make it again): each report's result, in order."""
-        reports = [convert.completion(c, self._max_result_bytes) for c in completions]
+        limit = self._max_result_bytes
+        reports = [convert.completion(c, limit, session.holder) for c in completions]
         done = [c for c in reports if isinstance(c, Completion)]
         if len(done) == len(reports):
             return await self._reports.complete(session, done)

@@ -1,29 +1,39 @@
-"""The Broker service: each method converts, calls one service, converts back."""
+"""The Broker service: each method converts, calls one service, converts back.
+
+Every method is given the caller its API key names (``handlers``): a key
+limited to queues submits, reads and leases only within them, and a job of
+another queue is NOT_FOUND to it, as if it did not exist.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import grpc
 
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
+from jobbroker.v1 import broker_pb2, job_pb2
 from jobbroker_server.clock import Clock
 from jobbroker_server.domain import limits
 from jobbroker_server.domain.errors import (
     BrokerError,
     Internal,
     InvalidArgument,
+    NotFound,
+    PermissionDenied,
     ResourceExhausted,
 )
-from jobbroker_server.domain.models import JobFilter, JobPage, NewJob, SubmitResult
+from jobbroker_server.domain.keys import Caller
+from jobbroker_server.domain.models import Job, JobFilter, JobPage, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import error_pb
 from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.services.jobs import Jobs
+from jobbroker_server.services.keys import ApiKeys
 
 log = logging.getLogger(__name__)
 
@@ -89,34 +99,39 @@ def _page(page: JobPage) -> broker_pb2.ListJobsResponse:
     )
 
 
-class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+class BrokerServicer:
     def __init__(
         self,
         jobs: Jobs,
         streams: LeaseStreams,
+        keys: ApiKeys,
         clock: Clock,
         limits: convert.Limits,
         max_batch: int,
     ) -> None:
         self._jobs = jobs
+        self._keys = keys
         self._streams = streams
         self._clock = clock
         self._limits = limits
         self._max_batch = max_batch
 
-    def _new_job(self, request: broker_pb2.SubmitRequest) -> NewJob:
-        if not request.HasField("job"):
-            raise InvalidArgument("job must be set")
-        return convert.new_job(request.job, self._limits, self._clock.now())
+    def _new_job(self, spec: job_pb2.JobSpec, caller: Caller, now: datetime) -> NewJob:
+        job = convert.new_job(spec, self._limits, now)
+        caller.check_queue(job.queue)
+        return job
 
     async def Submit(
-        self, request: broker_pb2.SubmitRequest, context: Ctx
+        self, request: broker_pb2.SubmitRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.SubmitResponse:
-        [result] = await self._jobs.submit_many([self._new_job(request)])
+        if not request.HasField("job"):
+            raise InvalidArgument("job must be set")
+        job = self._new_job(request.job, caller, self._clock.now())
+        [result] = await self._jobs.submit_many([job])
         return _submit_pb(result)
 
     async def SubmitBatch(
-        self, request: broker_pb2.SubmitBatchRequest, context: Ctx
+        self, request: broker_pb2.SubmitBatchRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.SubmitBatchResponse:
         if not request.jobs:
             raise InvalidArgument("jobs must not be empty")
@@ -126,8 +141,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         new_jobs = []
         for i, spec in enumerate(request.jobs):
             try:
-                new_jobs.append(convert.new_job(spec, self._limits, now))
-            except (InvalidArgument, ResourceExhausted) as error:
+                new_jobs.append(self._new_job(spec, caller, now))
+            except (InvalidArgument, ResourceExhausted, PermissionDenied) as error:
                 raise type(error)(f"jobs[{i}]: {error}") from None
         results = await self._jobs.submit_many(new_jobs)
         answer = broker_pb2.SubmitBatchResponse()
@@ -136,7 +151,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return answer
 
     async def SubmitGrouped(
-        self, request_iterator: AsyncIterator[broker_pb2.SubmitBatchRequest], context: Ctx
+        self,
+        request_iterator: AsyncIterator[broker_pb2.SubmitBatchRequest],
+        context: Ctx,
+        caller: Caller,
     ) -> AsyncIterator[broker_pb2.SubmitBatchResponse]:
         """Each message's jobs are validated as it arrives and stored with whatever
         else is being submitted (so messages share transactions); each message is
@@ -148,7 +166,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    answers.put_nowait(self._submit_soon(request.jobs))
+                    answers.put_nowait(self._submit_soon(request.jobs, caller))
             finally:
                 answers.put_nowait(None)
 
@@ -167,7 +185,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             f"a {what} holds at most {self._max_batch} jobs (got {len(specs)})"
         )
 
-    def _submit_soon(self, specs: Sequence[job_pb2.JobSpec]) -> _Pending:
+    def _submit_soon(self, specs: Sequence[job_pb2.JobSpec], caller: Caller) -> _Pending:
         """Each job's refusal (None for a valid one), and the valid ones' results to come."""
         if too_many := self._too_many(specs, "message"):
             return [too_many] * len(specs), None
@@ -176,7 +194,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         valid: list[NewJob] = []
         for spec in specs:
             try:
-                valid.append(convert.new_job(spec, self._limits, now))
+                valid.append(self._new_job(spec, caller, now))
             except BrokerError as error:
                 refusals.append(error)
             else:
@@ -184,25 +202,28 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return refusals, self._jobs.submit_soon(valid) if valid else None
 
     async def GetJob(
-        self, request: broker_pb2.GetJobRequest, context: Ctx
+        self, request: broker_pb2.GetJobRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.GetJobResponse:
-        job = await self._jobs.get(convert.job_id(request.job_id))
+        job = _visible(caller, await self._jobs.get(convert.job_id(request.job_id)))
         return broker_pb2.GetJobResponse(job=convert.job_pb(job))
 
     async def WaitJob(
-        self, request: broker_pb2.WaitJobRequest, context: Ctx
+        self, request: broker_pb2.WaitJobRequest, context: Ctx, caller: Caller
     ) -> AsyncIterator[broker_pb2.JobEvent]:
         async for job in self._jobs.wait(convert.job_id(request.job_id)):
-            yield broker_pb2.JobEvent(job=convert.job_pb(job))
+            yield broker_pb2.JobEvent(job=convert.job_pb(_visible(caller, job)))
 
     async def CancelJob(
-        self, request: broker_pb2.CancelJobRequest, context: Ctx
+        self, request: broker_pb2.CancelJobRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.CancelJobResponse:
-        job = await self._jobs.cancel(convert.job_id(request.job_id))
+        job_id = convert.job_id(request.job_id)
+        if caller.queues is not None:  # a job's queue never changes: look first
+            _visible(caller, await self._jobs.get(job_id))
+        job = await self._jobs.cancel(job_id)
         return broker_pb2.CancelJobResponse(job=convert.job_pb(job))
 
     async def ListJobs(
-        self, request: broker_pb2.ListJobsRequest, context: Ctx
+        self, request: broker_pb2.ListJobsRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.ListJobsResponse:
         size = _page_size(request.page_size)
         states = []
@@ -210,8 +231,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             if pb not in convert.STATE_FROM_PB:
                 raise InvalidArgument(f"unknown job state {pb}")
             states.append(convert.STATE_FROM_PB[pb])
+        queue = _optional_name(request.queue, "queue")
+        caller.named_queue(queue, "list")
         where = JobFilter(
-            queue=_optional_name(request.queue, "queue"),
+            queue=queue,
             states=tuple(states),
             task=_optional_name(request.task, "task"),
             after_id=_optional_name(request.page_token, "page_token"),
@@ -220,11 +243,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return _page(await self._jobs.find(where))
 
     async def ListDeadJobs(
-        self, request: broker_pb2.ListDeadJobsRequest, context: Ctx
+        self, request: broker_pb2.ListDeadJobsRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.ListJobsResponse:
         size = _page_size(request.page_size)
+        queue = _optional_name(request.queue, "queue")
+        caller.named_queue(queue, "list")
         where = JobFilter(
-            queue=_optional_name(request.queue, "queue"),
+            queue=queue,
             states=(JobState.DEAD,),
             after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
@@ -232,25 +257,68 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return _page(await self._jobs.find(where))
 
     async def ReplayDeadJobs(
-        self, request: broker_pb2.ReplayDeadJobsRequest, context: Ctx
+        self, request: broker_pb2.ReplayDeadJobsRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.ReplayDeadJobsResponse:
         ids = _selection(request.job_ids, request.all, "replay")
-        ids = await self._jobs.replay_dead(_optional_name(request.queue, "queue"), ids)
-        return broker_pb2.ReplayDeadJobsResponse(job_ids=ids)
+        queue = _optional_name(request.queue, "queue")
+        caller.named_queue(queue, "replay")
+        return broker_pb2.ReplayDeadJobsResponse(job_ids=await self._jobs.replay_dead(queue, ids))
 
     async def PurgeDeadJobs(
-        self, request: broker_pb2.PurgeDeadJobsRequest, context: Ctx
+        self, request: broker_pb2.PurgeDeadJobsRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.PurgeDeadJobsResponse:
         ids = _selection(request.job_ids, request.all, "purge")
-        purged = await self._jobs.purge_dead(_optional_name(request.queue, "queue"), ids)
-        return broker_pb2.PurgeDeadJobsResponse(purged=purged)
+        queue = _optional_name(request.queue, "queue")
+        caller.named_queue(queue, "purge")
+        return broker_pb2.PurgeDeadJobsResponse(purged=await self._jobs.purge_dead(queue, ids))
 
     async def LeaseStream(
-        self, request_iterator: AsyncIterator[broker_pb2.WorkerMessage], context: Ctx
+        self,
+        request_iterator: AsyncIterator[broker_pb2.WorkerMessage],
+        context: Ctx,
+        caller: Caller,
     ) -> AsyncIterator[broker_pb2.BrokerMessage]:
         # grpc.aio serves a stream only from an async generator function.
-        async for message in self._streams.serve(request_iterator, context):
+        async for message in self._streams.serve(request_iterator, context, caller):
             yield message
+
+    async def CreateApiKey(
+        self, request: broker_pb2.CreateApiKeyRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.CreateApiKeyResponse:
+        _manages_keys(caller)
+        key, text = await self._keys.create(
+            request.name, convert.role(request.role), list(request.queues)
+        )
+        return broker_pb2.CreateApiKeyResponse(key=convert.api_key_pb(key), secret=text)
+
+    async def ListApiKeys(
+        self, request: broker_pb2.ListApiKeysRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.ListApiKeysResponse:
+        _manages_keys(caller)
+        found = await self._keys.list(request.include_revoked)
+        return broker_pb2.ListApiKeysResponse(keys=[convert.api_key_pb(k) for k in found])
+
+    async def RevokeApiKey(
+        self, request: broker_pb2.RevokeApiKeyRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.RevokeApiKeyResponse:
+        _manages_keys(caller)
+        key = await self._keys.revoke(limits.name(request.key, "key"))
+        return broker_pb2.RevokeApiKeyResponse(key=convert.api_key_pb(key))
+
+
+def _visible(caller: Caller, job: Job) -> Job:
+    """The job, or NOT_FOUND to a key whose queues do not include it."""
+    if not caller.may_use(job.queue):
+        raise NotFound(f"no job with id {job.id!r}")
+    return job
+
+
+def _manages_keys(caller: Caller) -> None:
+    if caller.queues is not None:  # it could make itself a key for every queue
+        raise PermissionDenied(
+            f"API key {caller.name!r} is limited to queues; only an admin key for every "
+            "queue manages keys"
+        )
 
 
 def _selection(job_ids: Sequence[str], everything: bool, verb: str) -> list[str]:

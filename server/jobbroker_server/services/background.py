@@ -22,7 +22,7 @@ from jobbroker_server.store import Store
 log = logging.getLogger(__name__)
 
 
-async def _every(interval: float, name: str, step: Callable[[], Awaitable[object]]) -> None:
+async def every(interval: float, name: str, step: Callable[[], Awaitable[object]]) -> None:
     """Run ``step()`` forever, ``interval`` seconds apart, logging its errors."""
     while True:
         try:
@@ -70,7 +70,7 @@ class Reaper:
         return reaped
 
     async def run(self) -> None:
-        await _every(self._interval, "reaper", self.run_once)
+        await every(self._interval, "reaper", self.run_once)
 
 
 class Scheduler:
@@ -140,7 +140,7 @@ class Retention:
                 return deleted
 
     async def run(self) -> None:
-        await _every(self._interval, "retention", self.run_once)
+        await every(self._interval, "retention", self.run_once)
 
 
 class DepthSampler:
@@ -156,4 +156,4 @@ class DepthSampler:
         self._metrics.set_depths(depths)
 
     async def run(self) -> None:
-        await _every(self._interval, "queue depth sampler", self.run_once)
+        await every(self._interval, "queue depth sampler", self.run_once)

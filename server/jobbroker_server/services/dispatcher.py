@@ -77,6 +77,7 @@ class Session:
     worker_id: str
     queues: tuple[str, ...]
     prefetch: int
+    holder: str = ""  # the API key id the stream presented; its leases are bound to it
     held: dict[str, float] = field(default_factory=dict)  # job id -> leased at (monotonic)
     outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -129,14 +130,19 @@ class Dispatcher:
         self._checked = 0  # where the safety net's round of queues goes on
 
     def open(
-        self, worker_id: str, queues: Sequence[str], prefetch: int, held: Iterable[LeaseRef]
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        prefetch: int,
+        held: Iterable[LeaseRef],
+        holder: str = "",
     ) -> Session:
         if len(self._sessions) >= self._max_streams:
             raise ResourceExhausted(
                 f"this broker serves at most {self._max_streams} lease streams at once "
                 "(--max-lease-streams); close idle workers or raise the limit"
             )
-        session = Session(worker_id, tuple(queues), prefetch)
+        session = Session(worker_id, tuple(queues), prefetch, holder)
         self.adopt(session, held)
         self._sessions[session] = asyncio.create_task(self._pump(session))
         self._metrics.streams.set(len(self._sessions))
@@ -211,7 +217,9 @@ class Dispatcher:
                 continue
             room = min(session.room, MAX_LEASE_BATCH)
             session.leasing = True
-            claimed[session] = LeaseAsk(session.queues, room, session.worker_id, self._lease_bytes)
+            claimed[session] = LeaseAsk(
+                session.queues, room, session.worker_id, self._lease_bytes, session.holder
+            )
             for queue in session.queues:
                 taken = min(room, needed.get(queue, 0))
                 needed[queue] = needed.get(queue, 0) - taken
@@ -311,7 +319,13 @@ class Dispatcher:
         now = self._clock.now()
         limit = min(session.room, MAX_LEASE_BATCH)
         leases = await self._store.lease_many(
-            session.queues, limit, session.worker_id, self.lease_duration, now, self._lease_bytes
+            session.queues,
+            limit,
+            session.worker_id,
+            self.lease_duration,
+            now,
+            self._lease_bytes,
+            session.holder,
         )
         await self._hand_out(session, leases, now)
         return self._full(leases, limit)
@@ -360,11 +374,11 @@ class Dispatcher:
         if not leases:
             return
         if session.closed:  # the stream went away while the query ran
-            refs = [LeaseRef(lease.job.id, lease.fencing_token) for lease in leases]
+            refs = [LeaseRef(lease.job.id, lease.fencing_token, session.holder) for lease in leases]
             await self._store.release_many(refs, self._clock.now())
             return
         if any(_size(lease.job) > _DELIVERABLE for lease in leases):
-            leases = await self._drop_undeliverable(leases, now)
+            leases = await self._drop_undeliverable(leases, session.holder, now)
         started = self._clock.monotonic()
         for lease in leases:
             session.held[lease.job.id] = started
@@ -377,7 +391,9 @@ class Dispatcher:
         self._watch.publish((lease.job.id, JobState.RUNNING) for lease in leases)
         session.outbox.put_nowait(Leased(leases))
 
-    async def _drop_undeliverable(self, leases: list[Lease], now: datetime) -> list[Lease]:
+    async def _drop_undeliverable(
+        self, leases: list[Lease], holder: str, now: datetime
+    ) -> list[Lease]:
         """Dead-letter the jobs too large for any lease message (stored under a
         larger limit than today's); the rest go on to the worker."""
         kept, failures = [], []
@@ -390,7 +406,7 @@ class Dispatcher:
                 f"the job is {size} bytes, more than the {_DELIVERABLE} a lease message may "
                 "carry to a worker: it cannot be delivered"
             )
-            ref = LeaseRef(lease.job.id, lease.fencing_token)
+            ref = LeaseRef(lease.job.id, lease.fencing_token, holder)
             failures.append(Failure(ref, ErrorInfo("Undeliverable", message), permanent=True))
         results = [r for r in await self._store.fail_many(failures, now) if r.state is not None]
         self._metrics.count_outcomes((r.queue, r.state) for r in results if r.state)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from jobbroker_server.domain import limits
+from jobbroker_server.domain.keys import ApiKey
 from jobbroker_server.domain.models import (
     Completion,
     Failure,
@@ -66,10 +67,12 @@ class Store(abc.ABC):
         lease_for: timedelta,
         now: datetime,
         max_bytes: int = limits.MAX_LEASE_BYTES,
+        holder: str = "",
     ) -> list[Lease]:
         """Move up to ``limit`` pending jobs of ``queues`` to running, highest
-        priority first and FIFO within a priority, each with a new fencing token;
-        no more than fit ``max_bytes`` of payload, but always one."""
+        priority first and FIFO within a priority, each with a new fencing token
+        (larger than the last by a random step) and bound to the API key
+        ``holder``; no more than fit ``max_bytes`` of payload, but always one."""
 
     @abc.abstractmethod
     async def submit_and_lease(
@@ -161,3 +164,15 @@ class Store(abc.ABC):
     async def probe_write(self, broker: str, now: datetime) -> None:
         """Record that ``broker`` wrote at ``now``, and commit: raises whatever
         keeps the store from taking writes (unreachable, disk full, read-only)."""
+
+    @abc.abstractmethod
+    async def create_key(self, key: ApiKey) -> None:
+        """Store a new key; KeyNameTaken while a valid key has its name."""
+
+    @abc.abstractmethod
+    async def list_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        """Keys in the order they were made: the valid ones, or all."""
+
+    @abc.abstractmethod
+    async def revoke_key(self, id_or_name: str, now: datetime) -> ApiKey:
+        """Revoke the valid key of that id, else of that name; raises NotFound."""

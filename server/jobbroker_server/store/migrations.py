@@ -14,7 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import FailedPrecondition
-from jobbroker_server.store.tables import broker_health, jobs, metadata, schema_version
+from jobbroker_server.store.tables import (
+    api_keys,
+    broker_health,
+    jobs,
+    metadata,
+    schema_version,
+)
 
 
 class SchemaTooNew(FailedPrecondition):
@@ -47,12 +53,22 @@ def _v4_broker_health(conn: Connection) -> None:
     broker_health.create(conn, checkfirst=True)
 
 
+def _v5_api_keys(conn: Connection) -> None:
+    """API keys, and the key that holds each lease."""
+    api_keys.create(conn, checkfirst=True)
+    if "lease_key" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(
+            sa.text("ALTER TABLE jobs ADD COLUMN lease_key VARCHAR(32) NOT NULL DEFAULT ''")
+        )
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
     (2, _v2_partial_finished_index),
     (3, _v3_dead_index),
     (4, _v4_broker_health),
+    (5, _v5_api_keys),
 )
 LATEST = STEPS[-1][0]
 

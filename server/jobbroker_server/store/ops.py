@@ -18,6 +18,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from jobbroker_server.domain import limits, states
 from jobbroker_server.domain.errors import NotFound, StorageFull
@@ -159,6 +162,27 @@ _AHEAD = sa.select(
     ).label("ahead"),
 ).subquery("ahead")
 _PICKED = sa.select(_AHEAD.c.id).where(_AHEAD.c.ahead < sa.bindparam("max_bytes")).cte("picked")
+
+
+class TokenStep(FunctionElement[int]):
+    """A random step, 0 to 2**32 - 1, added to each new fencing token: tokens
+    still only grow, but the next one cannot be guessed from the last."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+    name = "token_step"
+
+
+@compiles(TokenStep, "sqlite")
+def _sqlite_token_step(element: TokenStep, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(random() & 4294967295)"
+
+
+@compiles(TokenStep, "postgresql")
+def _postgres_token_step(element: TokenStep, compiler: SQLCompiler, **kw: Any) -> str:
+    return "floor(random() * 4294967296)::bigint"
+
+
 # The columns a lease sets to values the call knows: it reads back only the
 # others, and ``lease_many`` fills these in, a bind parameter with the value
 # the call gave for it (decoding the whole row cost ~5 µs more per leased job,
@@ -172,6 +196,7 @@ _SET_BY_LEASE: dict[str, Any] = {
     "progress": 0.0,
     "progress_message": "",
     "leased_by": sa.bindparam("worker_id"),
+    "lease_key": sa.bindparam("holder"),
     "lease_expires_at": _instant("expires"),
     "deadline_at": None,
 }
@@ -184,7 +209,7 @@ _LEASE = Prepared(
     .where(jobs.c.id == _PICKED.c.id)
     .values(
         attempts=jobs.c.attempts + 1,
-        fencing_token=jobs.c.fencing_token + 1,
+        fencing_token=jobs.c.fencing_token + 1 + TokenStep(),
         **_SET_BY_LEASE,
     )
     .returning(*_READ_BACK)
@@ -217,6 +242,7 @@ def lease_many(
     lease_for: timedelta,
     now: datetime,
     max_bytes: int = limits.MAX_LEASE_BYTES,
+    holder: str = "",
 ) -> list[Lease]:
     if limit <= 0 or not queues:
         return []
@@ -227,6 +253,7 @@ def lease_many(
         "limit": limit,
         "now": now,
         "worker_id": worker_id,
+        "holder": holder,
         "expires": expires,
         "max_bytes": max_bytes,
     }
@@ -265,7 +292,8 @@ def submit_and_lease(
 ) -> tuple[list[SubmitResult], list[list[Lease]]]:
     results = submit_many(conn, insert_new, jobs_in, now, dedup_window)
     leased = [
-        lease_many(conn, a.queues, a.limit, a.worker_id, lease_for, now, a.max_bytes) for a in asks
+        lease_many(conn, a.queues, a.limit, a.worker_id, lease_for, now, a.max_bytes, a.holder)
+        for a in asks
     ]
     return results, leased
 
@@ -577,7 +605,7 @@ def queue_depths(conn: Connection, max_queues: int) -> dict[tuple[str | None, Jo
     return depths
 
 
-_LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.queue)
+_LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.lease_key, jobs.c.queue)
 _LOCK_LEASES = Prepared(sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update())
 _LOCK_ROWS = Prepared(sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update())
 
@@ -599,15 +627,13 @@ def _check_leases(
         if row is None:
             message = f"no job with id {ref.job_id!r}"
             verdicts.append(ReportResult(ref.job_id, ReportStatus.NOT_FOUND, message))
-        elif row.state != RUNNING or row.fencing_token != ref.fencing_token or ref.job_id in seen:
-            verdicts.append(
-                ReportResult(
-                    ref.job_id,
-                    ReportStatus.LEASE_LOST,
-                    f"lease lost: job {ref.job_id} is {row.state} with fencing token "
-                    f"{row.fencing_token}, the report carried {ref.fencing_token}",
-                )
-            )
+        elif (
+            row.state != RUNNING
+            or row.fencing_token != ref.fencing_token
+            or row.lease_key != ref.holder
+            or ref.job_id in seen
+        ):
+            verdicts.append(_lost_verdict(ref, row.state))
         else:
             seen.add(ref.job_id)
             verdicts.append(None)
@@ -680,21 +706,25 @@ def _held(ref: LeaseRef) -> tuple[sa.ColumnElement[bool], ...]:
         jobs.c.id == ref.job_id,
         _is(JobState.RUNNING),
         jobs.c.fencing_token == ref.fencing_token,
+        jobs.c.lease_key == ref.holder,
     )
+
+
+def _lost_verdict(ref: LeaseRef, state: str) -> ReportResult:
+    """The refusal of a report whose lease is not current. It names neither
+    the current token nor its holder: the report may come from a stranger."""
+    if state == RUNNING:
+        why = "another attempt, or another key's stream, holds its lease"
+    else:
+        why = f"it is {state}"
+    return ReportResult(ref.job_id, ReportStatus.LEASE_LOST, f"lease lost: job {ref.job_id}: {why}")
 
 
 def _lost(conn: Connection, ref: LeaseRef) -> ReportResult:
-    row = (
-        conn.execute(sa.select(jobs.c.state, jobs.c.fencing_token).where(jobs.c.id == ref.job_id))
-    ).first()
+    row = (conn.execute(sa.select(jobs.c.state).where(jobs.c.id == ref.job_id))).first()
     if row is None:
         return ReportResult(ref.job_id, ReportStatus.NOT_FOUND, f"no job with id {ref.job_id!r}")
-    return ReportResult(
-        ref.job_id,
-        ReportStatus.LEASE_LOST,
-        f"lease lost: job {ref.job_id} is {row.state} with fencing token {row.fencing_token}, "
-        f"the report carried {ref.fencing_token}",
-    )
+    return _lost_verdict(ref, row.state)
 
 
 def _end_attempt(

@@ -53,6 +53,7 @@ _NEW_JOB_FIXED: dict[str, Any] = {
     "progress_message": sa.literal_column("''"),
     "fencing_token": sa.literal_column("0"),
     "leased_by": sa.null(),
+    "lease_key": sa.literal_column("''"),
     "lease_expires_at": sa.null(),
     "deadline_at": sa.null(),
     "cancel_requested": sa.false(),

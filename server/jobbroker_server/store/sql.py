@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain import limits
+from jobbroker_server.domain.keys import ApiKey
 from jobbroker_server.domain.models import (
     Completion,
     Failure,
@@ -32,7 +34,7 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.store import faults, migrations, ops
+from jobbroker_server.store import faults, keys, migrations, ops
 from jobbroker_server.store.base import Store
 
 P = ParamSpec("P")
@@ -119,11 +121,12 @@ class SqlStore(Store):
         lease_for: timedelta,
         now: datetime,
         max_bytes: int = limits.MAX_LEASE_BYTES,
+        holder: str = "",
     ) -> list[Lease]:
         if limit <= 0 or not queues:
             return []
         op = ops.lease_many
-        return await self._run(op, queues, limit, worker_id, lease_for, now, max_bytes)
+        return await self._run(op, queues, limit, worker_id, lease_for, now, max_bytes, holder)
 
     async def submit_and_lease(
         self,
@@ -192,3 +195,15 @@ class SqlStore(Store):
 
     async def probe_write(self, broker: str, now: datetime) -> None:
         await self._run(ops.probe_write, broker, now)
+
+    async def create_key(self, key: ApiKey) -> None:
+        try:
+            await self._run(keys.create_key, key)
+        except sa.exc.IntegrityError:  # another made one of that name meanwhile
+            raise keys.taken(key.name) from None
+
+    async def list_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        return await self._run(keys.list_keys, include_revoked)
+
+    async def revoke_key(self, id_or_name: str, now: datetime) -> ApiKey:
+        return await self._run(keys.revoke_key, id_or_name, now)

@@ -99,6 +99,9 @@ jobs = sa.Table(
     sa.Column("progress_message", sa.Text, nullable=False),
     sa.Column("fencing_token", sa.BigInteger, nullable=False),
     sa.Column("leased_by", sa.String(200)),
+    # The API key whose stream holds the lease ("" when auth is off): a report
+    # under another key is refused, whatever fencing token it carries.
+    sa.Column("lease_key", sa.String(32), nullable=False, server_default=""),
     sa.Column("lease_expires_at", UTCDateTime),
     sa.Column("deadline_at", UTCDateTime),  # hard timeout of the running attempt
     # Set when a running job is cancelled: however its attempt ends, it ends cancelled.
@@ -172,4 +175,26 @@ broker_health = sa.Table(
     metadata,
     sa.Column("broker", sa.String(200), primary_key=True),
     sa.Column("probed_at", UTCDateTime, nullable=False),
+)
+
+# API keys (domain/keys.py): the secret's hash, never the secret.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("queues", sa.JSON, nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime),
+)
+_valid_key = api_keys.c.revoked_at.is_(None)
+# One valid key per name: `broker keys revoke NAME` names one key.
+sa.Index(
+    "ix_api_keys_name",
+    api_keys.c.name,
+    unique=True,
+    sqlite_where=_valid_key,
+    postgresql_where=_valid_key,
 )
