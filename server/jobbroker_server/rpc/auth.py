@@ -54,9 +54,9 @@ class Guard:
         caller = self.keys.caller(presented)
         allowed = RULES[method]
         if caller.role not in allowed:
-            roles = " or ".join(sorted(allowed))
+            roles = " or ".join(role for role in Role if role in allowed)
             raise PermissionDenied(
                 f"API key {caller.name!r} has the {caller.role} role, which may not call "
-                f"{method}; that takes a {roles} key"
+                f"{method}; it takes a {roles} key"
             )
         return caller

@@ -3,6 +3,7 @@ broker's cache (services/keys.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -65,5 +66,5 @@ def revoke_key(conn: Connection, id_or_name: str, now: datetime) -> ApiKey:
         row = conn.execute(sa.select(api_keys).where(column == id_or_name, _VALID)).first()
         if row is not None:
             conn.execute(api_keys.update().where(api_keys.c.id == row.id).values(revoked_at=now))
-            return _key(row._replace(revoked_at=now))
+            return replace(_key(row), revoked_at=now)
     raise NotFound(f"no valid API key has the id or name {id_or_name!r}")
