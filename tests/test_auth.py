@@ -331,6 +331,31 @@ def test_a_lease_of_another_key_is_refused_even_with_its_fencing_token(
         stranger.close()
 
 
+def test_a_stream_naming_another_keys_lease_as_held_does_not_take_it_over(
+    keys: Keys, stub: broker_pb2_grpc.BrokerStub
+) -> None:
+    keys.texts["other-team"] = keys.make("other-team", Role.WORKER)
+    admin = keys.metadata("admin")
+    submitted = stub.Submit(broker_pb2.SubmitRequest(job=_spec()), metadata=admin)
+    holder = RawStream(stub, keys.metadata("worker"), queues=["q"])
+    stranger = None
+    try:
+        token = holder.leased().fencing_token
+        ref = broker_pb2.LeaseRef(job_id=submitted.job_id, fencing_token=token)
+        stranger = RawStream(stub, keys.metadata("other-team"), queues=["idle"], held=[ref])
+        stranger.send(seq=1, flow=broker_pb2.Flow(prefetch=1))
+        stranger.ack(1)
+        # A cancel still reaches the stream that holds the job, not the one that named it.
+        stub.CancelJob(broker_pb2.CancelJobRequest(job_id=submitted.job_id), metadata=admin)
+        while (message := holder.next()).WhichOneof("kind") != "cancel":
+            pass
+        assert [r.job_id for r in message.cancel.leases] == [submitted.job_id]
+    finally:
+        holder.close()
+        if stranger is not None:
+            stranger.close()
+
+
 def test_the_same_key_reconnecting_reports_the_leases_it_held(
     keys: Keys, stub: broker_pb2_grpc.BrokerStub
 ) -> None:

@@ -14,7 +14,13 @@ from jobbroker.v1 import broker_pb2
 from jobbroker_server.domain import limits
 from jobbroker_server.domain.errors import BrokerError, InvalidArgument
 from jobbroker_server.domain.keys import Caller
-from jobbroker_server.domain.models import Completion, Failure, ReportResult, ReportStatus
+from jobbroker_server.domain.models import (
+    Completion,
+    Failure,
+    LeaseRef,
+    ReportResult,
+    ReportStatus,
+)
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import abort
 from jobbroker_server.services.dispatcher import (
@@ -57,10 +63,10 @@ class LeaseStreams:
         if first is None:
             return
         try:
-            session = self._open(first, caller)
+            session, held = self._open(first, caller)
         except BrokerError as error:
             await abort(context, error)
-        reader = asyncio.create_task(self._read(session, requests))
+        reader = asyncio.create_task(self._read(session, requests, held))
         out_task: asyncio.Future[Outgoing] | None = None
         try:
             while True:
@@ -84,8 +90,11 @@ class LeaseStreams:
                 await reader
             await self._dispatcher.close(session)
 
-    def _open(self, first: broker_pb2.WorkerMessage, caller: Caller) -> Session:
-        """A session for the stream, its leases bound to the caller's key."""
+    def _open(
+        self, first: broker_pb2.WorkerMessage, caller: Caller
+    ) -> tuple[Session, list[LeaseRef]]:
+        """A session for the stream, its leases bound to the caller's key; and
+        the leases it says it holds from an earlier stream."""
         if first.WhichOneof("kind") != "subscribe":
             raise InvalidArgument("the first message of a LeaseStream must be subscribe")
         sub = first.subscribe
@@ -105,13 +114,19 @@ class LeaseStreams:
             raise InvalidArgument(f"subscribe.held names at most {MAX_PREFETCH} leases")
         worker_id = limits.name(sub.worker_id, "subscribe.worker_id") if sub.worker_id else ""
         held = [convert.lease_ref(ref, caller.key_id) for ref in sub.held]
-        return self._dispatcher.open(
-            worker_id or "anonymous", queues, sub.prefetch, held, caller.key_id
+        session = self._dispatcher.open(
+            worker_id or "anonymous", queues, sub.prefetch, caller.key_id
         )
+        return session, held
 
     async def _read(
-        self, session: Session, requests: AsyncIterator[broker_pb2.WorkerMessage]
+        self,
+        session: Session,
+        requests: AsyncIterator[broker_pb2.WorkerMessage],
+        held: list[LeaseRef],
     ) -> None:
+        if held:  # the store confirms them, and extends them, before they count as this stream's
+            await self._reports.heartbeat(session, held)
         async for msg in requests:
             results = await self._apply(session, msg)
             if msg.seq:

@@ -130,20 +130,16 @@ class Dispatcher:
         self._checked = 0  # where the safety net's round of queues goes on
 
     def open(
-        self,
-        worker_id: str,
-        queues: Sequence[str],
-        prefetch: int,
-        held: Iterable[LeaseRef],
-        holder: str = "",
+        self, worker_id: str, queues: Sequence[str], prefetch: int, holder: str = ""
     ) -> Session:
+        """A session for a new stream. Leases it says it holds from an earlier
+        stream are adopted once the store confirms them (``Reports.heartbeat``)."""
         if len(self._sessions) >= self._max_streams:
             raise ResourceExhausted(
                 f"this broker serves at most {self._max_streams} lease streams at once "
                 "(--max-lease-streams); close idle workers or raise the limit"
             )
         session = Session(worker_id, tuple(queues), prefetch, holder)
-        self.adopt(session, held)
         self._sessions[session] = asyncio.create_task(self._pump(session))
         self._metrics.streams.set(len(self._sessions))
         session.wake.set()
@@ -260,8 +256,10 @@ class Dispatcher:
         return freed
 
     def adopt(self, session: Session, refs: Iterable[LeaseRef]) -> None:
-        """Leases this stream did not hand out: held from an earlier stream, or
-        reported here after a reconnect."""
+        """Leases this stream did not hand out, which the store confirmed it
+        holds: held from an earlier stream, or reported here after a reconnect.
+        (Taken on the stream's word, a stranger naming another's leases would
+        take over where their cancellations go.)"""
         now = self._clock.monotonic()
         for ref in refs:
             if ref.job_id not in session.held:

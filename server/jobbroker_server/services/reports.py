@@ -52,8 +52,10 @@ class Reports:
         return await self._store.heartbeat_many(leases, lease_for, self._clock.now())
 
     async def heartbeat(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
-        self._dispatcher.adopt(session, leases)
+        """Extend the leases; those the store confirms are this stream's from now on."""
         results = await self._heartbeats(leases)
+        current = zip(leases, results, strict=True)
+        self._dispatcher.adopt(session, (ref for ref, r in current if r.status is ReportStatus.OK))
         self._dispatcher.settle(session, _lost(results))
         return results
 
