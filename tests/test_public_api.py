@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_public_api_is_pinned() -> None:
     assert sorted(jobbroker.__all__) == sorted(
         [
+            "ApiKey",
             "AsyncClient",
             "AsyncJobHandle",
             "AsyncLease",
@@ -22,6 +23,8 @@ def test_public_api_is_pinned() -> None:
             "AuthenticationError",
             "BrokerUnavailableError",
             "Client",
+            "ConnectionOptions",
+            "CreatedApiKey",
             "DeadlineExceededError",
             "ErrorInfo",
             "FailedPreconditionError",
@@ -39,9 +42,11 @@ def test_public_api_is_pinned() -> None:
             "LeaseLostError",
             "Page",
             "PermanentError",
+            "PermissionDeniedError",
             "ResourceExhaustedError",
             "RetryAfter",
             "RetryPolicy",
+            "Role",
             "Task",
             "Worker",
             "current_job",

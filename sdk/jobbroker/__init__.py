@@ -12,9 +12,15 @@ Example::
         sent: int = handle.result(timeout=30)
 
     Worker([send_email]).run()
+
+A broker started with `--auth` takes an API key, over TLS if it serves TLS::
+
+    Client("broker:50051", api_key=key, tls=True, root_certificates="ca.pem")
+    Worker([send_email], target=ConnectionOptions.from_env())
 """
 
 from .client import AsyncClient, Client
+from .connection import ConnectionOptions
 from .context import JobContext, current_job
 from .errors import (
     AuthenticationError,
@@ -28,6 +34,7 @@ from .errors import (
     JobNotFoundError,
     LeaseLostError,
     PermanentError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     RetryAfter,
 )
@@ -35,18 +42,22 @@ from .handle import AsyncJobHandle, JobHandle
 from .lease import AsyncLease, Lease
 from .task import Task, task
 from .types import (
+    ApiKey,
     Attempt,
     AttemptOutcome,
+    CreatedApiKey,
     ErrorInfo,
     Job,
     JobRequest,
     JobState,
     Page,
     RetryPolicy,
+    Role,
 )
 from .worker import Worker
 
 __all__ = [
+    "ApiKey",
     "AsyncClient",
     "AsyncJobHandle",
     "AsyncLease",
@@ -55,6 +66,8 @@ __all__ = [
     "AuthenticationError",
     "BrokerUnavailableError",
     "Client",
+    "ConnectionOptions",
+    "CreatedApiKey",
     "DeadlineExceededError",
     "ErrorInfo",
     "FailedPreconditionError",
@@ -72,9 +85,11 @@ __all__ = [
     "LeaseLostError",
     "Page",
     "PermanentError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetryAfter",
     "RetryPolicy",
+    "Role",
     "Task",
     "Worker",
     "current_job",

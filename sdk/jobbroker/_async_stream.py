@@ -12,6 +12,7 @@ import grpc
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_message
+from .connection import Metadata
 from .errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
@@ -58,9 +59,11 @@ class AsyncLeaseStream:
         worker_id: str,
         report_timeout: float,
         held: Sequence[AsyncLease] = (),
+        metadata: Metadata | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._stub = stub
+        self._metadata = metadata
         self._subscribe = subscribe_message(worker_id, queues, prefetch, held)
         self._report_timeout = report_timeout
         self._core = StreamCore[AsyncLease](held)
@@ -79,7 +82,7 @@ class AsyncLeaseStream:
     async def open(self) -> None:
         if self._call is not None:
             return
-        self._call = self._stub.LeaseStream(None)
+        self._call = self._stub.LeaseStream(None, metadata=self._metadata)
         await self._write(self._subscribe)
         self._reader = asyncio.create_task(self._read(self._call), name="jobbroker-lease-reader")
 

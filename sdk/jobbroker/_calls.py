@@ -21,6 +21,7 @@ from ._convert import (
     duration_to_pb,
     job_from_pb,
     retry_to_pb,
+    role_to_pb,
     set_payload,
     state_to_pb,
     timestamp_to_pb,
@@ -28,20 +29,12 @@ from ._convert import (
 from ._uuid7 import uuid7
 from .errors import DeadlineExceededError, InvalidArgumentError, JobBrokerError, from_rpc_error
 from .task import Task
-from .types import JobRequest, JobState, Page, RetryPolicy
+from .types import JobRequest, JobState, Page, RetryPolicy, Role
 
 T = TypeVar("T")
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
-
-# What the broker may send (its `message_limit` in app.py) and take: a lease
-# batch or a listing of large payloads must not pass the SDK's default 4 MiB.
-MESSAGE_LIMIT = 64 * 1024 * 1024
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-)
 
 
 def default_worker_id() -> str:
@@ -63,7 +56,7 @@ def backoff(attempt: int) -> float:
     return random.uniform(0.5, 1.0) * min(_BACKOFF_BASE * 2.0**attempt, _BACKOFF_CAP)
 
 
-_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
+RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
 # A submit that timed out may have been stored; its key makes the retry safe.
 SUBMIT_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -86,7 +79,7 @@ class StreamRetry:
 
     def pause(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before opening it again; None to give up with `error`."""
-        if error.code() not in _RETRIED:
+        if error.code() not in RETRIED:
             return None
         if self._until is None:
             self._until = self._deadline or time.monotonic() + self._patience
@@ -115,14 +108,14 @@ def _pause(
 
 
 def call(
-    fn: Callable[[float], T], seconds: float, codes: frozenset[grpc.StatusCode] = _RETRIED
+    fn: Callable[[float], T], seconds: float, codes: frozenset[grpc.StatusCode] = RETRIED
 ) -> T:
     """Run a unary call, `fn(seconds left)`, within `seconds` in all;
     UNAVAILABLE (the broker, or its database, is away for a moment) is retried
     with backoff until then. Errors come out mapped.
 
-    Every call the clients make is safe to repeat: reads, and submits, which
-    always carry an idempotency key (and so are retried after a deadline too).
+    The calls retried are safe to repeat: reads, and submits, which always
+    carry an idempotency key (and so are retried after a deadline too).
     """
     deadline = time.monotonic() + seconds
     attempt = 0
@@ -143,7 +136,7 @@ def call(
 async def acall(
     fn: Callable[[float], Awaitable[T]],
     seconds: float,
-    codes: frozenset[grpc.StatusCode] = _RETRIED,
+    codes: frozenset[grpc.StatusCode] = RETRIED,
 ) -> T:
     """`call` for grpc.aio."""
     deadline = time.monotonic() + seconds
@@ -277,6 +270,20 @@ def check_bulk(job_ids: Iterable[str], all_: bool) -> list[str]:
     if not ids and not all_:
         raise InvalidArgumentError("give job_ids, or all=True to act on every dead job")
     return ids
+
+
+# Not retried: after a reply lost on the way, a retry could not tell whether
+# the first call took effect (a second key made, or "no such key" for the
+# one just revoked).
+NOT_RETRIED: frozenset[grpc.StatusCode] = frozenset()
+
+
+def create_key_request(
+    name: str, role: Role, queues: Sequence[str]
+) -> broker_pb2.CreateApiKeyRequest:
+    if isinstance(queues, str):
+        raise InvalidArgumentError(f"queues takes a list of queue names, not the str {queues!r}")
+    return broker_pb2.CreateApiKeyRequest(name=name, role=role_to_pb(role), queues=list(queues))
 
 
 def page_from_pb(pb: broker_pb2.ListJobsResponse) -> Page:

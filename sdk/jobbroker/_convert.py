@@ -11,9 +11,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobbroker.v1 import broker_pb2, job_pb2
 
+from .errors import InvalidArgumentError
 from .types import (
     BYTES_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
+    ApiKey,
     Attempt,
     AttemptOutcome,
     CancelReason,
@@ -21,6 +23,7 @@ from .types import (
     Job,
     JobState,
     RetryPolicy,
+    Role,
     is_json,
 )
 
@@ -43,6 +46,13 @@ _OUTCOME_FROM_PB = {
     job_pb2.ATTEMPT_OUTCOME_CANCELLED: AttemptOutcome.CANCELLED,
     job_pb2.ATTEMPT_OUTCOME_RELEASED: AttemptOutcome.RELEASED,
 }
+
+_ROLE_TO_PB = {
+    Role.PRODUCER: broker_pb2.ROLE_PRODUCER,
+    Role.WORKER: broker_pb2.ROLE_WORKER,
+    Role.ADMIN: broker_pb2.ROLE_ADMIN,
+}
+_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
 
 _CANCEL_REASON_FROM_PB = {
     broker_pb2.CANCEL_REASON_CANCELLED: CancelReason.CANCELLED,
@@ -120,6 +130,21 @@ def state_from_pb(value: job_pb2.JobState) -> JobState:
         return _STATE_FROM_PB[value]
     except KeyError:
         raise ValueError(f"unknown job state {value}") from None
+
+
+def role_to_pb(role: Role) -> broker_pb2.Role:
+    try:
+        return _ROLE_TO_PB[Role(role)]
+    except ValueError:
+        roles = ", ".join(Role)
+        raise InvalidArgumentError(f"unknown role {role!r}: give one of {roles}") from None
+
+
+def role_from_pb(value: broker_pb2.Role) -> Role:
+    try:
+        return _ROLE_FROM_PB[value]
+    except KeyError:
+        raise ValueError(f"unknown role {value}") from None
 
 
 def cancel_reason_from_pb(value: broker_pb2.CancelReason) -> CancelReason:
@@ -211,4 +236,16 @@ def job_from_pb(pb: job_pb2.Job) -> Job:
         history=tuple(map(attempt_from_pb, pb.history)),
         progress=pb.progress,
         progress_message=pb.progress_message,
+    )
+
+
+def api_key_from_pb(pb: broker_pb2.ApiKey) -> ApiKey:
+    return ApiKey(
+        id=pb.id,
+        name=pb.name,
+        role=role_from_pb(pb.role),
+        queues=tuple(pb.queues),
+        # Always set by the broker; the epoch stands for a reply that lacks it.
+        created_at=timestamp_from_pb(pb, "created_at") or _EPOCH,
+        revoked_at=timestamp_from_pb(pb, "revoked_at"),
     )

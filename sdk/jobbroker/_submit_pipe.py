@@ -25,6 +25,7 @@ import grpc
 
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 
+from .connection import Metadata
 from .errors import from_stream_error
 
 log = logging.getLogger(__name__)
@@ -126,13 +127,13 @@ class _SyncStream:
     """One SubmitGrouped call: grpc's thread sends what `_messages` builds, and
     a reader thread of ours hands each answer's results to the waiting callers."""
 
-    def __init__(self, stub: broker_pb2_grpc.BrokerStub) -> None:
+    def __init__(self, stub: broker_pb2_grpc.BrokerStub, metadata: Metadata | None) -> None:
         self._specs: queue.SimpleQueue[job_pb2.JobSpec | None] = queue.SimpleQueue()
         self._waiting: collections.deque[Future[broker_pb2.SubmitResponse]] = collections.deque()
         self._lock = threading.Lock()
         self.broken = False
         self._room = threading.Semaphore(MESSAGES_IN_FLIGHT)
-        self._call = stub.SubmitGrouped(_messages(self._specs, self._room))
+        self._call = stub.SubmitGrouped(_messages(self._specs, self._room), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="jobbroker-submits", daemon=True)
         self._reader.start()
 
@@ -181,15 +182,16 @@ class _SyncStream:
 class SubmitPipe:
     """The blocking Client's submits."""
 
-    def __init__(self, stub: broker_pb2_grpc.BrokerStub) -> None:
+    def __init__(self, stub: broker_pb2_grpc.BrokerStub, metadata: Metadata | None) -> None:
         self._stub = stub
+        self._metadata = metadata
         self._lock = threading.Lock()
         self._stream: _SyncStream | None = None
 
     def submit(self, spec: job_pb2.JobSpec, timeout: float) -> broker_pb2.SubmitResponse:
         with self._lock:
             if self._stream is None or self._stream.broken:
-                self._stream = _SyncStream(self._stub)
+                self._stream = _SyncStream(self._stub, self._metadata)
             future = self._stream.send(spec)
         try:
             return _answer(future.result(timeout))
@@ -210,8 +212,8 @@ _AioFuture = asyncio.Future[broker_pb2.SubmitResponse]
 class _AsyncStream:
     """One SubmitGrouped call and the submits sent on it that await their results."""
 
-    def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub) -> None:
-        self._call: _AioCall = stub.SubmitGrouped(None)
+    def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub, metadata: Metadata | None) -> None:
+        self._call: _AioCall = stub.SubmitGrouped(None, metadata=metadata)
         self._waiting: collections.deque[_AioFuture] = collections.deque()
         self._room = asyncio.Semaphore(MESSAGES_IN_FLIGHT)
         self.broken = False
@@ -269,8 +271,9 @@ class AsyncSubmitPipe:
     while any are queued, so a caller that stops waiting never leaves a message
     half sent."""
 
-    def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub) -> None:
+    def __init__(self, stub: broker_pb2_grpc.BrokerAsyncStub, metadata: Metadata | None) -> None:
         self._stub = stub
+        self._metadata = metadata
         self._queued: collections.deque[tuple[job_pb2.JobSpec, _AioFuture]] = collections.deque()
         self._stream: _AsyncStream | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -293,7 +296,7 @@ class AsyncSubmitPipe:
         try:
             while self._queued:
                 if self._stream is None or self._stream.broken:
-                    self._stream = _AsyncStream(self._stub)
+                    self._stream = _AsyncStream(self._stub, self._metadata)
                 await self._stream.send(self._queued)
         except Exception as error:  # no stream could be opened: the channel is closed
             _fail((future for _, future in self._queued), error)

@@ -14,6 +14,7 @@ import grpc
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_message
+from .connection import Metadata
 from .errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
@@ -39,6 +40,7 @@ class LeaseStream:
         worker_id: str,
         report_timeout: float,
         held: Sequence[Lease] = (),
+        metadata: Metadata | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._report_timeout = report_timeout
@@ -50,7 +52,7 @@ class LeaseStream:
         self._inbox: queue.Queue[Lease | None] = queue.Queue()
         self._closing = False
         self._requests.put(subscribe_message(worker_id, queues, prefetch, held))
-        self._call = stub.LeaseStream(self._request_iterator())
+        self._call = stub.LeaseStream(self._request_iterator(), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="jobbroker-lease-reader")
         self._reader.daemon = True
         self._reader.start()

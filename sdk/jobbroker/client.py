@@ -1,4 +1,8 @@
-"""Client (sync, grpc channel) and AsyncClient (grpc.aio channel): thin shells over _calls."""
+"""Client (sync, grpc channel) and AsyncClient (grpc.aio channel): thin shells over _calls.
+
+Both make their channel from a ConnectionOptions, and pass its call metadata
+(the API key) on every call they start.
+"""
 
 from __future__ import annotations
 
@@ -15,29 +19,53 @@ from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from . import _calls
 from ._async_stream import AsyncLeaseStream
-from ._convert import job_from_pb
+from ._convert import api_key_from_pb, job_from_pb
 from ._submit_pipe import AsyncSubmitPipe, SubmitPipe
 from ._sync_stream import LeaseStream
+from .connection import DEFAULT_TARGET, ConnectionOptions, ConnectionSettings, resolve
 from .errors import from_rpc_error
 from .handle import AsyncJobHandle, JobHandle
 from .lease import AsyncLease, Lease
 from .task import Task
-from .types import Job, JobRequest, JobState, Page, SubmitOptions
+from .types import (
+    ApiKey,
+    CreatedApiKey,
+    Job,
+    JobRequest,
+    JobState,
+    Page,
+    Role,
+    SubmitOptions,
+)
 
 I = TypeVar("I")  # noqa: E741 - payload type, as in task.py
 R = TypeVar("R")
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-
 
 class Client:
-    """A blocking client of one broker. Use it from threads freely; close it when done."""
+    """A blocking client of one broker. Use it from threads freely; close it when done.
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: timedelta | float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(target, options=_calls.CHANNEL_OPTIONS)
+    `Client("host:port", api_key=..., tls=True, timeout=10)` or
+    `Client(ConnectionOptions(...))`: the keywords are ConnectionOptions'
+    fields, and override the options given.
+    """
+
+    def __init__(
+        self,
+        target: str | ConnectionOptions = DEFAULT_TARGET,
+        **settings: Unpack[ConnectionSettings],
+    ) -> None:
+        self._options = resolve(target, settings)
+        self._metadata = self._options.call_metadata
+        self._channel = self._options.channel()
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
-        self._timeout = _calls.to_timedelta(timeout).total_seconds()
-        self._submits = SubmitPipe(self._stub)
+        self._timeout = self._options.timeout.total_seconds()
+        self._submits = SubmitPipe(self._stub, self._metadata)
+
+    @property
+    def options(self) -> ConnectionOptions:
+        """How this client reaches its broker."""
+        return self._options
 
     @overload
     def submit(
@@ -61,7 +89,7 @@ class Client:
         """Store many jobs in one transaction: all or none."""
         request = _calls.batch_request(jobs)
         reply = _calls.call(
-            lambda left: self._stub.SubmitBatch(request, timeout=left),
+            lambda left: self._stub.SubmitBatch(request, timeout=left, metadata=self._metadata),
             self._timeout,
             _calls.SUBMIT_RETRIED,
         )
@@ -92,7 +120,9 @@ class Client:
         retry = _calls.StreamRetry(deadline, self._timeout)
         while True:
             call = self._stub.WaitJob(
-                broker_pb2.WaitJobRequest(job_id=job_id), timeout=_calls.remaining(deadline)
+                broker_pb2.WaitJobRequest(job_id=job_id),
+                timeout=_calls.remaining(deadline),
+                metadata=self._metadata,
             )
             try:
                 for event in call:
@@ -145,7 +175,27 @@ class Client:
             worker_id=worker_id or _calls.default_worker_id(),
             report_timeout=self._timeout,
             held=held,
+            metadata=self._metadata,
         )
+
+    def create_api_key(self, name: str, role: Role, queues: Sequence[str] = ()) -> CreatedApiKey:
+        """Make a key (an admin key's call); its `secret` is shown this once.
+
+        `queues` limits the key to those queues; empty, it may use every queue.
+        """
+        request = _calls.create_key_request(name, role, queues)
+        reply = self._unary(self._stub.CreateApiKey, request, _calls.NOT_RETRIED)
+        return CreatedApiKey(api_key_from_pb(reply.key), reply.secret)
+
+    def list_api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        request = broker_pb2.ListApiKeysRequest(include_revoked=include_revoked)
+        return [api_key_from_pb(k) for k in self._unary(self._stub.ListApiKeys, request).keys]
+
+    def revoke_api_key(self, key: str) -> ApiKey:
+        """Revoke a key, by id or name: calls with it are refused, its open streams end."""
+        request = broker_pb2.RevokeApiKeyRequest(key=key)
+        reply = self._unary(self._stub.RevokeApiKey, request, _calls.NOT_RETRIED)
+        return api_key_from_pb(reply.key)
 
     def close(self) -> None:
         self._submits.close()
@@ -162,18 +212,41 @@ class Client:
     ) -> None:
         self.close()
 
-    def _unary(self, method: grpc.UnaryUnaryMultiCallable[Any, R], request: Any) -> R:
-        return _calls.call(lambda left: method(request, timeout=left), self._timeout)
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Any, R],
+        request: Any,
+        codes: frozenset[grpc.StatusCode] = _calls.RETRIED,
+    ) -> R:
+        return _calls.call(
+            lambda left: method(request, timeout=left, metadata=self._metadata),
+            self._timeout,
+            codes,
+        )
 
 
 class AsyncClient:
-    """The asyncio client; create and use it inside one event loop."""
+    """The asyncio client; create and use it inside one event loop.
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: timedelta | float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_calls.CHANNEL_OPTIONS)
+    It takes what Client takes: a target or ConnectionOptions, and keywords.
+    """
+
+    def __init__(
+        self,
+        target: str | ConnectionOptions = DEFAULT_TARGET,
+        **settings: Unpack[ConnectionSettings],
+    ) -> None:
+        self._options = resolve(target, settings)
+        self._metadata = self._options.call_metadata
+        self._channel = self._options.aio_channel()
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
-        self._timeout = _calls.to_timedelta(timeout).total_seconds()
-        self._submits = AsyncSubmitPipe(self._stub)
+        self._timeout = self._options.timeout.total_seconds()
+        self._submits = AsyncSubmitPipe(self._stub, self._metadata)
+
+    @property
+    def options(self) -> ConnectionOptions:
+        """How this client reaches its broker."""
+        return self._options
 
     @overload
     async def submit(
@@ -197,7 +270,7 @@ class AsyncClient:
         """Store many jobs in one transaction: all or none."""
         request = _calls.batch_request(jobs)
         reply = await _calls.acall(
-            lambda left: self._stub.SubmitBatch(request, timeout=left),
+            lambda left: self._stub.SubmitBatch(request, timeout=left, metadata=self._metadata),
             self._timeout,
             _calls.SUBMIT_RETRIED,
         )
@@ -232,7 +305,9 @@ class AsyncClient:
         retry = _calls.StreamRetry(deadline, self._timeout)
         while True:
             call = self._stub.WaitJob(
-                broker_pb2.WaitJobRequest(job_id=job_id), timeout=_calls.remaining(deadline)
+                broker_pb2.WaitJobRequest(job_id=job_id),
+                timeout=_calls.remaining(deadline),
+                metadata=self._metadata,
             )
             try:
                 async for event in call:
@@ -288,7 +363,30 @@ class AsyncClient:
             worker_id=worker_id or _calls.default_worker_id(),
             report_timeout=self._timeout,
             held=held,
+            metadata=self._metadata,
         )
+
+    async def create_api_key(
+        self, name: str, role: Role, queues: Sequence[str] = ()
+    ) -> CreatedApiKey:
+        """Make a key (an admin key's call); its `secret` is shown this once.
+
+        `queues` limits the key to those queues; empty, it may use every queue.
+        """
+        request = _calls.create_key_request(name, role, queues)
+        reply = await self._unary(self._stub.CreateApiKey, request, _calls.NOT_RETRIED)
+        return CreatedApiKey(api_key_from_pb(reply.key), reply.secret)
+
+    async def list_api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        request = broker_pb2.ListApiKeysRequest(include_revoked=include_revoked)
+        reply = await self._unary(self._stub.ListApiKeys, request)
+        return [api_key_from_pb(k) for k in reply.keys]
+
+    async def revoke_api_key(self, key: str) -> ApiKey:
+        """Revoke a key, by id or name: calls with it are refused, its open streams end."""
+        request = broker_pb2.RevokeApiKeyRequest(key=key)
+        reply = await self._unary(self._stub.RevokeApiKey, request, _calls.NOT_RETRIED)
+        return api_key_from_pb(reply.key)
 
     async def close(self) -> None:
         await self._submits.close()
@@ -305,5 +403,14 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, R], request: Any) -> R:
-        return await _calls.acall(lambda left: method(request, timeout=left), self._timeout)
+    async def _unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Any, R],
+        request: Any,
+        codes: frozenset[grpc.StatusCode] = _calls.RETRIED,
+    ) -> R:
+        return await _calls.acall(
+            lambda left: method(request, timeout=left, metadata=self._metadata),
+            self._timeout,
+            codes,
+        )

@@ -7,7 +7,8 @@ JobBrokerError                   .code (grpc.StatusCode | None), .reason, .messa
 │   └── LeaseLostError           stale fencing token, or the job no longer runs
 ├── ResourceExhaustedError       payload or batch over a broker limit, or its disk is full
 ├── BrokerUnavailableError       the broker, or its database, cannot be reached (retried first)
-├── AuthenticationError          unauthenticated or permission denied
+├── AuthenticationError          no API key, or one the broker does not know (or revoked)
+├── PermissionDeniedError        the key's role or queues do not allow the call
 ├── DeadlineExceededError        also a TimeoutError
 ├── JobFailedError               the awaited job is dead; .job, .error
 └── JobCancelledError            the awaited job was cancelled; .job
@@ -69,6 +70,10 @@ class AuthenticationError(JobBrokerError):
     pass
 
 
+class PermissionDeniedError(JobBrokerError):
+    pass
+
+
 class DeadlineExceededError(JobBrokerError, TimeoutError):
     pass
 
@@ -109,6 +114,8 @@ _BY_REASON: dict[str, type[JobBrokerError]] = {
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "STORAGE_FULL": ResourceExhaustedError,
     "STORE_UNAVAILABLE": BrokerUnavailableError,
+    "UNAUTHENTICATED": AuthenticationError,
+    "PERMISSION_DENIED": PermissionDeniedError,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[JobBrokerError]] = {
@@ -118,7 +125,7 @@ _BY_CODE: dict[grpc.StatusCode, type[JobBrokerError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: BrokerUnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 

@@ -174,3 +174,36 @@ class SubmitOptions(TypedDict, total=False):
     idempotency_key: str | None
     metadata: Mapping[str, str]
     tags: Sequence[str]
+
+
+class Role(StrEnum):
+    """What an API key may do on a broker started with `--auth`."""
+
+    PRODUCER = "producer"  # submit, get, wait for, cancel and list jobs
+    WORKER = "worker"  # the lease stream, and nothing else
+    ADMIN = "admin"  # everything: the DLQ and the keys too
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as the broker lists it: everything but its secret.
+
+    `id` is public (listings and the broker's logs name a key by it); `queues`
+    is empty for a key that may use every queue.
+    """
+
+    id: str
+    name: str
+    role: Role
+    queues: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedApiKey:
+    """A new key, and the `secret` to present as `api_key=`: the broker keeps
+    only its hash, so this is the one time it is shown."""
+
+    key: ApiKey
+    secret: str = field(repr=False)

@@ -1,10 +1,15 @@
 """Worker: serves tasks over one LeaseStream, reconnecting when the broker goes away.
 
-A worker never exits because of what the broker said: a stream that ends,
-with any status, is opened again after a jittered backoff (see
-`reconnect_delay`), for as long as the worker runs. The jobs it
-holds go on running meanwhile; the new stream's subscribe names them, and an
-outcome that could not be sent is sent again on it, with the job's token.
+A stream that ends, with any status but one refusing its API key, is opened
+again after a jittered backoff (see `reconnect_delay`), for as long as the
+worker runs. The jobs it holds go on running meanwhile; the new stream's
+subscribe names them, and an outcome that could not be sent is sent again on
+it, with the job's token.
+
+A key the broker does not take (UNAUTHENTICATED: wrong, or revoked, which ends
+its open streams so) or that may not lease these queues (PERMISSION_DENIED)
+would be refused again on every reconnect: the worker gives up the jobs it
+holds (their leases expire and they run again) and `run()` raises the error.
 """
 
 from __future__ import annotations
@@ -20,16 +25,23 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, Unpack, overload
 
 from . import _calls
 from ._async_stream import AsyncLeaseStream
 from ._runner import Report, run_job
 from ._threads import HandlerThreads
 from ._window import Window
-from .client import DEFAULT_TARGET, AsyncClient
+from .client import AsyncClient
+from .connection import DEFAULT_TARGET, ConnectionOptions, ConnectionSettings, resolve
 from .context import JobContext
-from .errors import JobBrokerError, JobNotFoundError, LeaseLostError
+from .errors import (
+    AuthenticationError,
+    JobBrokerError,
+    JobNotFoundError,
+    LeaseLostError,
+    PermissionDeniedError,
+)
 from .lease import AsyncLease, release_message
 from .task import AsyncTask, SyncTask, Task, TaskDecorator, TaskOptions, make_decorator
 from .types import ErrorInfo, RetryPolicy
@@ -86,25 +98,29 @@ class Worker:
     waiting jobs are heartbeated like running ones. By default it holds 4 x
     concurrency, growing to 8 x while those jobs are short (see `_window`);
     `prefetch` fixes the number instead.
+
+    `target` is a "host:port" or ConnectionOptions; the connection keywords
+    (api_key=, tls=, ...) are ConnectionOptions' fields, as in Client.
     """
 
     def __init__(
         self,
         tasks: Iterable[Task[Any, Any]] = (),
         *,
-        target: str = DEFAULT_TARGET,
+        target: str | ConnectionOptions = DEFAULT_TARGET,
         queues: Sequence[str] | None = None,
         concurrency: int = 16,
         prefetch: int | None = None,
         worker_id: str | None = None,
         shutdown_grace: timedelta = timedelta(seconds=30),
+        **connection: Unpack[ConnectionSettings],
     ) -> None:
+        self._options = resolve(target, connection)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._tasks: dict[str, Task[Any, Any]] = {}
         for task in tasks:
             self.register(task)
-        self._target = target
         self._queues = list(queues) if queues is not None else None
         self._concurrency = concurrency
         if prefetch is not None and prefetch < concurrency:
@@ -165,6 +181,11 @@ class Worker:
         return make_decorator(name, options, self.register)
 
     @property
+    def options(self) -> ConnectionOptions:
+        """How this worker reaches its broker."""
+        return self._options
+
+    @property
     def queues(self) -> list[str]:
         if self._queues is not None:
             return self._queues
@@ -196,7 +217,7 @@ class Worker:
         if self._stop_requested.is_set():
             self._stopping.set()
         threads = HandlerThreads(self._concurrency, self._loop)
-        client = AsyncClient(self._target)
+        client = AsyncClient(self._options)
         try:
             await self._serve(client, threads)
         finally:
@@ -237,9 +258,16 @@ class Worker:
                 await self._announce_stream()
                 await self._pump(stream, threads)
                 return
+            except (AuthenticationError, PermissionDeniedError) as error:
+                log.error(
+                    "the broker refused the worker's API key (%s); stopping", _describe(error)
+                )
+                await stream.close()
+                await self._abandon()
+                raise
             except JobBrokerError as error:
-                # Whatever ended it (the broker gone, its database down, a
-                # refusal), the next stream may fare better: never give up.
+                # Whatever else ended it (the broker gone, its database down,
+                # a refusal), the next stream may fare better: never give up.
                 healthy = stream.answered or time.monotonic() - opened >= _STEADY
                 failures = 1 if healthy else failures + 1
                 delay = reconnect_delay(failures)
@@ -270,11 +298,16 @@ class Worker:
         if time.monotonic() - self._stopped_at < self._grace.total_seconds():
             return False  # reconnect to report what finishes
         log.warning("stopping without the broker: %d jobs not reported", len(self._running))
+        await self._abandon()
+        return True
+
+    async def _abandon(self) -> None:
+        """End the jobs held without reporting them: their leases expire and
+        they run again."""
         unreported = [r.task for r in self._running.values() if r.task is not None]
         for task in unreported:
             task.cancel()
         await asyncio.gather(*unreported, return_exceptions=True)
-        return True
 
     async def _announce_stream(self) -> None:
         async with self._reconnected:
