@@ -10,10 +10,14 @@ RUN pip install --no-cache-dir . && useradd --create-home broker && mkdir /data 
 USER broker
 VOLUME ["/data"]
 EXPOSE 50051 9464
+# Reachable from other machines, so every call needs an API key: make the
+# first admin key on the volume before the first start (README, "API keys").
 ENV BROKER_HOST=0.0.0.0 \
     BROKER_PORT=50051 \
     BROKER_DATABASE=/data/jobbroker.db \
-    BROKER_METRICS_PORT=9464
-HEALTHCHECK CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s=g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')); sys.exit(s.Check(h.HealthCheckRequest(), timeout=2).status != 1)"
+    BROKER_METRICS_PORT=9464 \
+    BROKER_AUTH=true
+# Health needs no key; over TLS, set BROKER_TLS=true and BROKER_TLS_CA for it.
+HEALTHCHECK CMD broker health --timeout 2
 ENTRYPOINT ["broker"]
 CMD ["serve"]

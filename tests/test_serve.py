@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
@@ -38,6 +39,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SECRET = "4111-1111-1111-1111"
+
+
 def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
     metrics_port = _free_port()
     proc, target = start_broker(database, metrics_port=metrics_port)
@@ -58,6 +62,17 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
                 next(iter(stream)).complete()
             assert handle.result(timeout=5) is None
             client.submit("noop", None, queue="metered")  # waits: no stream now
+            # What jobs carry never reaches /metrics: only queue names and counts.
+            client.submit(
+                "noop",
+                {"card": SECRET},
+                queue="carried",
+                metadata={"token": SECRET},
+                tags=[SECRET],
+                idempotency_key=SECRET,
+            )
+            with client.lease_stream(["carried"]) as stream:
+                next(iter(stream)).fail(RuntimeError(SECRET), retryable=False)
 
         def scrape() -> str:
             url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -76,6 +91,26 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
         assert 'jobbroker_job_run_seconds_count{queue="metered"} 1.0' in text
         assert re.search(r'jobbroker_queue_depth\{queue="metered",state="pending"\} 1.0', text)
         assert 'state="succeeded"' not in text  # finished jobs are counted, not sampled
+        dead = 'jobbroker_jobs_dead_lettered_total{queue="carried"} 1.0'
+        text = wait_for(lambda: t if dead in (t := scrape()) else "", what="the dead job")
+        assert SECRET not in text
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0, proc.output
+
+
+def test_the_metrics_endpoint_can_be_bound_apart(tmp_path: Path) -> None:
+    metrics_port = _free_port()
+    database = str(tmp_path / "broker.db")
+    proc, target = start_broker(database, "--metrics-host", "127.0.0.2", metrics_port=metrics_port)
+    try:
+        url = f"http://127.0.0.2:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b"jobbroker_jobs_submitted_total" in response.read()
+        with pytest.raises(urllib.error.URLError, match="refused"):
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        with Client(target) as client:  # the gRPC port is where it was
+            assert client.list_jobs().jobs == ()
     finally:
         proc.signal(signal.SIGTERM)
         assert proc.wait() == 0, proc.output
@@ -187,6 +222,19 @@ def test_a_second_broker_on_the_same_sqlite_file_fails_naming_the_holder(tmp_pat
         (["--max-payload-bytes", "0"], {}, ["--max-payload-bytes"]),
         (["--max-payload-bytes", str(33 << 20)], {}, ["--max-payload-bytes", "33554432"]),
         (["--host", "no-such-host.invalid"], {}, ["no-such-host.invalid", "--host (BROKER_HOST)"]),
+        (
+            ["--host", "0.0.0.0"],
+            {},
+            ["0.0.0.0 is reachable from other machines", "--auth (BROKER_AUTH)", "--insecure"],
+        ),
+        ([], {"BROKER_AUTH": "maybe"}, ["BROKER_AUTH='maybe' is not true or false"]),
+        (["--tls-cert", "{tmp}/cert.pem"], {}, ["--tls-cert (BROKER_TLS_CERT) and --tls-key"]),
+        (["--tls-client-ca", "{tmp}/ca.pem"], {}, ["--tls-client-ca", "give --tls-cert"]),
+        (
+            ["--tls-cert", "{tmp}/none.pem", "--tls-key", "{tmp}/none.pem"],
+            {},
+            ["--tls-cert (BROKER_TLS_CERT) '{tmp}/none.pem': No such file or directory"],
+        ),
         (
             ["--database", "{tmp}/no/such/dir/broker.db"],
             {},

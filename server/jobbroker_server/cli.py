@@ -15,26 +15,37 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from datetime import timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobbroker import (
+    ApiKey,
     BrokerUnavailableError,
     Client,
+    ConnectionOptions,
     DeadlineExceededError,
     Job,
     JobBrokerError,
     JobState,
+    Role,
     Task,
     Worker,
 )
 from jobbroker_server.app import serve
+from jobbroker_server.clock import SystemClock
 from jobbroker_server.config import ENV, Settings, flag_of, from_text
 from jobbroker_server.domain.errors import BrokerError
-from jobbroker_server.store.open import open_migrated
+from jobbroker_server.domain.keys import ApiKey as StoredKey
+from jobbroker_server.domain.keys import Role as StoredRole
+from jobbroker_server.services.keys import ApiKeys
+from jobbroker_server.store.open import CannotOpenStore, open_migrated
+
+T = TypeVar("T")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0  # each call of an operator command
@@ -114,7 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise SystemExit(f"broker: error: module {args.module!r} declares no @task functions")
     worker = Worker(
         tasks,
-        target=args.target,
+        target=_connection(args),
         queues=args.queue or None,
         concurrency=args.concurrency,
         prefetch=args.prefetch,
@@ -150,21 +161,54 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """A client of the broker at --target, once something answers there."""
-    wait = min(CONNECT_WAIT, args.timeout)
-    channel = grpc.insecure_channel(args.target)
+def _connection(args: argparse.Namespace) -> ConnectionOptions:
+    """Where and how to reach the broker: each flag, else its BROKER_* variable."""
+    return ConnectionOptions.from_env(
+        target=args.target,
+        api_key=args.api_key,
+        tls=args.tls,
+        root_certificates=args.tls_ca,
+        client_certificate=args.client_cert,
+        client_key=args.client_key,
+        server_name=args.tls_server_name,
+        timeout=timedelta(seconds=args.timeout),
+    )
+
+
+def _answering(options: ConnectionOptions, wait: float) -> None:
+    """Return once something answers at the target; else exit saying so."""
+    channel = options.channel()
     ready = grpc.channel_ready_future(channel)
     try:
         ready.result(timeout=wait)
     except grpc.FutureTimeoutError:
         raise SystemExit(
-            f"broker: error: no broker answers at {args.target} within {wait:g}s; {_FIX}"
+            f"broker: error: no broker answers at {options.target} within {wait:g}s"
+            f"{' over TLS' if options.uses_tls else ''}; {_FIX}"
         ) from None
     finally:
         ready.cancel()
         channel.close()
-    return Client(args.target, timeout=args.timeout)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A client of the broker at --target, once something answers there."""
+    options = _connection(args)
+    _answering(options, min(CONNECT_WAIT, args.timeout))
+    return Client(options)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """The broker's gRPC health: exit 0 while it serves (its store takes writes)."""
+    options = _connection(args)
+    _answering(options, min(CONNECT_WAIT, args.timeout))
+    with options.channel() as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=args.timeout
+        )
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _when(value: Any) -> str:
@@ -234,6 +278,93 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- keys ---
+
+
+@dataclass(frozen=True)
+class _KeyRow:
+    """A key as `keys ls` prints it, from the store or from the SDK."""
+
+    id: str
+    name: str
+    role: str
+    queues: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def _stored_row(key: StoredKey) -> _KeyRow:
+    return _KeyRow(key.id, key.name, key.role.value, key.queues, key.created_at, key.revoked_at)
+
+
+def _sdk_row(key: ApiKey) -> _KeyRow:
+    return _KeyRow(key.id, key.name, key.role.value, key.queues, key.created_at, key.revoked_at)
+
+
+async def _on_database(database: str, action: Callable[[ApiKeys], Awaitable[T]]) -> T:
+    """Act on the keys in the database itself: how the first admin key is made."""
+    try:
+        store, _version = await open_migrated(database)
+    except CannotOpenStore as error:
+        if "in use by" in str(error):
+            raise CannotOpenStore(
+                f"{error}; while it runs, manage keys through it: leave out --database "
+                "and give an admin key (--api-key or BROKER_API_KEY)"
+            ) from None
+        raise
+    try:
+        # The keys of a broker that is not running: none of its calls to end.
+        return await action(ApiKeys(store, SystemClock(), required=False, refresh=timedelta(0)))
+    finally:
+        await store.close()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        queues = tuple(args.queue or ())
+        if args.database:
+            role = StoredRole(args.role)
+            key, text = asyncio.run(
+                _on_database(args.database, lambda keys: keys.create(args.name, role, queues))
+            )
+            row = _stored_row(key)
+        else:
+            with _client(args) as client:
+                made = client.create_api_key(args.name, Role(args.role), queues)
+            row, text = _sdk_row(made.key), made.secret
+        print(text)
+        limited = f", queues {', '.join(row.queues)}" if row.queues else ", every queue"
+        print(
+            f"created API key {row.id} {row.name!r} ({row.role}{limited}); it is shown this "
+            "once: keep it now (give it as --api-key or BROKER_API_KEY)",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action == "ls":
+        if args.database:
+            found = asyncio.run(_on_database(args.database, lambda keys: keys.list(args.all)))
+            rows = [_stored_row(k) for k in found]
+        else:
+            with _client(args) as client:
+                rows = [_sdk_row(k) for k in client.list_api_keys(include_revoked=args.all)]
+        print(f"{'ID':16}  {'NAME':24}  {'ROLE':8}  {'QUEUES':24}  {'CREATED':29}  REVOKED")
+        for r in rows:
+            limited = ",".join(r.queues) or "*"
+            print(
+                f"{r.id:16}  {r.name[:24]:24}  {r.role:8}  {limited[:24]:24}  "
+                f"{_when(r.created_at):29}  {_when(r.revoked_at)}"
+            )
+        return 0
+    if args.database:
+        key = asyncio.run(_on_database(args.database, lambda keys: keys.revoke(args.key)))
+        row = _stored_row(key)
+    else:
+        with _client(args) as client:
+            row = _sdk_row(client.revoke_api_key(args.key))
+    print(f"revoked API key {row.id} {row.name!r}")
+    return 0
+
+
 def _seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -248,9 +379,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description="jobbroker: a durable job broker")
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument(
-        "--target",
-        default=os.environ.get("BROKER_TARGET", DEFAULT_TARGET),
-        help=f"broker address (env BROKER_TARGET, default {DEFAULT_TARGET})",
+        "--target", help=f"broker address (env BROKER_TARGET, default {DEFAULT_TARGET})"
+    )
+    target.add_argument("--api-key", help="the API key to present (env BROKER_API_KEY)")
+    target.add_argument(
+        "--tls",
+        action="store_const",
+        const=True,
+        help="speak TLS, trusting the system's CAs or --tls-ca (env BROKER_TLS=true)",
+    )
+    target.add_argument(
+        "--tls-ca", metavar="PEM", help="CA that signed the broker's certificate (BROKER_TLS_CA)"
+    )
+    target.add_argument(
+        "--client-cert", metavar="PEM", help="certificate for mutual TLS (BROKER_CLIENT_CERT)"
+    )
+    target.add_argument("--client-key", metavar="PEM", help="its private key (BROKER_CLIENT_KEY)")
+    target.add_argument(
+        "--tls-server-name",
+        help="the name the broker's certificate carries, if not the target's host "
+        "(BROKER_TLS_SERVER_NAME)",
     )
     target.add_argument(
         "--timeout",
@@ -309,6 +457,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(run=cmd_jobs_ls)
 
+    keys = sub.add_parser("keys", help="API keys (for a broker started with --auth)")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    on_database = argparse.ArgumentParser(add_help=False)
+    on_database.add_argument(
+        "--database",
+        help="act on this database (SQLite path or postgresql:// DSN) instead of through a "
+        "broker: how the first admin key is made, before `broker serve --auth`",
+    )
+    p = keys_sub.add_parser(
+        "create", parents=[target, on_database], help="make a key; it is printed once"
+    )
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=[r.value for r in Role])
+    p.add_argument("--queue", action="append", help="limit the key to this queue (repeatable)")
+    p.set_defaults(run=cmd_keys)
+    p = keys_sub.add_parser("ls", parents=[target, on_database], help="list the keys")
+    p.add_argument("--all", action="store_true", help="revoked keys too")
+    p.set_defaults(run=cmd_keys)
+    p = keys_sub.add_parser("revoke", parents=[target, on_database], help="revoke a key")
+    p.add_argument("key", help="the key's id or name")
+    p.set_defaults(run=cmd_keys)
+
+    p = sub.add_parser("health", parents=[target], help="is the broker serving? (exit 0 or 1)")
+    p.set_defaults(run=cmd_health)
+
     dlq = sub.add_parser("dlq", help="the dead-letter queue")
     dlq_sub = dlq.add_subparsers(dest="action", required=True)
     p = dlq_sub.add_parser("ls", parents=[target], help="list dead jobs")
@@ -326,9 +499,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _not_there(args: argparse.Namespace, exc: JobBrokerError) -> str | None:
     """What to say when no broker answered (not: one that answered with an error)."""
-    target = getattr(args, "target", None)
-    if target is None or exc.reason is not None:
+    if not hasattr(args, "api_key") or exc.reason is not None:  # not a command of a broker
         return None
+    target = args.target or os.environ.get("BROKER_TARGET", DEFAULT_TARGET)
     if isinstance(exc, BrokerUnavailableError):
         return f"no broker is reachable at {target} ({exc}); {_FIX}"
     if isinstance(exc, DeadlineExceededError):
