@@ -260,12 +260,38 @@ async def _pg_execute(dsn: str, sql: str) -> None:
         await conn.close()
 
 
+AUTH = False
+# With --auth: the admin key every client and worker of the run presents.
+API_KEY: str | None = None
+
+
+def connect(target: str) -> Client:
+    return Client(target, api_key=API_KEY)
+
+
+def _admin_key(database: str) -> str:
+    made = subprocess.run(
+        [*BROKER, "keys", "create", "bench", "--role", "admin", "--database", database],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return made.stdout.strip()
+
+
 @contextmanager
 def broker(databases: Databases, *extra: str) -> Iterator[Broker]:
-    """A `broker serve` process on a fresh database, stopped on exit."""
+    """A `broker serve` process on a fresh database, stopped on exit; with
+    --auth, keys required and a fresh admin key in API_KEY."""
+    global API_KEY
     with databases.fresh() as database:
         metrics_port = free_port()
         flags = ["--port", "0", "--database", database, "--metrics-port", str(metrics_port)]
+        if AUTH:
+            API_KEY = _admin_key(database)
+            os.environ["BROKER_API_KEY"] = API_KEY  # for the worker processes
+            flags.append("--auth")
         proc = Proc([*BROKER, "serve", *flags, "--shutdown-grace-seconds", "2", *extra])
         try:
             port = proc.wait_for_line(LISTENING).group(1)
@@ -435,7 +461,7 @@ def submit_threads(
             n += 1
         return n
 
-    with Client(target) as client, _pool(threads) as pool:
+    with connect(target) as client, _pool(threads) as pool:
         client.submit(NOOP, None, queue=QUEUE)  # connect before timing
         futures = [pool.submit(run, client) for _ in range(threads)]
         start.wait()
@@ -449,7 +475,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def run_w1(results: Results, dbs: Databases, sizes: Sizes) -> None:
-    with broker(dbs) as b, Client(b.target) as client:
+    with broker(dbs) as b, connect(b.target) as client:
         client.submit(NOOP, None, queue=QUEUE)  # connect before timing
         deadline = time.monotonic() + sizes.budget
         began = time.perf_counter()
@@ -468,7 +494,7 @@ def run_w1c(results: Results, dbs: Databases, sizes: Sizes) -> None:
 
 def run_w1b(results: Results, dbs: Databases, sizes: Sizes) -> None:
     batch = noop_requests(sizes.batch)
-    with broker(dbs) as b, Client(b.target) as client:
+    with broker(dbs) as b, connect(b.target) as client:
         client.submit_many(batch[:1])  # connect before timing
         deadline = time.monotonic() + sizes.budget
         began = time.perf_counter()
@@ -481,7 +507,7 @@ def run_w1b(results: Results, dbs: Databases, sizes: Sizes) -> None:
 
 def run_w2(results: Results, dbs: Databases, sizes: Sizes) -> None:
     """Queue the jobs first, then time from the first job's start to the last one's finish."""
-    with broker(dbs) as b, Client(b.target) as client:
+    with broker(dbs) as b, connect(b.target) as client:
         for done in range(0, sizes.w2_jobs, sizes.batch):
             client.submit_many(noop_requests(min(sizes.batch, sizes.w2_jobs - done)))
         with worker(b):
@@ -521,7 +547,7 @@ def _latency_note(latencies: list[float], unfinished: int) -> str:
 
 
 def run_w3(results: Results, dbs: Databases, sizes: Sizes) -> None:
-    with broker(dbs) as b, Client(b.target) as client, worker(b) as w:
+    with broker(dbs) as b, connect(b.target) as client, worker(b) as w:
         wait_for_stream(b, w)
         client.submit(NOOP, None, queue=QUEUE)  # one job through before timing
         wait_until(lambda: b.succeeded() >= 1, 10)
@@ -542,7 +568,7 @@ def run_w3(results: Results, dbs: Databases, sizes: Sizes) -> None:
 def run_w4(results: Results, dbs: Databases, sizes: Sizes) -> None:
     """Producer and worker together; throughput over the last 90% of the window."""
     seconds = sizes.w4_seconds
-    with broker(dbs) as b, Client(b.target) as client, worker(b) as w:
+    with broker(dbs) as b, connect(b.target) as client, worker(b) as w:
         wait_for_stream(b, w)
         with _pool(1) as pool:
             producer = pool.submit(submit_threads, b.target, THREADS, 10**9, seconds, STAMP_EVERY)
@@ -570,7 +596,7 @@ def _memory_producer(target: str, stop: threading.Event, completed: list[int]) -
     """Submit batches of 100 while fewer than MEMORY_BACKLOG jobs are unfinished."""
     batch = noop_requests(100)
     submitted = 0
-    with Client(target) as client:
+    with connect(target) as client:
         while not stop.is_set():
             if submitted - completed[0] >= MEMORY_BACKLOG:
                 time.sleep(0.02)
@@ -750,6 +776,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", help="comma-separated workloads to run, e.g. W2,W3 (default: all, and MEM)"
     )
+    parser.add_argument(
+        "--auth", action="store_true", help="brokers require API keys; clients present one"
+    )
     parser.add_argument("--wall-server", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -769,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.wall_server:
         asyncio.run(_wall_serve())
         return 0
+    global AUTH
+    AUTH = args.auth
     sizes = sizes_for(args)
     results = Results()
     began = time.monotonic()
