@@ -443,3 +443,40 @@ def test_a_key_revoked_on_one_replica_ends_streams_on_another(
             assert stream.code() is grpc.StatusCode.UNAUTHENTICATED
             stream.close()
     assert admin_key.role is Role.ADMIN
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "text"),
+    [
+        ({"name": "", "role": broker_pb2.ROLE_WORKER}, "name"),
+        ({"name": "a\0b", "role": broker_pb2.ROLE_WORKER}, "name"),
+        ({"name": "x" * 201, "role": broker_pb2.ROLE_WORKER}, "name"),
+        ({"name": "ok", "role": broker_pb2.ROLE_UNSPECIFIED}, "role"),
+        ({"name": "ok", "role": 99}, "role"),
+        ({"name": "ok", "role": broker_pb2.ROLE_WORKER, "queues": ["q"] * 101}, "100 queues"),
+        ({"name": "ok", "role": broker_pb2.ROLE_WORKER, "queues": ["bad\nname"]}, "queues"),
+    ],
+)
+def test_a_bad_key_request_is_refused_and_makes_no_key(
+    keys: Keys, stub: broker_pb2_grpc.BrokerStub, request_fields: dict[str, Any], text: str
+) -> None:
+    admin = keys.metadata("admin")
+    before = stub.ListApiKeys(broker_pb2.ListApiKeysRequest(), metadata=admin).keys
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CreateApiKey(broker_pb2.CreateApiKeyRequest(**request_fields), metadata=admin)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert text in str(refused.value.details())
+    assert stub.ListApiKeys(broker_pb2.ListApiKeysRequest(), metadata=admin).keys == before
+    with pytest.raises(grpc.RpcError) as unnamed:
+        stub.RevokeApiKey(broker_pb2.RevokeApiKeyRequest(key=""), metadata=admin)
+    assert unnamed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_malformed_authorization_is_unauthenticated_with_what_to_send(
+    keys: Keys, stub: broker_pb2_grpc.BrokerStub
+) -> None:
+    for value in ("Basic abc", "Bearer", "Bearer " + "x" * 4000, keys.texts["admin"]):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListJobs(broker_pb2.ListJobsRequest(), metadata=(("authorization", value),))
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "Bearer <key>" in str(refused.value.details())

@@ -21,6 +21,7 @@ from jobbroker_server.domain.errors import InvalidArgument, PermissionDenied
 
 PREFIX = "jbk"
 MAX_KEY_QUEUES = 100  # queues one key may be limited to
+MAX_KEYS = 10_000  # valid keys at once: every broker holds them all in memory
 
 
 class Role(enum.StrEnum):

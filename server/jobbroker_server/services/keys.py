@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from jobbroker_server.clock import Clock
 from jobbroker_server.domain import keys
-from jobbroker_server.domain.errors import Unauthenticated
+from jobbroker_server.domain.errors import ResourceExhausted, Unauthenticated
 from jobbroker_server.domain.keys import ANYONE, ApiKey, Caller, Role
 from jobbroker_server.services.background import every
 from jobbroker_server.store import Store
@@ -96,6 +96,10 @@ class ApiKeys:
 
     async def create(self, name: str, role: Role, queues: Sequence[str]) -> tuple[ApiKey, str]:
         """A new key, valid at once; and its text, which nothing keeps."""
+        if len(self._valid) >= keys.MAX_KEYS:
+            raise ResourceExhausted(
+                f"this broker holds at most {keys.MAX_KEYS} valid API keys; revoke unused ones"
+            )
         checked_name, checked_queues = keys.key_spec(name, list(queues))
         key, text = keys.new_key(checked_name, role, checked_queues, self._clock.now())
         await self._store.create_key(key)
