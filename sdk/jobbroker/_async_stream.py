@@ -14,15 +14,20 @@ from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from ._stream_core import StreamCore, flow_message, lost_leases, subscribe_message
 from .connection import Metadata
 from .errors import (
+    AuthenticationError,
     BrokerUnavailableError,
     DeadlineExceededError,
     JobBrokerError,
+    PermissionDeniedError,
+    from_rpc_error,
     stream_error,
 )
 from .lease import AsyncLease, ReportResult, heartbeat_message
 
 _Call = grpc.aio.StreamStreamCall[broker_pb2.WorkerMessage, broker_pb2.BrokerMessage]
 Waiter = asyncio.Future[list[ReportResult]]
+
+_LOCAL = (grpc.StatusCode.INTERNAL, None)  # failures of a write that name no broker status
 
 # Reports merged into one message: message kind -> its repeated field.
 _BATCHED = {"complete": "completions", "fail": "failures"}
@@ -83,8 +88,41 @@ class AsyncLeaseStream:
         if self._call is not None:
             return
         self._call = self._stub.LeaseStream(None, metadata=self._metadata)
-        await self._write(self._subscribe)
+        try:
+            await self._write(self._subscribe)
+        except BrokerUnavailableError as error:
+            # INTERNAL, or None for a call already over: maybe a lost refusal.
+            refused = await self._refusal() if error.code in _LOCAL else None
+            if refused is None:
+                raise
+            raise refused from error
         self._reader = asyncio.create_task(self._read(self._call), name="jobbroker-lease-reader")
+
+    async def _refusal(self) -> JobBrokerError | None:
+        """Why the broker ended the call before the subscribe went out, when
+        it refused the key.
+
+        A broker refuses a key as the call starts. When the subscribe's write
+        fails before grpc.aio has taken in that status, it puts INTERNAL in
+        its place ("Internal error from Core") and the refusal is lost: a
+        worker would reconnect for ever with a revoked key. A call nothing is
+        written to cannot lose its status so; it ends with the refusal again,
+        or with OK when the key is taken."""
+        probe = self._stub.LeaseStream(None, metadata=self._metadata)
+        try:
+            async with asyncio.timeout(self._report_timeout):
+                await probe.done_writing()
+                async for _ in probe:
+                    pass
+        except grpc.RpcError as error:
+            refused = from_rpc_error(error)
+            if isinstance(refused, AuthenticationError | PermissionDeniedError):
+                return refused
+        except TimeoutError:
+            pass
+        finally:
+            probe.cancel()
+        return None
 
     def __aiter__(self) -> AsyncLeaseStream:
         return self

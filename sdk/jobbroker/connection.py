@@ -297,7 +297,7 @@ def _read_pem(name: str, value: Pem | None) -> bytes | None:
     if value is None:
         return None
     if isinstance(value, bytes):
-        data, where = value, "the bytes given"
+        data, what = value, "the bytes given are"
     else:
         path = os.fspath(value)
         try:
@@ -307,9 +307,9 @@ def _read_pem(name: str, value: Pem | None) -> bytes | None:
             raise InvalidArgumentError(
                 f"{_named(name)}: cannot read {path!r}: {error.strerror}"
             ) from None
-        where = repr(path)
+        what = f"{path!r} is"
     if b"-----BEGIN" not in data:
-        raise InvalidArgumentError(f"{_named(name)}: {where} is not PEM (no -----BEGIN line)")
+        raise InvalidArgumentError(f"{_named(name)}: {what} not PEM (no -----BEGIN line)")
     return data
 
 
