@@ -50,7 +50,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from jobbroker import Client, JobState, LeaseLostError
-from jobbroker._calls import CHANNEL_OPTIONS  # what the SDK accepts: the fuzz is no stricter
+from jobbroker.connection import CHANNEL_OPTIONS  # what the SDK accepts: the fuzz is no stricter
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 from tests import integrity
 from tests.conftest import _execute as execute_sql
