@@ -112,6 +112,18 @@ class ConnectionOptions:
         if not isinstance(self.target, str) or not self.target.strip():
             raise InvalidArgumentError(f"{_named('target')} must be a broker address, host:port")
         _check_api_key(self.api_key)
+        self._check_tls()
+        if not isinstance(self.timeout, timedelta) or self.timeout <= timedelta(0):
+            raise InvalidArgumentError(
+                f"timeout must be a positive timedelta (got {self.timeout!r})"
+            )
+        if self.load_balancing is not None and self.load_balancing not in LOAD_BALANCING:
+            raise InvalidArgumentError(
+                f"load_balancing {self.load_balancing!r} is not one of {', '.join(LOAD_BALANCING)}"
+            )
+        object.__setattr__(self, "channel_options", _checked_options(self.channel_options))
+
+    def _check_tls(self) -> None:
         for name in _PEM_FIELDS:
             _check_pem_type(name, getattr(self, name))
         if (self.client_certificate is None) != (self.client_key is None):
@@ -132,15 +144,6 @@ class ConnectionOptions:
                     f"{_named('server_name')} is the name on the broker's TLS certificate: "
                     f"it needs {_named('tls')} set too"
                 )
-        if not isinstance(self.timeout, timedelta) or self.timeout <= timedelta(0):
-            raise InvalidArgumentError(
-                f"timeout must be a positive timedelta (got {self.timeout!r})"
-            )
-        if self.load_balancing is not None and self.load_balancing not in LOAD_BALANCING:
-            raise InvalidArgumentError(
-                f"load_balancing {self.load_balancing!r} is not one of {', '.join(LOAD_BALANCING)}"
-            )
-        object.__setattr__(self, "channel_options", _checked_options(self.channel_options))
 
     @property
     def uses_tls(self) -> bool:
