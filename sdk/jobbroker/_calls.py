@@ -27,7 +27,6 @@ from ._convert import (
     timestamp_to_pb,
 )
 from ._uuid7 import uuid7
-from .connection import CHANNEL_OPTIONS as CHANNEL_OPTIONS  # where tests/test_fuzz.py looks
 from .errors import DeadlineExceededError, InvalidArgumentError, JobBrokerError, from_rpc_error
 from .task import Task
 from .types import JobRequest, JobState, Page, RetryPolicy, Role
