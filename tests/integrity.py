@@ -13,10 +13,10 @@ an invariant the store keeps in every transaction:
 - no attempt belongs to a job that is gone (an orphan);
 - a job that is not running holds no lease, and a job has ``finished_at``
   exactly when it is terminal; an attempt has ``finished_at`` exactly when it ended;
-- every lease left one attempt row: the tokens of a job's attempts are exactly
-  1..fencing_token, and ``attempts`` (released ones do not count, a replay
-  starts again from 0) is between 0 and the number of attempts that were not
-  released;
+- every lease left an attempt row: a job's newest attempt is of its fencing
+  token (tokens grow by a random step, so they are not counted), and
+  ``attempts`` (released ones do not count, a replay starts again from 0) is
+  between 0 and the number of attempts that were not released;
 - a succeeded job's current attempt succeeded.
 
 ``missing`` and ``assert_none_missing`` check that acknowledged jobs are stored.
@@ -90,8 +90,10 @@ _JOB_CHECKS: tuple[tuple[str, str], ...] = (
         "j.attempts < 0 OR j.fencing_token < j.attempts",
     ),
     (
-        "attempt rows are not exactly the tokens 1..fencing_token",
-        "COALESCE(a.n, 0) <> j.fencing_token OR a.lo < 1 OR a.hi > j.fencing_token",
+        "attempt rows that do not end at the job's fencing token (or a token of none)",
+        "(j.fencing_token = 0 AND COALESCE(a.n, 0) <> 0)"
+        " OR (j.fencing_token > 0 AND (a.hi IS NULL OR a.hi <> j.fencing_token))"
+        " OR a.lo < 1 OR COALESCE(a.n, 0) > j.fencing_token",
     ),
     (
         "attempts counts more than the attempts that were not released",

@@ -1098,6 +1098,11 @@ TEMPLATES: dict[str, Message] = {
     "ListDeadJobs": broker_pb2.ListDeadJobsRequest(queue=SHARED, page_size=5),
     "ReplayDeadJobs": broker_pb2.ReplayDeadJobsRequest(job_ids=[str(uuid.uuid4())]),
     "PurgeDeadJobs": broker_pb2.PurgeDeadJobsRequest(job_ids=[str(uuid.uuid4())]),
+    "CreateApiKey": broker_pb2.CreateApiKeyRequest(
+        name="fz-key", role=broker_pb2.ROLE_WORKER, queues=[SHARED]
+    ),
+    "ListApiKeys": broker_pb2.ListApiKeysRequest(include_revoked=True),
+    "RevokeApiKey": broker_pb2.RevokeApiKeyRequest(key="fz-key"),
 }
 assert set(TEMPLATES) == set(METHODS), "a Broker RPC without a fuzz template"
 
