@@ -475,12 +475,6 @@ def test_a_worker_with_a_key_runs_jobs_and_stops_when_the_key_is_revoked(
         assert admin.get_job(stuck.id).state is JobState.RUNNING  # not reported
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker: under --auth the reaper cannot end an expired lease (reap_expired "
-    "writes with LeaseRef holder '', _held() requires lease_key == holder), so the "
-    "job stays running",
-)
 def test_a_job_given_up_by_a_revoked_worker_runs_again_once_its_lease_expires(
     secured: Secured,
 ) -> None:

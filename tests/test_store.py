@@ -291,6 +291,31 @@ def test_submit_many_is_all_or_nothing(db: Harness) -> None:
     assert db(db.store.queue_depths(1000)) == {}
 
 
+def test_a_lease_is_reported_only_under_its_key_and_reaped_whatever_its_key(
+    db: Harness,
+) -> None:
+    kept, lost = job(), job()
+    db(db.store.submit_many([kept, lost], T0, WINDOW))
+    leases = db(db.store.lease_many(["q"], 2, "w", LEASE, T0, MAX_LEASE_BYTES, "key-a"))
+    mine, theirs = ref(leases, kept), ref(leases, lost)
+    other = replace(mine, holder="key-b")
+    for results in (
+        db(db.store.heartbeat_many([other], LEASE, T0)),
+        db(db.store.complete_many([Completion(other, None)], T0)),
+        db(db.store.fail_many([Failure(other, ErrorInfo("E", "x"))], T0)),
+        db(db.store.release_many([other], T0)),
+        [db(db.store.progress(Progress(other, 0.5, ""), T0))],
+    ):
+        assert [r.status for r in results] == [ReportStatus.LEASE_LOST]
+    assert db(db.store.get_job(kept.id)).state is JobState.RUNNING
+    [done] = db(db.store.complete_many([Completion(replace(mine, holder="key-a"), None)], T0))
+    assert done.status is ReportStatus.OK and done.state is JobState.SUCCEEDED
+    # The reaper ends an expired lease whichever key holds it.
+    [reaped] = db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1)))
+    assert reaped.lease.job_id == theirs.job_id and reaped.state is JobState.SCHEDULED
+    assert db(db.store.get_job(lost.id)).state is JobState.SCHEDULED
+
+
 def test_heartbeat_extends_only_current_leases(db: Harness) -> None:
     db(db.store.submit_many([job()], T0, WINDOW))
     [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))

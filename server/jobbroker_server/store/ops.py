@@ -412,7 +412,7 @@ def _end_running(
             dst = JobState.SCHEDULED if wait > timedelta(0) else JobState.PENDING
             run_at = now + wait
     states.check(JobState.RUNNING, dst)
-    ref = LeaseRef(row.id, row.fencing_token)
+    ref = LeaseRef(row.id, row.fencing_token, row.lease_key)
     values: dict[str, Any] = {"state": dst.value, "last_error": rows.error_to_json(error)}
     if run_at is None:
         values["finished_at"] = now
@@ -441,7 +441,7 @@ def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> list[Re
             outcome = AttemptOutcome.LEASE_EXPIRED
             error = ErrorInfo("LeaseExpired", "lease expired: the worker stopped heartbeating")
         state = _end_running(conn, rng, row, outcome, error, now)
-        ref = LeaseRef(row.id, row.fencing_token)
+        ref = LeaseRef(row.id, row.fencing_token, row.lease_key)
         reaped.append(ReapedLease(ref, row.queue, outcome, state))
     return reaped
 
