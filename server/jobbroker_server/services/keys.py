@@ -37,12 +37,16 @@ class ApiKeys:
         self._valid: dict[str, ApiKey] = {}
         self._open: dict[str, set[asyncio.Task[object]]] = {}  # key id -> its calls
         self._ending: set[asyncio.Task[object]] = set()  # calls ended by a revocation
+        # A reload that read the keys before a change made here committed must
+        # not undo it in the cache (a new key gone, a revoked one back).
+        self._changing = asyncio.Lock()
 
     async def load(self) -> None:
         """Take the valid keys from the store; end the calls of those gone."""
-        valid = {key.id: key for key in await self._store.list_keys()}
-        gone = self._valid.keys() - valid.keys()
-        self._valid = valid
+        async with self._changing:
+            valid = {key.id: key for key in await self._store.list_keys()}
+            gone = self._valid.keys() - valid.keys()
+            self._valid = valid
         for key_id in gone:
             self._end_calls(key_id)
 
@@ -102,8 +106,9 @@ class ApiKeys:
             )
         checked_name, checked_queues = keys.key_spec(name, list(queues))
         key, text = keys.new_key(checked_name, role, checked_queues, self._clock.now())
-        await self._store.create_key(key)
-        self._valid[key.id] = key
+        async with self._changing:
+            await self._store.create_key(key)
+            self._valid[key.id] = key
         log.info("API key %s (%r, %s) created", key.id, key.name, key.role)
         return key, text
 
@@ -111,8 +116,9 @@ class ApiKeys:
         return await self._store.list_keys(include_revoked)
 
     async def revoke(self, id_or_name: str) -> ApiKey:
-        key = await self._store.revoke_key(id_or_name, self._clock.now())
-        self._valid.pop(key.id, None)
+        async with self._changing:
+            key = await self._store.revoke_key(id_or_name, self._clock.now())
+            self._valid.pop(key.id, None)
         self._end_calls(key.id)
         log.info("API key %s (%r) revoked", key.id, key.name)
         return key
