@@ -14,7 +14,9 @@ from jobbroker_server.domain import states
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.retry import RetryPolicy, after_failure
-from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.states import TRANSITIONS, JobState, allowed
+from jobbroker_server.domain.transitions import SHAPES, Reason, Transition
+from jobbroker_server.domain.transitions import check as check_transition
 from jobbroker_server.rpc import convert
 
 ALLOWED = {
@@ -113,3 +115,47 @@ def test_wire_durations_match_protobufs_own_conversion(span: timedelta) -> None:
     assert convert.duration(span) == expected
     job = job_pb2.Job(timeout=expected)
     assert sdk_convert.duration_from_pb(job, "timeout") == expected.ToTimedelta() == span
+
+
+def test_every_reason_moves_only_along_the_state_table() -> None:
+    for reason, shapes in SHAPES.items():
+        for source, target in shapes:
+            if source is not None and target is not None:
+                assert allowed(source, target), (reason, source, target)
+
+
+def test_every_edge_of_the_state_table_has_a_reason() -> None:
+    named = {shape for shapes in SHAPES.values() for shape in shapes}
+    for source, targets in TRANSITIONS.items():
+        for target in targets:
+            assert (source, target) in named, f"{source} -> {target} has no reason"
+
+
+@pytest.mark.parametrize(
+    ("reason", "source", "target", "ok"),
+    [
+        (Reason.SUBMITTED, None, JobState.PENDING, True),
+        (Reason.SUBMITTED, JobState.PENDING, JobState.RUNNING, False),
+        (Reason.LEASED, JobState.PENDING, JobState.RUNNING, True),
+        (Reason.LEASED, JobState.SCHEDULED, JobState.RUNNING, False),
+        (Reason.FAILED, JobState.RUNNING, JobState.SCHEDULED, True),
+        (Reason.FAILED, JobState.RUNNING, JobState.DEAD, False),
+        (Reason.DEAD_LETTERED, JobState.RUNNING, JobState.DEAD, True),
+        (Reason.LEASE_EXPIRED, JobState.RUNNING, JobState.CANCELLED, True),
+        (Reason.CANCELLED, JobState.SUCCEEDED, JobState.CANCELLED, False),
+        (Reason.REPLAYED, JobState.DEAD, JobState.PENDING, True),
+        (Reason.PURGED, JobState.DEAD, None, True),
+        (Reason.PURGED, JobState.PENDING, None, False),
+        (Reason.EXPIRED, JobState.SUCCEEDED, None, True),
+        (Reason.EXPIRED, JobState.DEAD, None, False),
+    ],
+)
+def test_a_transition_is_checked_against_its_reason(
+    reason: Reason, source: JobState | None, target: JobState | None, ok: bool
+) -> None:
+    moved = Transition("j1", "q", source, target, reason, attempt=1)
+    if ok:
+        assert check_transition(moved) is moved
+    else:
+        with pytest.raises(IllegalTransition, match=f"job j1: {reason} cannot take it"):
+            check_transition(moved)
