@@ -19,8 +19,10 @@ A broker started with `--auth` takes an API key, over TLS if it serves TLS::
     Worker([send_email], target=ConnectionOptions.from_env())
 """
 
+from ._async_stream import AsyncLeaseStream
+from ._sync_stream import LeaseStream
 from .client import AsyncClient, Client
-from .connection import ConnectionOptions
+from .connection import ConnectionOptions, ConnectionSettings
 from .context import JobContext, current_job
 from .errors import (
     AuthenticationError,
@@ -45,6 +47,7 @@ from .types import (
     ApiKey,
     Attempt,
     AttemptOutcome,
+    CancelReason,
     CreatedApiKey,
     ErrorInfo,
     Job,
@@ -53,6 +56,7 @@ from .types import (
     Page,
     RetryPolicy,
     Role,
+    SubmitOptions,
 )
 from .worker import Worker
 
@@ -61,12 +65,15 @@ __all__ = [
     "AsyncClient",
     "AsyncJobHandle",
     "AsyncLease",
+    "AsyncLeaseStream",
     "Attempt",
     "AttemptOutcome",
     "AuthenticationError",
     "BrokerUnavailableError",
+    "CancelReason",
     "Client",
     "ConnectionOptions",
+    "ConnectionSettings",
     "CreatedApiKey",
     "DeadlineExceededError",
     "ErrorInfo",
@@ -83,6 +90,7 @@ __all__ = [
     "JobState",
     "Lease",
     "LeaseLostError",
+    "LeaseStream",
     "Page",
     "PermanentError",
     "PermissionDeniedError",
@@ -90,6 +98,7 @@ __all__ = [
     "RetryAfter",
     "RetryPolicy",
     "Role",
+    "SubmitOptions",
     "Task",
     "Worker",
     "current_job",

@@ -73,7 +73,7 @@ class AsyncLeaseStream:
         self._report_timeout = report_timeout
         self._core = StreamCore[AsyncLease](held)
         for lease in held:
-            lease.stream = self
+            lease._stream = self
         self._inbox: asyncio.Queue[AsyncLease | None] = asyncio.Queue()
         self._write_lock = asyncio.Lock()
         self._batches: dict[str, list[tuple[broker_pb2.WorkerMessage, Waiter]]] = {}
@@ -156,9 +156,9 @@ class AsyncLeaseStream:
         """One heartbeat for many leases; returns those the broker no longer honours."""
         if not leases:
             return []
-        return lost_leases(leases, await self.exchange(heartbeat_message(leases)))
+        return lost_leases(leases, await self._exchange(heartbeat_message(leases)))
 
-    async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
+    async def _exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
         """Send a report and wait for its Ack. Completions and failures made
         close together travel as one message (and one transaction): see `_flush`."""
         kind = message.WhichOneof("kind")

@@ -35,7 +35,7 @@ def subscribe_message(
         worker_id=worker_id,
         queues=list(queues),
         prefetch=prefetch,
-        held=[lease.ref() for lease in held],
+        held=[lease._ref() for lease in held],
     )
     return broker_pb2.WorkerMessage(subscribe=subscribe)
 
@@ -93,7 +93,7 @@ class StreamCore(Generic[L]):
         for ref in cancel.leases:
             lease = self.held.get(ref.job_id)
             if lease is not None and lease.fencing_token == ref.fencing_token:
-                lease.mark_cancelled(reason)
+                lease._mark_cancelled(reason)
 
     def end(self, error: JobBrokerError) -> None:
         """The stream is over: every report still waiting fails with `error`."""

@@ -47,7 +47,7 @@ class LeaseStream:
         self._lock = threading.Lock()
         self._core = StreamCore[Lease](held)
         for lease in held:
-            lease.stream = self
+            lease._stream = self
         self._requests: queue.Queue[broker_pb2.WorkerMessage | None] = queue.Queue()
         self._inbox: queue.Queue[Lease | None] = queue.Queue()
         self._closing = False
@@ -90,9 +90,9 @@ class LeaseStream:
         """One heartbeat for many leases; returns those the broker no longer honours."""
         if not leases:
             return []
-        return lost_leases(leases, self.exchange(heartbeat_message(leases)))
+        return lost_leases(leases, self._exchange(heartbeat_message(leases)))
 
-    def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
+    def _exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
         """Send a report and block until its Ack."""
         waiter: futures.Future[list[ReportResult]] = futures.Future()
         with self._lock:

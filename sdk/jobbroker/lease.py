@@ -3,6 +3,15 @@
 A lease reports over the LeaseStream it came from (see `_sync_stream` and
 `_async_stream`); each report waits for the broker's Ack and raises the mapped
 error. After a reconnect the worker moves its leases onto the new stream.
+
+Every report raises, besides what its docstring names:
+
+- LeaseLostError: the lease is gone (it expired and the job was leased again,
+  or it was already completed, failed or released); the job is not yours.
+- JobNotFoundError: the broker no longer knows the job.
+- DeadlineExceededError: no Ack came within the stream's report timeout.
+- BrokerUnavailableError (or the error the stream ended with): the stream is
+  broken or closed; hand the lease to a new stream with `held=`.
 """
 
 from __future__ import annotations
@@ -37,17 +46,28 @@ ReportResult = broker_pb2.ReportResult
 
 
 class SyncReporter(Protocol):
-    def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
+    def _exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
 
 
 class AsyncReporter(Protocol):
-    async def exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
+    async def _exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
 
     @property
     def ended(self) -> bool: ...
 
 
 class _LeaseBase:
+    job: Job
+    """The leased job, as it was when leased."""
+    fencing_token: int
+    """This attempt's token: reports under an older one are refused."""
+    expires_at: datetime | None
+    """When the lease runs out unless heartbeated; each Ack moves it on."""
+    heartbeat_interval: timedelta | None
+    """How often the broker asks for a heartbeat."""
+    cancel_reason: CancelReason | None
+    """Why the broker took the job back, once it has."""
+
     def __init__(
         self,
         job: Job,
@@ -59,7 +79,7 @@ class _LeaseBase:
         self.fencing_token = fencing_token
         self.expires_at = expires_at
         self.heartbeat_interval = heartbeat_interval
-        self.cancel_reason: CancelReason | None = None
+        self.cancel_reason = None
 
     @property
     def cancelled(self) -> bool:
@@ -70,7 +90,7 @@ class _LeaseBase:
         """The job's payload: a JSON value, or bytes for any other content type."""
         return decode_payload(self.job.payload, self.job.content_type)
 
-    def ref(self) -> broker_pb2.LeaseRef:
+    def _ref(self) -> broker_pb2.LeaseRef:
         return broker_pb2.LeaseRef(job_id=self.job.id, fencing_token=self.fencing_token)
 
     def _apply(self, results: Sequence[ReportResult]) -> None:
@@ -88,10 +108,10 @@ class Lease(_LeaseBase):
 
     def __init__(self, stream: SyncReporter, leased: broker_pb2.LeasedJob) -> None:
         super().__init__(*lease_fields(leased))
-        self.stream = stream
+        self._stream = stream
         self._cancelled = threading.Event()
 
-    def mark_cancelled(self, reason: CancelReason) -> None:
+    def _mark_cancelled(self, reason: CancelReason) -> None:
         self.cancel_reason = reason
         self._cancelled.set()
 
@@ -100,13 +120,18 @@ class Lease(_LeaseBase):
         return self._cancelled.wait(timeout)
 
     def heartbeat(self) -> None:
-        self._apply(self.stream.exchange(heartbeat_message([self])))
+        """Renew the lease (moving `expires_at` on); raises LeaseLostError if it is gone."""
+        self._apply(self._stream._exchange(heartbeat_message([self])))
 
     def progress(self, fraction: float, message: str = "") -> None:
-        self._apply(self.stream.exchange(progress_message(self, fraction, message)))
+        """Report how far the job is (`fraction` within [0, 1], InvalidArgumentError
+        otherwise) with an optional message; also renews the lease."""
+        self._apply(self._stream._exchange(progress_message(self, fraction, message)))
 
     def complete(self, result: Any = None) -> None:
-        self._apply(self.stream.exchange(complete_message(self, result)))
+        """Finish the job with `result` (JSON, or bytes) and end the lease; raises
+        LeaseLostError if the lease is gone, and the result is then dropped."""
+        self._apply(self._stream._exchange(complete_message(self, result)))
 
     def fail(
         self,
@@ -116,11 +141,18 @@ class Lease(_LeaseBase):
         retry_after: timedelta | None = None,
         cancelled: bool = False,
     ) -> None:
+        """Fail this attempt and end the lease: the broker retries the job after
+        `retry_after` (or its backoff) unless `retryable` is False or attempts
+        run out, which dead-letters it; with `cancelled=True` the job ends
+        cancelled, not retried. Raises LeaseLostError if the lease is gone."""
         message = fail_message(self, error, retryable, retry_after, cancelled)
-        self._apply(self.stream.exchange(message))
+        self._apply(self._stream._exchange(message))
 
     def release(self) -> None:
-        self._apply(self.stream.exchange(release_message([self])))
+        """Give the job back unrun and end the lease: it is leased again at once,
+        and the attempt does not count against its retries. Raises
+        LeaseLostError if the lease is gone."""
+        self._apply(self._stream._exchange(release_message([self])))
 
 
 class AsyncLease(_LeaseBase):
@@ -128,11 +160,11 @@ class AsyncLease(_LeaseBase):
 
     def __init__(self, stream: AsyncReporter, leased: broker_pb2.LeasedJob) -> None:
         super().__init__(*lease_fields(leased))
-        self.stream = stream
+        self._stream = stream
         self._cancelled = asyncio.Event()
         self._on_cancel: list[Callable[[], None]] = []
 
-    def mark_cancelled(self, reason: CancelReason) -> None:
+    def _mark_cancelled(self, reason: CancelReason) -> None:
         self.cancel_reason = reason
         self._cancelled.set()
         for hook in self._on_cancel:
@@ -153,13 +185,18 @@ class AsyncLease(_LeaseBase):
         return self.cancel_reason
 
     async def heartbeat(self) -> None:
-        self._apply(await self.stream.exchange(heartbeat_message([self])))
+        """Renew the lease (moving `expires_at` on); raises LeaseLostError if it is gone."""
+        self._apply(await self._stream._exchange(heartbeat_message([self])))
 
     async def progress(self, fraction: float, message: str = "") -> None:
-        self._apply(await self.stream.exchange(progress_message(self, fraction, message)))
+        """Report how far the job is (`fraction` within [0, 1], InvalidArgumentError
+        otherwise) with an optional message; also renews the lease."""
+        self._apply(await self._stream._exchange(progress_message(self, fraction, message)))
 
     async def complete(self, result: Any = None) -> None:
-        self._apply(await self.stream.exchange(complete_message(self, result)))
+        """Finish the job with `result` (JSON, or bytes) and end the lease; raises
+        LeaseLostError if the lease is gone, and the result is then dropped."""
+        self._apply(await self._stream._exchange(complete_message(self, result)))
 
     async def fail(
         self,
@@ -169,11 +206,18 @@ class AsyncLease(_LeaseBase):
         retry_after: timedelta | None = None,
         cancelled: bool = False,
     ) -> None:
+        """Fail this attempt and end the lease: the broker retries the job after
+        `retry_after` (or its backoff) unless `retryable` is False or attempts
+        run out, which dead-letters it; with `cancelled=True` the job ends
+        cancelled, not retried. Raises LeaseLostError if the lease is gone."""
         message = fail_message(self, error, retryable, retry_after, cancelled)
-        self._apply(await self.stream.exchange(message))
+        self._apply(await self._stream._exchange(message))
 
     async def release(self) -> None:
-        self._apply(await self.stream.exchange(release_message([self])))
+        """Give the job back unrun and end the lease: it is leased again at once,
+        and the attempt does not count against its retries. Raises
+        LeaseLostError if the lease is gone."""
+        self._apply(await self._stream._exchange(release_message([self])))
 
 
 # --- the protocol's messages and answers, shared by both streams ---
@@ -191,14 +235,14 @@ def lease_fields(
 
 
 def heartbeat_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
-    heartbeat = broker_pb2.Heartbeat(leases=[lease.ref() for lease in leases])
+    heartbeat = broker_pb2.Heartbeat(leases=[lease._ref() for lease in leases])
     return broker_pb2.WorkerMessage(heartbeat=heartbeat)
 
 
 def progress_message(lease: _LeaseBase, fraction: float, message: str) -> broker_pb2.WorkerMessage:
     if not 0.0 <= fraction <= 1.0:
         raise InvalidArgumentError(f"progress must be within [0, 1], got {fraction}")
-    progress = broker_pb2.Progress(lease=lease.ref(), progress=fraction, message=message)
+    progress = broker_pb2.Progress(lease=lease._ref(), progress=fraction, message=message)
     return broker_pb2.WorkerMessage(progress=progress)
 
 
@@ -220,7 +264,7 @@ def fail_message(
     cancelled: bool,
 ) -> broker_pb2.WorkerMessage:
     failure = broker_pb2.Failure(
-        lease=lease.ref(),
+        lease=lease._ref(),
         error=error_to_pb(error_info(error)),
         permanent=not retryable,
         cancelled=cancelled,
@@ -231,7 +275,7 @@ def fail_message(
 
 
 def release_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
-    release = broker_pb2.Release(leases=[lease.ref() for lease in leases])
+    release = broker_pb2.Release(leases=[lease._ref() for lease in leases])
     return broker_pb2.WorkerMessage(release=release)
 
 

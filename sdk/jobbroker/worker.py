@@ -361,7 +361,7 @@ class Worker:
         if leftover:
             log.info("releasing %d unfinished jobs", len(leftover))
             with contextlib.suppress(JobBrokerError):
-                await stream.exchange(release_message(leftover))
+                await stream._exchange(release_message(leftover))
 
     async def _heartbeats(self, stream: AsyncLeaseStream) -> None:
         """One heartbeat for every held lease, as often as the shortest interval asks."""
@@ -372,7 +372,7 @@ class Worker:
                 if r.lease.heartbeat_interval is not None
             ]
             await asyncio.sleep(min(intervals, default=_IDLE_TICK))
-            held = [r for r in self._running.values() if r.lease.stream is stream]
+            held = [r for r in self._running.values() if r.lease._stream is stream]
             try:
                 lost = await stream.heartbeat([r.lease for r in held])
             except JobBrokerError as error:
@@ -426,7 +426,7 @@ class Worker:
         attempt = 0
         while True:
             generation = self._generation
-            stream = lease.stream
+            stream = lease._stream
             try:
                 await report(lease)
                 return
