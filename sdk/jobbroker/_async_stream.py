@@ -82,9 +82,12 @@ class AsyncLeaseStream:
         self._call: _Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
-        self.answered = False  # the broker sent something on it: it was up
+        self._answered = False  # the broker sent something on it: it was up
 
     async def open(self) -> None:
+        """Start the RPC (once; later calls do nothing). Raises
+        AuthenticationError or PermissionDeniedError when the broker refuses
+        the key, BrokerUnavailableError when it cannot be reached."""
         if self._call is not None:
             return
         self._call = self._stub.LeaseStream(None, metadata=self._metadata)
@@ -208,6 +211,7 @@ class AsyncLeaseStream:
             self._core.forget(seq)
 
     async def close(self) -> None:
+        """End the RPC: iteration stops, and reports still waiting fail."""
         self._closing = True
         if self._call is not None:
             self._call.cancel()
@@ -244,7 +248,7 @@ class AsyncLeaseStream:
         error: JobBrokerError = BrokerUnavailableError("the broker ended the lease stream")
         try:
             async for message in call:
-                self.answered = True
+                self._answered = True
                 for lease in self._core.dispatch(message, lambda leased: AsyncLease(self, leased)):
                     self._inbox.put_nowait(lease)
         except grpc.RpcError as rpc_error:

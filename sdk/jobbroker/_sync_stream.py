@@ -106,6 +106,7 @@ class LeaseStream:
             raise DeadlineExceededError(f"no ack for report {seq}") from None
 
     def close(self) -> None:
+        """End the RPC: iteration stops, and reports still waiting fail."""
         self._closing = True
         self._requests.put(None)
         cast(Callable[[], bool], self._call.cancel)()

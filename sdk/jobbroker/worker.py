@@ -268,7 +268,7 @@ class Worker:
             except JobBrokerError as error:
                 # Whatever else ended it (the broker gone, its database down,
                 # a refusal), the next stream may fare better: never give up.
-                healthy = stream.answered or time.monotonic() - opened >= _STEADY
+                healthy = stream._answered or time.monotonic() - opened >= _STEADY
                 failures = 1 if healthy else failures + 1
                 delay = reconnect_delay(failures)
                 log.warning(
