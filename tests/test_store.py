@@ -36,6 +36,8 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import Reason, Transition
+from jobbroker_server.domain.transitions import check as check_transition
 from jobbroker_server.store import Store, open_store
 from jobbroker_server.store import sqlite as sqlite_store
 from jobbroker_server.store.sqlite import BUSY_TIMEOUT_MS
@@ -571,3 +573,99 @@ def test_a_stored_job_past_every_limit_neither_stops_leasing_nor_the_reaper(db: 
     }
     again = db(db.store.get_job(poison.id))
     assert T0 < again.scheduled_at <= T0 + LEASE + timedelta(days=30, seconds=2)
+
+
+def _assert_story(db: Harness, job_id: str) -> list[str]:
+    """The job's events chain along allowed transitions to the state its row
+    is in; returns their reasons."""
+    story = db(db.store.job_events(job_id))
+    assert story, f"job {job_id} has no events"
+    assert [e.seq for e in story] == sorted({e.seq for e in story})
+    state: str | None = None
+    for event in story:
+        if event.reason == "progress":
+            assert state == "running" == event.source == event.target
+            continue
+        source = JobState(event.source) if event.source else None
+        check_transition(
+            Transition(job_id, event.queue, source, JobState(event.target), Reason(event.reason), 1)
+        )
+        assert event.source == state, (event, state)
+        state = event.target
+    assert state == db(db.store.get_job(job_id)).state.value
+    return [e.reason for e in story]
+
+
+def test_every_operation_logs_the_transitions_it_made(db: Harness) -> None:
+    flaky, doomed, slow, later, dropped, handed = (
+        job(),
+        job(max_attempts=1),
+        job(),
+        job(run_at=T0 + timedelta(seconds=5)),
+        job(),
+        job(),
+    )
+    db(db.store.submit_many([flaky, doomed, slow, later, dropped, handed], T0, WINDOW))
+    # A duplicate submit is no transition.
+    db(db.store.submit_many([replace(flaky, id=new_job_id())], T0, WINDOW))
+    assert db(db.store.cancel(dropped.id, T0)).state is JobState.CANCELLED
+    leases = db(db.store.lease_many(["q"], 4, "w1", LEASE, T0))
+    db(db.store.progress(Progress(ref(leases, flaky), 0.5, "half"), T0))
+    db(db.store.fail_many([Failure(ref(leases, flaky), ErrorInfo("E", "boom"))], T0))
+    db(db.store.fail_many([Failure(ref(leases, doomed), ErrorInfo("E", "dead"))], T0))
+    db(db.store.release_many([ref(leases, handed)], T0))
+    later_at = T0 + LEASE + timedelta(minutes=5)
+    db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1)))  # slow's lease expires
+    db(db.store.promote_scheduled(later_at))  # later, flaky and slow come due
+    again = db(db.store.lease_many(["q"], 10, "w2", LEASE, later_at))
+    for lease in again:
+        db(db.store.complete_many([Completion(ref(again, lease.job), None)], later_at))
+    assert db(db.store.replay_dead("q", [doomed.id], later_at)) == [doomed.id]
+
+    assert _assert_story(db, flaky.id) == [
+        "submitted",
+        "leased",
+        "progress",
+        "failed",
+        "promoted",
+        "leased",
+        "succeeded",
+    ]
+    assert _assert_story(db, doomed.id) == ["submitted", "leased", "dead_lettered", "replayed"]
+    assert _assert_story(db, slow.id) == [
+        "submitted",
+        "leased",
+        "lease_expired",
+        "promoted",
+        "leased",
+        "succeeded",
+    ]
+    assert _assert_story(db, later.id) == ["submitted", "promoted", "leased", "succeeded"]
+    assert _assert_story(db, dropped.id) == ["submitted", "cancelled"]
+    assert _assert_story(db, handed.id) == [
+        "submitted",
+        "leased",
+        "released",
+        "leased",
+        "succeeded",
+    ]
+    [failed] = [e for e in db(db.store.job_events(flaky.id)) if e.reason == "failed"]
+    assert failed.actor == "w1" and failed.detail["error"] == "boom" and "run_at" in failed.detail
+    [progress] = [e for e in db(db.store.job_events(flaky.id)) if e.reason == "progress"]
+    assert progress.detail == {"progress": 0.5, "message": "half"}
+    # Resumable: the events after a sequence number are the rest, once each.
+    whole = db(db.store.job_events(flaky.id))
+    assert db(db.store.job_events(flaky.id, whole[2].seq)) == whole[3:]
+
+
+def test_a_purged_or_expired_job_takes_its_events_with_it(db: Harness) -> None:
+    done, dead = job(), job(max_attempts=1)
+    db(db.store.submit_many([done, dead], T0, WINDOW))
+    leases = db(db.store.lease_many(["q"], 2, "w", LEASE, T0))
+    db(db.store.complete_many([Completion(ref(leases, done), None)], T0))
+    db(db.store.fail_many([Failure(ref(leases, dead), ErrorInfo("E", "x"))], T0))
+    assert db(db.store.purge_dead("q", [dead.id])) == 1
+    assert db(db.store.delete_finished(T0 + timedelta(days=1), 100)) == 1
+    for gone in (done, dead):
+        with pytest.raises(NotFound):
+            db(db.store.job_events(gone.id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.states import JobState, allowed
@@ -82,3 +83,20 @@ def check(transition: Transition) -> Transition:
         now = t.target or "gone"
         raise IllegalTransition(f"job {t.job_id}: {t.reason} cannot take it from {was} to {now}")
     return t
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """A line of a job's story as the log keeps it: a transition, or a
+    progress report (reason "progress")."""
+
+    seq: int  # only grows
+    job_id: str
+    queue: str
+    at: datetime
+    reason: str
+    source: str | None
+    target: str
+    attempt: int
+    actor: str
+    detail: Mapping[str, str | float]

@@ -30,6 +30,7 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import JobEvent
 
 
 class Store(abc.ABC):
@@ -135,6 +136,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(self, where: JobFilter) -> JobPage: ...
+
+    @abc.abstractmethod
+    async def job_events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        """The job's story after sequence number ``after``, oldest first: each
+        transition an operation made, and each progress report, appended in
+        that operation's transaction. Raises NotFound."""
 
     @abc.abstractmethod
     async def replay_dead(

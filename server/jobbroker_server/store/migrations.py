@@ -17,6 +17,7 @@ from jobbroker_server.domain.errors import FailedPrecondition
 from jobbroker_server.store.tables import (
     api_keys,
     broker_health,
+    job_events,
     jobs,
     metadata,
     schema_version,
@@ -62,6 +63,11 @@ def _v5_api_keys(conn: Connection) -> None:
         )
 
 
+def _v6_job_events(conn: Connection) -> None:
+    """Each job's story: a row per transition and progress report."""
+    job_events.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -69,6 +75,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (3, _v3_dead_index),
     (4, _v4_broker_health),
     (5, _v5_api_keys),
+    (6, _v6_job_events),
 )
 LATEST = STEPS[-1][0]
 

@@ -44,9 +44,10 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.store import rows
+from jobbroker_server.domain.transitions import BROKER, JobEvent, Reason, Transition
+from jobbroker_server.store import events, rows
 from jobbroker_server.store.prepared import Prepared
-from jobbroker_server.store.tables import UTCDateTime, attempts, broker_health, jobs
+from jobbroker_server.store.tables import UTCDateTime, attempts, broker_health, job_events, jobs
 
 RUNNING = JobState.RUNNING.value
 _FINISHED = (JobState.SUCCEEDED, JobState.CANCELLED)  # what retention deletes
@@ -74,6 +75,7 @@ def submit_many(
     # The unique constraint decides between racing submits of one key.
     stored = insert_new(conn, values)
     if len(stored) == len(values):
+        events.record(conn, [_submitted(v) for v in values], now)
         return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
     keys = list({job.idempotency_key for job in jobs_in if job.idempotency_key})
     owners = _key_owners(conn, keys)
@@ -90,7 +92,18 @@ def submit_many(
         results.append(
             SubmitResult(owner, JobState(state_of.get(owner, v["state"])), owner != v["id"])
         )
+    new = {r.job_id for r in results if not r.duplicate}
+    events.record(conn, [_submitted(v) for v in values if v["id"] in new], now)
     return results
+
+
+CLIENT = "client"  # the actor of a submit
+
+
+def _submitted(row: dict[str, Any]) -> Transition:
+    state = JobState(row["state"])
+    detail = {"run_at": row["scheduled_at"].isoformat()} if state is JobState.SCHEDULED else {}
+    return Transition(row["id"], row["queue"], None, state, Reason.SUBMITTED, 0, CLIENT, detail)
 
 
 def _expire_keys(
@@ -274,6 +287,15 @@ def lease_many(
         _SET_DEADLINE.run_many(conn, timed)
     ids = [row.id for row in leased]
     _START_ATTEMPTS.run(conn, {"ids": ids, "worker_id": worker_id, "now": now})
+    pending, running = JobState.PENDING, JobState.RUNNING
+    events.record(
+        conn,
+        [
+            Transition(row.id, row.queue, pending, running, Reason.LEASED, row.attempts, worker_id)
+            for row in leased
+        ],
+        now,
+    )
     return [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
 
 
@@ -317,10 +339,16 @@ def progress(conn: Connection, report: Progress, now: datetime) -> ReportResult:
         jobs.update()
         .where(*_held(report.lease))
         .values(progress=report.progress, progress_message=report.message)
+        .returning(jobs.c.queue, jobs.c.attempts, jobs.c.leased_by)
+    ).first()
+    if changed is None:
+        return _lost(conn, report.lease)
+    detail = {"progress": report.progress, "message": report.message}
+    job_id = report.lease.job_id
+    events.record_progress(
+        conn, job_id, changed.queue, changed.attempts, changed.leased_by, detail, now
     )
-    if changed.rowcount == 1:
-        return ReportResult(report.lease.job_id, ReportStatus.OK)
-    return _lost(conn, report.lease)
+    return ReportResult(job_id, ReportStatus.OK)
 
 
 def complete_many(
@@ -349,10 +377,20 @@ def complete_many(
         _COMPLETE_ONE.run_many(conn, single)
     if current:
         _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
+        events.record(
+            conn, [_ended(row_of[c.lease.job_id], done, Reason.SUCCEEDED) for c in current], now
+        )
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, state=done, queue=row_of[ref.job_id].queue)
         for ref, v in zip(refs, verdicts, strict=True)
     ]
+
+
+def _ended(row: Any, target: JobState, reason: Reason, **detail: str) -> Transition:
+    """A running attempt's end, reported by its worker."""
+    return Transition(
+        row.id, row.queue, JobState.RUNNING, target, reason, row.attempts, row.leased_by, detail
+    )
 
 
 def fail_many(
@@ -360,6 +398,7 @@ def fail_many(
 ) -> list[ReportResult]:
     refs = [f.lease for f in failures]
     results: list[ReportResult] = []
+    moved: list[Transition] = []
     verdicts, row_of = _check_leases(conn, refs, whole_rows=True)
     for f, verdict in zip(failures, verdicts, strict=True):
         if verdict is not None:
@@ -367,9 +406,31 @@ def fail_many(
             continue
         row = row_of[f.lease.job_id]
         outcome = AttemptOutcome.CANCELLED if f.cancelled else AttemptOutcome.FAILED
-        state = _end_running(conn, rng, row, outcome, f.error, now, f.permanent, f.retry_after)
+        state, run_at = _end_running(
+            conn, rng, row, outcome, f.error, now, f.permanent, f.retry_after
+        )
+        moved.append(_failed(row, state, f.error, run_at))
         results.append(ReportResult(f.lease.job_id, ReportStatus.OK, state=state, queue=row.queue))
+    events.record(conn, moved, now)
     return results
+
+
+def _failed(row: Any, state: JobState, error: ErrorInfo, run_at: datetime | None) -> Transition:
+    if state is JobState.CANCELLED:
+        reason = Reason.CANCELLED
+    else:
+        reason = Reason.DEAD_LETTERED if state is JobState.DEAD else Reason.FAILED
+    return _ended(row, state, reason, **_error_detail(error, run_at))
+
+
+def _error_detail(error: ErrorInfo, run_at: datetime | None) -> dict[str, str]:
+    detail = {"error_type": error.type, "error": error.message[:_DETAIL_CHARS]}
+    if run_at is not None:
+        detail["run_at"] = run_at.isoformat()
+    return detail
+
+
+_DETAIL_CHARS = 500  # of an error message, in its event: the job keeps it whole
 
 
 def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
@@ -379,6 +440,7 @@ def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) ->
     if current:
         _RELEASE.run(conn, {"ids": [r.job_id for r in current], "now": now})
         _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
+        events.record(conn, [_ended(row_of[r.job_id], back, Reason.RELEASED) for r in current], now)
     return [
         v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=row_of[ref.job_id].queue)
         for ref, v in zip(leases, verdicts, strict=True)
@@ -394,8 +456,9 @@ def _end_running(
     now: datetime,
     permanent: bool = False,
     retry_after: timedelta | None = None,
-) -> JobState:
-    """End a running attempt that did not succeed; retry, dead-letter or cancel."""
+) -> tuple[JobState, datetime | None]:
+    """End a running attempt that did not succeed; retry, dead-letter or
+    cancel. Returns the job's state, and when it runs again if it does."""
     if outcome is AttemptOutcome.CANCELLED or row.cancel_requested:
         dst, run_at = JobState.CANCELLED, None
     else:
@@ -420,7 +483,7 @@ def _end_running(
         values["scheduled_at"] = run_at
     conn.execute(jobs.update().where(*_held(ref)).values(**values, **_LEASE_CLEARED))
     _end_attempt(conn, ref, outcome, error, now)
-    return dst
+    return dst, run_at
 
 
 def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> list[ReapedLease]:
@@ -433,16 +496,23 @@ def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> list[Re
         .with_for_update(skip_locked=True)
     )
     reaped = []
+    moved = []
     for row in (conn.execute(pick)).all():
         if row.overdue:
-            outcome = AttemptOutcome.TIMED_OUT
+            outcome, reason = AttemptOutcome.TIMED_OUT, Reason.TIMED_OUT
             error = ErrorInfo("TimeoutError", f"attempt exceeded its {row.timeout_s}s timeout")
         else:
-            outcome = AttemptOutcome.LEASE_EXPIRED
+            outcome, reason = AttemptOutcome.LEASE_EXPIRED, Reason.LEASE_EXPIRED
             error = ErrorInfo("LeaseExpired", "lease expired: the worker stopped heartbeating")
-        state = _end_running(conn, rng, row, outcome, error, now)
+        state, run_at = _end_running(conn, rng, row, outcome, error, now)
         ref = LeaseRef(row.id, row.fencing_token, row.lease_key)
         reaped.append(ReapedLease(ref, row.queue, outcome, state))
+        detail = _error_detail(error, run_at)
+        running = JobState.RUNNING
+        moved.append(
+            Transition(row.id, row.queue, running, state, reason, row.attempts, BROKER, detail)
+        )
+    events.record(conn, moved, now)
     return reaped
 
 
@@ -452,9 +522,15 @@ def promote_scheduled(conn: Connection, now: datetime) -> list[tuple[str, str]]:
         jobs.update()
         .where(_is(JobState.SCHEDULED), jobs.c.scheduled_at <= now)
         .values(state=dst.value)
-        .returning(jobs.c.id, jobs.c.queue)
+        .returning(jobs.c.id, jobs.c.queue, jobs.c.attempts)
+    ).all()
+    scheduled = JobState.SCHEDULED
+    events.record(
+        conn,
+        [Transition(r.id, r.queue, scheduled, dst, Reason.PROMOTED, r.attempts) for r in changed],
+        now,
     )
-    return [(job_id, queue) for job_id, queue in changed]
+    return [(r.id, r.queue) for r in changed]
 
 
 def next_scheduled_at(conn: Connection) -> datetime | None:
@@ -468,7 +544,11 @@ def next_scheduled_at(conn: Connection) -> datetime | None:
 
 def cancel(conn: Connection, job_id: str, now: datetime) -> Job:
     dst = JobState.CANCELLED
-    found = sa.select(jobs.c.state).where(jobs.c.id == job_id).with_for_update()
+    found = (
+        sa.select(jobs.c.state, jobs.c.queue, jobs.c.attempts)
+        .where(jobs.c.id == job_id)
+        .with_for_update()
+    )
     row = (conn.execute(found)).first()
     if row is None:
         raise NotFound(f"no job with id {job_id!r}")
@@ -486,11 +566,20 @@ def cancel(conn: Connection, job_id: str, now: datetime) -> Job:
             .where(jobs.c.id == job_id, jobs.c.state.in_(_sources(dst)))
             .values(state=dst.value, finished_at=now)
         )
+        cancelled = Transition(job_id, row.queue, state, dst, Reason.CANCELLED, row.attempts)
+        events.record(conn, [cancelled], now)
     return _job(conn, job_id, history=True)
 
 
 def get_job(conn: Connection, job_id: str, *, history: bool = True) -> Job:
     return _job(conn, job_id, history=history)
+
+
+def job_events_of(conn: Connection, job_id: str, after: int) -> list[JobEvent]:
+    """A job's story after sequence number ``after``; NotFound for no such job."""
+    if conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return events.story(conn, job_id, after)
 
 
 def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
@@ -531,7 +620,7 @@ def replay_dead(
     dst = states.check(JobState.DEAD, JobState.PENDING)
     ids = _dead_ids(conn, queue, job_ids)
     if ids:
-        conn.execute(
+        replayed = conn.execute(
             jobs.update()
             .where(jobs.c.id.in_(ids), _is(JobState.DEAD))
             .values(
@@ -544,6 +633,11 @@ def replay_dead(
                 result_content_type=None,
                 cancel_requested=False,
             )
+            .returning(jobs.c.id, jobs.c.queue)
+        ).all()
+        dead = JobState.DEAD
+        events.record(
+            conn, [Transition(r.id, r.queue, dead, dst, Reason.REPLAYED, 0) for r in replayed], now
         )
     return ids
 
@@ -605,7 +699,15 @@ def queue_depths(conn: Connection, max_queues: int) -> dict[tuple[str | None, Jo
     return depths
 
 
-_LEASE_COLUMNS = (jobs.c.id, jobs.c.state, jobs.c.fencing_token, jobs.c.lease_key, jobs.c.queue)
+_LEASE_COLUMNS = (
+    jobs.c.id,
+    jobs.c.state,
+    jobs.c.fencing_token,
+    jobs.c.lease_key,
+    jobs.c.queue,
+    jobs.c.attempts,
+    jobs.c.leased_by,
+)
 _LOCK_LEASES = Prepared(sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update())
 _LOCK_ROWS = Prepared(sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update())
 
@@ -769,6 +871,7 @@ def _delete(conn: Connection, ids: list[str]) -> None:
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(attempts.delete().where(attempts.c.job_id.in_(chunk)))
+        conn.execute(job_events.delete().where(job_events.c.job_id.in_(chunk)))
         conn.execute(jobs.delete().where(jobs.c.id.in_(chunk)))
 
 

@@ -34,6 +34,7 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import JobEvent
 from jobbroker_server.store import faults, keys, migrations, ops
 from jobbroker_server.store.base import Store
 
@@ -175,6 +176,9 @@ class SqlStore(Store):
 
     async def list_jobs(self, where: JobFilter) -> JobPage:
         return await self._run(ops.list_jobs, where)
+
+    async def job_events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        return await self._run(ops.job_events_of, job_id, after)
 
     async def replay_dead(
         self, queue: str | None, job_ids: Sequence[str], now: datetime

@@ -161,6 +161,27 @@ attempts = sa.Table(
     sa.Column("error", sa.JSON),
 )
 
+# A job's story (store/events.py): a row per transition and per progress
+# report, in the transaction that made it; deleted with its job.
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    # Only grows: a watch resumes after the last one it saw.
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column(
+        "job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("queue", sa.String(200), nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("reason", sa.String(24), nullable=False),
+    sa.Column("source", sa.String(16)),
+    sa.Column("target", sa.String(16)),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
+sa.Index("ix_job_events_job", job_events.c.job_id, job_events.c.seq)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
