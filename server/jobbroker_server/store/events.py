@@ -7,7 +7,7 @@ retention) are not logged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,19 +35,43 @@ _APPEND = Prepared(
 )
 
 
+def _row(
+    job_id: str,
+    queue: str,
+    reason: str,
+    source: str | None,
+    target: str,
+    attempt: int,
+    actor: str,
+    detail: Mapping[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "b_job": job_id,
+        "b_queue": queue,
+        "now": now,
+        "b_reason": reason,
+        "b_source": source,
+        "b_target": target,
+        "b_attempt": attempt,
+        "b_actor": actor,
+        "b_detail": dict(detail),
+    }
+
+
 def record(conn: Connection, transitions: Sequence[Transition], now: datetime) -> None:
     rows = [
-        {
-            "b_job": t.job_id,
-            "b_queue": t.queue,
-            "now": now,
-            "b_reason": t.reason.value,
-            "b_source": t.source.value if t.source else None,
-            "b_target": t.target.value,
-            "b_attempt": t.attempt,
-            "b_actor": t.actor,
-            "b_detail": dict(t.detail),
-        }
+        _row(
+            t.job_id,
+            t.queue,
+            t.reason.value,
+            t.source.value if t.source else None,
+            t.target.value,
+            t.attempt,
+            t.actor,
+            t.detail,
+            now,
+        )
         for t in transitions
         if t.target is not None
     ]
@@ -61,21 +85,11 @@ def record_progress(
     queue: str,
     attempt: int,
     actor: str,
-    detail: dict[str, Any],
+    detail: Mapping[str, Any],
     now: datetime,
 ) -> None:
     running = "running"
-    row = {
-        "b_job": job_id,
-        "b_queue": queue,
-        "now": now,
-        "b_reason": PROGRESS,
-        "b_source": running,
-        "b_target": running,
-        "b_attempt": attempt,
-        "b_actor": actor,
-        "b_detail": detail,
-    }
+    row = _row(job_id, queue, PROGRESS, running, running, attempt, actor, detail, now)
     _APPEND.run_many(conn, [row])
 
 
