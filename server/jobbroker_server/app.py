@@ -24,11 +24,14 @@ from jobbroker_server.rpc.handlers import add_service
 from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.rpc.servicer import BrokerServicer
 from jobbroker_server.services.background import DepthSampler, Reaper, Retention, Scheduler
+from jobbroker_server.services.changes import Changes
 from jobbroker_server.services.dispatcher import Dispatcher
+from jobbroker_server.services.explain import Explainer
 from jobbroker_server.services.health import StoreHealth
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.keys import ApiKeys
 from jobbroker_server.services.reports import Reports
+from jobbroker_server.services.tail import EventTails
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 from jobbroker_server.store.open import open_migrated, shown
@@ -68,31 +71,33 @@ class BrokerApp:
     async def _start(self, store: Store) -> None:
         s = self.settings
         watch = JobWatch(s.max_watch_streams)
+        changes = Changes()
+        changes.listen(self.metrics.on_moved)
+        changes.listen(watch.on_moved)
         dispatcher = Dispatcher(
             store,
             self.clock,
             self.metrics,
-            watch,
+            changes,
             lease_duration=s.lease_duration,
             poll_interval=s.poll_interval,
             max_streams=s.max_lease_streams,
             max_payload_bytes=s.max_payload_bytes,
         )
-        scheduler = Scheduler(store, dispatcher, self.clock, watch, s.poll_interval)
-        reaper = Reaper(store, dispatcher, self.clock, self.metrics, watch, s.reap_interval)
-        retention = Retention(store, self.clock, s.retention, s.retention_interval)
+        scheduler = Scheduler(store, self.clock, changes, s.poll_interval)
+        reaper = Reaper(store, self.clock, changes, s.reap_interval)
+        retention = Retention(store, self.clock, changes, s.retention, s.retention_interval)
         depths = DepthSampler(store, self.metrics, interval=s.poll_interval * 5)
         jobs = Jobs(
             store,
             dispatcher,
-            scheduler,
+            changes,
             self.clock,
-            self.metrics,
             watch,
             dedup_window=s.dedup_window,
             poll_interval=s.poll_interval,
         )
-        reports = Reports(store, dispatcher, self.clock, self.metrics, watch)
+        reports = Reports(store, dispatcher, self.clock, changes)
         keys = ApiKeys(store, self.clock, required=s.auth, refresh=s.poll_interval)
         if s.auth:
             await keys.load()
@@ -101,6 +106,8 @@ class BrokerApp:
         # and one that fills its batch wakes the next.
         await store.listen(lambda queue: dispatcher.wake_some({queue: 1}))
         self._dispatcher = dispatcher
+        tails = EventTails(store, s.poll_interval, s.max_watch_streams)
+        changes.listen(tails.on_moved)
         servicer = BrokerServicer(
             jobs,
             LeaseStreams(dispatcher, reports, s.max_payload_bytes),
@@ -108,6 +115,8 @@ class BrokerApp:
             self.clock,
             Limits(s.max_payload_bytes, s.retry),
             s.max_batch,
+            tails,
+            Explainer(store, dispatcher),
         )
         message_limit = limits.MAX_MESSAGE_BYTES  # what the SDK accepts, too
         server = grpc.aio.server(

@@ -6,17 +6,20 @@ OTHER_QUEUES, so a client that makes up queue names cannot grow /metrics."""
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import Reason, Transition
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _RUN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
 OTHER_QUEUES = "_other"
+# The ends of an attempt that count as failed (unless the job ends cancelled).
+_FAILURES = frozenset({Reason.FAILED, Reason.DEAD_LETTERED, Reason.TIMED_OUT, Reason.LEASE_EXPIRED})
 
 
 class Metrics:
@@ -42,6 +45,12 @@ class Metrics:
             "jobbroker_jobs_dead_lettered",
             "Jobs moved to the dead-letter queue",
             ["queue"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            "jobbroker_job_transitions",
+            "Job state changes by reason (submitted, leased, started, cancelled...)",
+            ["queue", "reason"],
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -88,17 +97,28 @@ class Metrics:
                 child = children[queue] = histogram.labels(self.queue_label(queue))
             child.observe(value)
 
-    def count_outcomes(self, ended: Iterable[tuple[str, JobState]]) -> None:
-        """Count ended attempts by the state each left its job in."""
-        for (queue, state), n in Tally(ended).items():
+    def on_moved(self, moved: Sequence[Transition]) -> None:
+        """Count one operation's transitions, by reason and by the counter each
+        feeds, a label looked up once per queue and kind."""
+        for (queue, reason, target), n in Tally(
+            (t.queue, t.reason, t.target) for t in moved
+        ).items():
             label = self.queue_label(queue)
-            if state is JobState.SUCCEEDED:
-                self.succeeded.labels(label).inc(n)
-                continue
-            if state is not JobState.CANCELLED:
-                self.failed.labels(label).inc(n)
-            if state is JobState.DEAD:
-                self.dead_lettered.labels(label).inc(n)
+            if reason is not Reason.PROGRESS:
+                self.transitions.labels(label, reason.value).inc(n)
+            for counter in self._counters(reason, target):
+                counter.labels(label).inc(n)
+
+    def _counters(self, reason: Reason, target: JobState | None) -> list[Counter]:
+        if reason is Reason.SUBMITTED:
+            return [self.submitted]
+        if reason is Reason.LEASED:
+            return [self.leased]
+        if reason is Reason.SUCCEEDED:
+            return [self.succeeded]
+        if reason not in _FAILURES or target is JobState.CANCELLED:
+            return []
+        return [self.failed, self.dead_lettered] if target is JobState.DEAD else [self.failed]
 
     def set_depths(self, depths: Mapping[tuple[str | None, JobState], int]) -> None:
         """Replace the depth gauge's samples; queues past the cap are summed."""

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from jobbroker.v1 import broker_pb2 as jobbroker_dot_v1_dot_broker__pb2
+from jobbroker.v1 import job_pb2 as jobbroker_dot_v1_dot_job__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -64,7 +65,27 @@ class BrokerStub:
         self.WaitJob = channel.unary_stream(
                 '/jobbroker.v1.Broker/WaitJob',
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.WaitJobRequest.SerializeToString,
-                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.JobEvent.FromString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.WaitJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/jobbroker.v1.Broker/ListJobEvents',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/jobbroker.v1.Broker/WatchJob',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_job__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.TailEvents = channel.unary_stream(
+                '/jobbroker.v1.Broker/TailEvents',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.TailEventsRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_job__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.ExplainJob = channel.unary_unary(
+                '/jobbroker.v1.Broker/ExplainJob',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.ExplainJobRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ExplainJobResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/jobbroker.v1.Broker/CancelJob',
@@ -161,6 +182,38 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """A page of the job's event log, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job's events after after_seq, then each new one as it is written,
+        progress included; the stream ends after the event that made the job
+        terminal. A client that reconnects with the last seq it saw misses none
+        and sees none twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TailEvents(self, request, context):
+        """Every event the broker writes from now (or after after_seq), of one
+        queue or task or of all, live; it does not end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainJob(self, request, context):
+        """Why the job is where it is, in a sentence and in fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -247,7 +300,27 @@ def add_BrokerServicer_to_server(servicer, server):
             'WaitJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WaitJob,
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.WaitJobRequest.FromString,
-                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.JobEvent.SerializeToString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.WaitJobResponse.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ListJobEventsResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.WatchJobRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_job__pb2.JobEvent.SerializeToString,
+            ),
+            'TailEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailEvents,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.TailEventsRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_job__pb2.JobEvent.SerializeToString,
+            ),
+            'ExplainJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainJob,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.ExplainJobRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ExplainJobResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
@@ -436,7 +509,115 @@ class Broker:
             target,
             '/jobbroker.v1.Broker/WaitJob',
             jobbroker_dot_v1_dot_broker__pb2.WaitJobRequest.SerializeToString,
-            jobbroker_dot_v1_dot_broker__pb2.JobEvent.FromString,
+            jobbroker_dot_v1_dot_broker__pb2.WaitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ListJobEvents',
+            jobbroker_dot_v1_dot_broker__pb2.ListJobEventsRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ListJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobbroker.v1.Broker/WatchJob',
+            jobbroker_dot_v1_dot_broker__pb2.WatchJobRequest.SerializeToString,
+            jobbroker_dot_v1_dot_job__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobbroker.v1.Broker/TailEvents',
+            jobbroker_dot_v1_dot_broker__pb2.TailEventsRequest.SerializeToString,
+            jobbroker_dot_v1_dot_job__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ExplainJob',
+            jobbroker_dot_v1_dot_broker__pb2.ExplainJobRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ExplainJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from jobbroker.v1 import broker_pb2 as _broker_pb2
+from jobbroker.v1 import job_pb2 as _job_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -52,8 +53,22 @@ class BrokerStub:
     job, after the commit.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetJobRequest, _broker_pb2.GetJobResponse]
-    WaitJob: _grpc.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.JobEvent]
+    WaitJob: _grpc.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.WaitJobResponse]
     """The job now, then every change of its state until it is terminal."""
+    ListJobEvents: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListJobEventsRequest, _broker_pb2.ListJobEventsResponse]
+    """A page of the job's event log, oldest first."""
+    WatchJob: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchJobRequest, _job_pb2.JobEvent]
+    """The job's events after after_seq, then each new one as it is written,
+    progress included; the stream ends after the event that made the job
+    terminal. A client that reconnects with the last seq it saw misses none
+    and sees none twice.
+    """
+    TailEvents: _grpc.UnaryStreamMultiCallable[_broker_pb2.TailEventsRequest, _job_pb2.JobEvent]
+    """Every event the broker writes from now (or after after_seq), of one
+    queue or task or of all, live; it does not end.
+    """
+    ExplainJob: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ExplainJobRequest, _broker_pb2.ExplainJobResponse]
+    """Why the job is where it is, in a sentence and in fields."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CancelJobRequest, _broker_pb2.CancelJobResponse]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListJobsRequest, _broker_pb2.ListJobsResponse]
     LeaseStream: _grpc.StreamStreamMultiCallable[_broker_pb2.WorkerMessage, _broker_pb2.BrokerMessage]
@@ -96,8 +111,22 @@ class BrokerAsyncStub(BrokerStub):
     job, after the commit.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetJobRequest, _broker_pb2.GetJobResponse]  # type: ignore[assignment]
-    WaitJob: _aio.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.JobEvent]  # type: ignore[assignment]
+    WaitJob: _aio.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.WaitJobResponse]  # type: ignore[assignment]
     """The job now, then every change of its state until it is terminal."""
+    ListJobEvents: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListJobEventsRequest, _broker_pb2.ListJobEventsResponse]  # type: ignore[assignment]
+    """A page of the job's event log, oldest first."""
+    WatchJob: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchJobRequest, _job_pb2.JobEvent]  # type: ignore[assignment]
+    """The job's events after after_seq, then each new one as it is written,
+    progress included; the stream ends after the event that made the job
+    terminal. A client that reconnects with the last seq it saw misses none
+    and sees none twice.
+    """
+    TailEvents: _aio.UnaryStreamMultiCallable[_broker_pb2.TailEventsRequest, _job_pb2.JobEvent]  # type: ignore[assignment]
+    """Every event the broker writes from now (or after after_seq), of one
+    queue or task or of all, live; it does not end.
+    """
+    ExplainJob: _aio.UnaryUnaryMultiCallable[_broker_pb2.ExplainJobRequest, _broker_pb2.ExplainJobResponse]  # type: ignore[assignment]
+    """Why the job is where it is, in a sentence and in fields."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_broker_pb2.CancelJobRequest, _broker_pb2.CancelJobResponse]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListJobsRequest, _broker_pb2.ListJobsResponse]  # type: ignore[assignment]
     LeaseStream: _aio.StreamStreamMultiCallable[_broker_pb2.WorkerMessage, _broker_pb2.BrokerMessage]  # type: ignore[assignment]
@@ -167,8 +196,46 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _broker_pb2.WaitJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_broker_pb2.JobEvent], _abc.AsyncIterator[_broker_pb2.JobEvent]]:
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.WaitJobResponse], _abc.AsyncIterator[_broker_pb2.WaitJobResponse]]:
         """The job now, then every change of its state until it is terminal."""
+
+    @_abc_1.abstractmethod
+    def ListJobEvents(
+        self,
+        request: _broker_pb2.ListJobEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListJobEventsResponse, _abc.Awaitable[_broker_pb2.ListJobEventsResponse]]:
+        """A page of the job's event log, oldest first."""
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _broker_pb2.WatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_pb2.JobEvent], _abc.AsyncIterator[_job_pb2.JobEvent]]:
+        """The job's events after after_seq, then each new one as it is written,
+        progress included; the stream ends after the event that made the job
+        terminal. A client that reconnects with the last seq it saw misses none
+        and sees none twice.
+        """
+
+    @_abc_1.abstractmethod
+    def TailEvents(
+        self,
+        request: _broker_pb2.TailEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_pb2.JobEvent], _abc.AsyncIterator[_job_pb2.JobEvent]]:
+        """Every event the broker writes from now (or after after_seq), of one
+        queue or task or of all, live; it does not end.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainJob(
+        self,
+        request: _broker_pb2.ExplainJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ExplainJobResponse, _abc.Awaitable[_broker_pb2.ExplainJobResponse]]:
+        """Why the job is where it is, in a sentence and in fields."""
 
     @_abc_1.abstractmethod
     def CancelJob(

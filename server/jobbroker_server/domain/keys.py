@@ -52,6 +52,11 @@ class Caller:
     role: Role
     queues: frozenset[str] | None  # None: every queue
 
+    @property
+    def actor(self) -> str:
+        """Who did it, in a job's story: the key's name, or "client"."""
+        return self.name if self.key_id else "client"
+
     def may_use(self, queue: str) -> bool:
         return self.queues is None or queue in self.queues
 

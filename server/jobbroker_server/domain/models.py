@@ -100,6 +100,11 @@ class Job:
     fencing_token: int
     lease_expires_at: datetime | None
     history: tuple[Attempt, ...] = ()
+    # While held: the worker holding it, its attempt's hard deadline (from the
+    # handler's start), and whether a cancel was asked for.
+    leased_by: str | None = None
+    deadline_at: datetime | None = None
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,9 @@ class LeaseRef:
 class Completion:
     lease: LeaseRef
     result: Payload | None
+    # How long the handler ran, when its start was not reported: the attempt
+    # started that long before the completion.
+    run_time: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +157,7 @@ class Failure:
     permanent: bool = False
     retry_after: timedelta | None = None
     cancelled: bool = False
+    run_time: timedelta | None = None  # as in Completion; None when no handler ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +173,15 @@ class ReportResult:
     status: ReportStatus
     message: str = ""
     lease_expires_at: datetime | None = None
-    # Set when the report moved the job: the state it ended in, and its queue.
-    state: JobState | None = None
-    queue: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JobFacts:
+    """A job and what explaining it needs from the store."""
+
+    job: Job
+    ahead: int  # pending jobs of its queue leased before it (pending only)
+    leased_at: datetime | None  # its last lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +198,3 @@ class JobFilter:
 class JobPage:
     jobs: list[Job]
     more: bool  # a next page may hold jobs: ask after the last one
-
-
-@dataclass(frozen=True, slots=True)
-class ReapedLease:
-    """A lease the reaper ended: the worker holding it must stop."""
-
-    lease: LeaseRef
-    queue: str
-    outcome: AttemptOutcome
-    state: JobState

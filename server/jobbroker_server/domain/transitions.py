@@ -12,6 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Generic, TypeVar
 
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.states import JobState, allowed
@@ -22,38 +23,53 @@ BROKER = "broker"  # the actor of what the broker does by itself
 class Reason(enum.StrEnum):
     SUBMITTED = "submitted"
     PROMOTED = "promoted"  # its run time came
-    LEASED = "leased"
+    LEASED = "leased"  # into a worker's prefetch window
+    STARTED = "started"  # its handler started
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # the attempt failed; a retry is due
     DEAD_LETTERED = "dead_lettered"  # failed for good: permanent, or no attempts left
     LEASE_EXPIRED = "lease_expired"
     TIMED_OUT = "timed_out"
+    CANCEL_REQUESTED = "cancel_requested"  # of a held job: its worker is told to stop
     CANCELLED = "cancelled"
     RELEASED = "released"  # handed back by its worker, the attempt not counted
     REPLAYED = "replayed"
+    PROGRESS = "progress"  # a progress report: not a move, but a line of the story
     PURGED = "purged"  # deleted from the dead-letter queue
     EXPIRED = "expired"  # deleted by retention
 
 
 _S = JobState
 _RETRIED = (_S.SCHEDULED, _S.PENDING)
+_HELD = (_S.LEASED, _S.RUNNING)
+
+
+def _from_held(*targets: JobState) -> frozenset[tuple[JobState | None, JobState | None]]:
+    return frozenset((source, target) for source in _HELD for target in targets)
+
+
 # What each reason may do: (source, target) pairs, None for a job that does
 # not exist before (a submit) or after (a deletion).
 SHAPES: dict[Reason, frozenset[tuple[JobState | None, JobState | None]]] = {
     Reason.SUBMITTED: frozenset({(None, _S.PENDING), (None, _S.SCHEDULED)}),
     Reason.PROMOTED: frozenset({(_S.SCHEDULED, _S.PENDING)}),
-    Reason.LEASED: frozenset({(_S.PENDING, _S.RUNNING)}),
+    Reason.LEASED: frozenset({(_S.PENDING, _S.LEASED)}),
+    Reason.STARTED: frozenset({(_S.LEASED, _S.RUNNING)}),
     Reason.SUCCEEDED: frozenset({(_S.RUNNING, _S.SUCCEEDED)}),
-    Reason.FAILED: frozenset((_S.RUNNING, to) for to in _RETRIED),
-    Reason.DEAD_LETTERED: frozenset({(_S.RUNNING, _S.DEAD)}),
+    Reason.FAILED: _from_held(*_RETRIED),
+    Reason.DEAD_LETTERED: _from_held(_S.DEAD),
     # An attempt the broker ended: retried, dead-lettered, or cancelled when
-    # a cancel was asked for while it ran.
-    Reason.LEASE_EXPIRED: frozenset((_S.RUNNING, to) for to in (*_RETRIED, _S.DEAD, _S.CANCELLED)),
+    # a cancel was asked for while it was held.
+    Reason.LEASE_EXPIRED: _from_held(*_RETRIED, _S.DEAD, _S.CANCELLED),
     Reason.TIMED_OUT: frozenset((_S.RUNNING, to) for to in (*_RETRIED, _S.DEAD, _S.CANCELLED)),
+    # The reasons that leave the state as it is. A cancel asked of a held job
+    # ends it cancelled when its attempt ends.
+    Reason.CANCEL_REQUESTED: frozenset((held, held) for held in _HELD),
+    Reason.PROGRESS: frozenset((held, held) for held in _HELD),
     Reason.CANCELLED: frozenset(
-        (source, _S.CANCELLED) for source in (_S.PENDING, _S.SCHEDULED, _S.RUNNING)
+        (source, _S.CANCELLED) for source in (_S.PENDING, _S.SCHEDULED, *_HELD)
     ),
-    Reason.RELEASED: frozenset({(_S.RUNNING, _S.PENDING)}),
+    Reason.RELEASED: _from_held(_S.PENDING),
     Reason.REPLAYED: frozenset({(_S.DEAD, _S.PENDING)}),
     Reason.PURGED: frozenset({(_S.DEAD, None)}),
     Reason.EXPIRED: frozenset({(_S.SUCCEEDED, None), (_S.CANCELLED, None)}),
@@ -71,6 +87,20 @@ class Transition:
     actor: str = BROKER  # the worker id, or BROKER
     # A little of what happened: the error's type and message, the run time.
     detail: Mapping[str, str | float] = field(default_factory=dict)
+    # The attempt's fencing token, for telling its worker to stop; never logged.
+    token: int = 0
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Moved(Generic[T]):
+    """What a store operation returns: its result, and the transitions it made
+    (already in the job event log), for the broker to apply."""
+
+    result: T
+    transitions: list[Transition]
 
 
 def check(transition: Transition) -> Transition:
@@ -78,7 +108,8 @@ def check(transition: Transition) -> Transition:
     raise IllegalTransition naming the job."""
     t = transition
     fits = (t.source, t.target) in SHAPES[t.reason]
-    if not fits or (t.source and t.target and not allowed(t.source, t.target)):
+    src, dst = t.source, t.target
+    if not fits or (src and dst and src is not dst and not allowed(src, dst)):
         was = t.source or "new"
         now = t.target or "gone"
         raise IllegalTransition(f"job {t.job_id}: {t.reason} cannot take it from {was} to {now}")
@@ -88,7 +119,7 @@ def check(transition: Transition) -> Transition:
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """A line of a job's story as the log keeps it: a transition, or a
-    progress report (reason "progress")."""
+    progress report."""
 
     seq: int  # only grows
     job_id: str

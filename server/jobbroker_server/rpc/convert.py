@@ -32,6 +32,8 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import JobEvent
+from jobbroker_server.services.explain import Explanation
 
 STATE_TO_PB = {
     JobState.PENDING: job_pb2.JOB_STATE_PENDING,
@@ -40,6 +42,7 @@ STATE_TO_PB = {
     JobState.SUCCEEDED: job_pb2.JOB_STATE_SUCCEEDED,
     JobState.DEAD: job_pb2.JOB_STATE_DEAD,
     JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
+    JobState.LEASED: job_pb2.JOB_STATE_LEASED,
 }
 STATE_FROM_PB = {pb: state for state, pb in STATE_TO_PB.items()}
 
@@ -250,6 +253,7 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
         msg.history.extend(_attempt_pb(a) for a in job.history)
     msg.progress = job.progress
     msg.progress_message = job.progress_message
+    msg.cancel_requested = job.cancel_requested
     if job.timeout is not None:
         msg.timeout.CopyFrom(duration(job.timeout))
     if job.soft_timeout is not None:
@@ -312,17 +316,28 @@ def completion(
     """The completion, or for a result over the limit, the attempt's failure
     that dead-letters its job and says why."""
     ref = lease_ref(msg.lease, holder)
+    ran = run_time(msg)
     if not msg.HasField("result"):
-        return Completion(ref, None)
+        return Completion(ref, None, ran)
     size = len(msg.result.data)
     if size > max_result_bytes:
         message = (
             f"the result is {size} bytes; this broker stores at most {max_result_bytes} "
             "(--max-payload-bytes): store large results elsewhere and return a reference"
         )
-        return Failure(ref, ErrorInfo("ResultTooLarge", message), permanent=True)
+        return Failure(ref, ErrorInfo("ResultTooLarge", message), permanent=True, run_time=ran)
     content_type = limits.clipped(msg.result.content_type, limits.MAX_CONTENT_TYPE)
-    return Completion(ref, Payload(msg.result.data, content_type or JSON_CONTENT_TYPE))
+    return Completion(ref, Payload(msg.result.data, content_type or JSON_CONTENT_TYPE), ran)
+
+
+def run_time(msg: broker_pb2.Completion | broker_pb2.Failure) -> timedelta | None:
+    """How long the handler ran, by its worker's word: bounded to the longest
+    timeout, never negative; None when unset."""
+    if not msg.HasField("run_time"):
+        return None
+    top = int(limits.MAX_TIMEOUT.total_seconds())
+    seconds = min(max(msg.run_time.seconds, 0), top)
+    return timedelta(seconds=seconds, microseconds=max(msg.run_time.nanos, 0) // 1000)
 
 
 def failure(msg: broker_pb2.Failure, holder: str) -> Failure:
@@ -341,6 +356,7 @@ def failure(msg: broker_pb2.Failure, holder: str) -> Failure:
         permanent=msg.permanent,
         retry_after=retry_after,
         cancelled=msg.cancelled,
+        run_time=run_time(msg),
     )
 
 
@@ -348,6 +364,54 @@ def progress(msg: broker_pb2.Progress, holder: str) -> Progress:
     fraction = limits.fraction(msg.progress, "progress")
     message = limits.clipped(msg.message, limits.MAX_PROGRESS_MESSAGE)
     return Progress(lease_ref(msg.lease, holder), fraction, message)
+
+
+def event_pb(event: JobEvent) -> job_pb2.JobEvent:
+    msg = job_pb2.JobEvent(
+        seq=event.seq,
+        job_id=event.job_id,
+        queue=event.queue,
+        reason=event.reason,
+        attempt=event.attempt,
+        actor=event.actor,
+        detail={key: _detail_text(value) for key, value in event.detail.items()},
+    )
+    set_timestamp(msg.at, event.at)
+    if event.source:
+        msg.from_state = STATE_TO_PB[JobState(event.source)]
+    msg.to_state = STATE_TO_PB[JobState(event.target)]
+    return msg
+
+
+def explanation_pb(e: Explanation) -> broker_pb2.ExplainJobResponse:
+    msg = broker_pb2.ExplainJobResponse(
+        state=STATE_TO_PB[e.state],
+        summary=e.summary,
+        reason=e.reason,
+        attempt=e.attempt,
+        jobs_ahead=e.jobs_ahead,
+        workers_serving=e.workers_serving,
+        worker_id=e.worker_id,
+        cancel_requested=e.cancel_requested,
+    )
+    for name in (
+        "run_at",
+        "since",
+        "last_heartbeat",
+        "lease_expires_at",
+        "deadline",
+        "finished_at",
+    ):
+        at = getattr(e, name)
+        if at is not None:
+            set_timestamp(getattr(msg, name), at)
+    if e.last_error is not None:
+        msg.last_error.CopyFrom(error_pb(e.last_error))
+    return msg
+
+
+def _detail_text(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 ROLE_TO_PB = {

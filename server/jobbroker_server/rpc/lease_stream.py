@@ -160,6 +160,10 @@ class LeaseStreams:
             )
         if kind == "progress":
             return await r.progress(session, convert.progress(msg.progress, holder))
+        if kind == "start":
+            return await r.start(
+                session, convert.lease_refs(msg.start.leases, "start.leases", holder)
+            )
         if kind == "flow":
             self._dispatcher.set_prefetch(session, min(max(msg.flow.prefetch, 0), MAX_PREFETCH))
             return []
@@ -206,7 +210,7 @@ class LeaseStreams:
 def _items(msg: broker_pb2.WorkerMessage) -> int:
     """How many reports a message carries: each is answered."""
     kind = msg.WhichOneof("kind")
-    if kind in ("heartbeat", "release"):
+    if kind in ("heartbeat", "release", "start"):
         return len(getattr(msg, kind).leases)
     if kind == "complete":
         return len(msg.complete.completions)

@@ -32,8 +32,10 @@ from jobbroker_server.domain.states import JobState
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import error_pb
 from jobbroker_server.rpc.lease_stream import LeaseStreams
+from jobbroker_server.services.explain import Explainer
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.keys import ApiKeys
+from jobbroker_server.services.tail import EventTails
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,12 @@ class BrokerServicer:
         clock: Clock,
         limits: convert.Limits,
         max_batch: int,
+        tails: EventTails,
+        explainer: Explainer,
     ) -> None:
         self._jobs = jobs
+        self._tails = tails
+        self._explainer = explainer
         self._keys = keys
         self._streams = streams
         self._clock = clock
@@ -209,17 +215,57 @@ class BrokerServicer:
 
     async def WaitJob(
         self, request: broker_pb2.WaitJobRequest, context: Ctx, caller: Caller
-    ) -> AsyncIterator[broker_pb2.JobEvent]:
+    ) -> AsyncIterator[broker_pb2.WaitJobResponse]:
         async for job in self._jobs.wait(convert.job_id(request.job_id)):
-            yield broker_pb2.JobEvent(job=convert.job_pb(_visible(caller, job)))
+            yield broker_pb2.WaitJobResponse(job=convert.job_pb(_visible(caller, job)))
+
+    async def ListJobEvents(
+        self, request: broker_pb2.ListJobEventsRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.ListJobEventsResponse:
+        job_id = convert.job_id(request.job_id)
+        await self._check_visible(caller, job_id)
+        size = min(request.page_size or MAX_PAGE, MAX_PAGE)
+        found = await self._jobs.events(job_id, _seq(request.after_seq), size + 1)
+        return broker_pb2.ListJobEventsResponse(
+            events=[convert.event_pb(e) for e in found[:size]], more=len(found) > size
+        )
+
+    async def WatchJob(
+        self, request: broker_pb2.WatchJobRequest, context: Ctx, caller: Caller
+    ) -> AsyncIterator[job_pb2.JobEvent]:
+        job_id = convert.job_id(request.job_id)
+        await self._check_visible(caller, job_id)
+        async for event in self._jobs.watch(job_id, _seq(request.after_seq)):
+            yield convert.event_pb(event)
+
+    async def TailEvents(
+        self, request: broker_pb2.TailEventsRequest, context: Ctx, caller: Caller
+    ) -> AsyncIterator[job_pb2.JobEvent]:
+        queue = _optional_name(request.queue, "queue")
+        caller.named_queue(queue, "follow")
+        task = _optional_name(request.task, "task")
+        async for event in self._tails.follow(_seq(request.after_seq), queue, task):
+            yield convert.event_pb(event)
+
+    async def ExplainJob(
+        self, request: broker_pb2.ExplainJobRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.ExplainJobResponse:
+        job_id = convert.job_id(request.job_id)
+        await self._check_visible(caller, job_id)
+        return convert.explanation_pb(await self._explainer.explain(job_id))
+
+    async def _check_visible(self, caller: Caller, job_id: str) -> None:
+        """NOT_FOUND to a key whose queues do not include the job's (a job's
+        queue never changes: one look is enough)."""
+        if caller.queues is not None:
+            _visible(caller, await self._jobs.get(job_id))
 
     async def CancelJob(
         self, request: broker_pb2.CancelJobRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.CancelJobResponse:
         job_id = convert.job_id(request.job_id)
-        if caller.queues is not None:  # a job's queue never changes: look first
-            _visible(caller, await self._jobs.get(job_id))
-        job = await self._jobs.cancel(job_id)
+        await self._check_visible(caller, job_id)
+        job = await self._jobs.cancel(job_id, caller.actor)
         return broker_pb2.CancelJobResponse(job=convert.job_pb(job))
 
     async def ListJobs(
@@ -262,7 +308,9 @@ class BrokerServicer:
         ids = _selection(request.job_ids, request.all, "replay")
         queue = _optional_name(request.queue, "queue")
         caller.named_queue(queue, "replay")
-        return broker_pb2.ReplayDeadJobsResponse(job_ids=await self._jobs.replay_dead(queue, ids))
+        return broker_pb2.ReplayDeadJobsResponse(
+            job_ids=await self._jobs.replay_dead(queue, ids, caller.actor)
+        )
 
     async def PurgeDeadJobs(
         self, request: broker_pb2.PurgeDeadJobsRequest, context: Ctx, caller: Caller
@@ -270,7 +318,9 @@ class BrokerServicer:
         ids = _selection(request.job_ids, request.all, "purge")
         queue = _optional_name(request.queue, "queue")
         caller.named_queue(queue, "purge")
-        return broker_pb2.PurgeDeadJobsResponse(purged=await self._jobs.purge_dead(queue, ids))
+        return broker_pb2.PurgeDeadJobsResponse(
+            purged=await self._jobs.purge_dead(queue, ids, caller.actor)
+        )
 
     async def LeaseStream(
         self,
@@ -330,6 +380,11 @@ def _selection(job_ids: Sequence[str], everything: bool, verb: str) -> list[str]
             "select by queue with all=true instead"
         )
     return [convert.job_id(job_id, "job_ids[]") for job_id in job_ids]
+
+
+def _seq(value: int) -> int:
+    """A sequence number from the wire (a uint64), within what the store holds."""
+    return min(value, 2**63 - 1)
 
 
 def _optional_name(value: str, what: str) -> str | None:

@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.models import AttemptOutcome, ReapedLease
 from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import Transition
 from jobbroker_server.metrics import Metrics
-from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
+from jobbroker_server.services.changes import Changes
 from jobbroker_server.services.failures import log_failure
-from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -37,37 +35,16 @@ async def every(interval: float, name: str, step: Callable[[], Awaitable[object]
 class Reaper:
     """Ends attempts whose lease expired or whose hard timeout passed."""
 
-    def __init__(
-        self,
-        store: Store,
-        dispatcher: Dispatcher,
-        clock: Clock,
-        metrics: Metrics,
-        watch: JobWatch,
-        interval: timedelta,
-    ) -> None:
+    def __init__(self, store: Store, clock: Clock, changes: Changes, interval: timedelta) -> None:
         self._store = store
-        self._dispatcher = dispatcher
         self._clock = clock
-        self._metrics = metrics
-        self._watch = watch
+        self._changes = changes
         self._interval = interval.total_seconds()
 
-    async def run_once(self) -> list[ReapedLease]:
+    async def run_once(self) -> list[Transition]:
         reaped = await self._store.reap_expired(self._clock.now())
-        for outcome, reason in (
-            (AttemptOutcome.TIMED_OUT, CancelReason.TIMED_OUT),
-            (AttemptOutcome.LEASE_EXPIRED, CancelReason.LEASE_EXPIRED),
-        ):
-            refs = [r.lease for r in reaped if r.outcome is outcome]
-            if refs:
-                self._dispatcher.cancel(refs, reason)
-        self._metrics.count_outcomes((r.queue, r.state) for r in reaped)
-        self._watch.publish((r.lease.job_id, r.state) for r in reaped)
-        retried = Counter(r.queue for r in reaped if r.state is JobState.PENDING)
-        if retried:
-            self._dispatcher.wake_some(retried)
-        return reaped
+        self._changes.apply(reaped.transitions)
+        return reaped.transitions
 
     async def run(self) -> None:
         await every(self._interval, "reaper", self.run_once)
@@ -77,31 +54,24 @@ class Scheduler:
     """Moves scheduled jobs (delayed, or retrying after a backoff) to pending
     when their time comes, sleeping until the next one is due."""
 
-    def __init__(
-        self,
-        store: Store,
-        dispatcher: Dispatcher,
-        clock: Clock,
-        watch: JobWatch,
-        max_sleep: timedelta,
-    ) -> None:
+    def __init__(self, store: Store, clock: Clock, changes: Changes, max_sleep: timedelta) -> None:
         self._store = store
-        self._dispatcher = dispatcher
         self._clock = clock
-        self._watch = watch
+        self._changes = changes
+        changes.listen(self.on_moved)
         self._max_sleep = max_sleep.total_seconds()
         self._poked = asyncio.Event()
 
-    def poke(self) -> None:
-        """A job was scheduled: it may be due before the current sleep ends."""
-        self._poked.set()
+    def on_moved(self, moved: Sequence[Transition]) -> None:
+        """A job was scheduled (delayed, or a retry after a backoff): it may be
+        due before the current sleep ends."""
+        if any(t.target is JobState.SCHEDULED for t in moved):
+            self._poked.set()
 
     async def run_once(self) -> float:
         """Promote what is due; return how long to sleep until the next is."""
         promoted = await self._store.promote_scheduled(self._clock.now())
-        if promoted:
-            self._watch.publish((job_id, JobState.PENDING) for job_id, _ in promoted)
-            self._dispatcher.wake_some(Counter(queue for _, queue in promoted))
+        self._changes.apply(promoted.transitions)
         due = await self._store.next_scheduled_at()
         if due is None:
             return self._max_sleep
@@ -124,9 +94,12 @@ class Retention:
     """Deletes succeeded and cancelled jobs older than the retention period;
     dead jobs stay until replayed or purged."""
 
-    def __init__(self, store: Store, clock: Clock, keep: timedelta, interval: timedelta) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, changes: Changes, keep: timedelta, interval: timedelta
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._changes = changes
         self._keep = keep
         self._interval = interval.total_seconds()
 
@@ -134,7 +107,9 @@ class Retention:
         deleted = 0
         cutoff = self._clock.now() - self._keep
         while True:
-            n = await self._store.delete_finished(cutoff, batch)
+            expired = await self._store.delete_finished(cutoff, batch)
+            self._changes.apply(expired.transitions)
+            n = expired.result
             deleted += n
             if n < batch:
                 return deleted

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,10 +32,11 @@ from jobbroker_server.domain.models import (
     LeaseRef,
     ReportResult,
 )
-from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.states import HELD, JobState
+from jobbroker_server.domain.transitions import Reason, Transition
 from jobbroker_server.metrics import Metrics
+from jobbroker_server.services.changes import Changes
 from jobbroker_server.services.failures import log_failure
-from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,15 @@ class CancelReason(enum.StrEnum):
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
     LEASE_EXPIRED = "lease_expired"
+
+
+# The transitions whose worker must be told to stop: the broker ended the
+# attempt, or a cancel was asked for.
+_STOPS = {
+    Reason.TIMED_OUT: CancelReason.TIMED_OUT,
+    Reason.LEASE_EXPIRED: CancelReason.LEASE_EXPIRED,
+    Reason.CANCEL_REQUESTED: CancelReason.CANCELLED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +118,7 @@ class Dispatcher:
         store: Store,
         clock: Clock,
         metrics: Metrics,
-        watch: JobWatch,
+        changes: Changes,
         *,
         lease_duration: timedelta,
         poll_interval: timedelta,
@@ -117,7 +128,8 @@ class Dispatcher:
         self._store = store
         self._clock = clock
         self._metrics = metrics
-        self._watch = watch
+        self._changes = changes
+        changes.listen(self.on_moved)
         self.lease_duration = lease_duration
         self._poll = poll_interval.total_seconds()
         self._sessions: dict[Session, asyncio.Task[None]] = {}
@@ -197,6 +209,38 @@ class Dispatcher:
                 need[queue] -= taken
                 if need[queue] <= 0:
                     del need[queue]
+
+    def on_moved(self, moved: Sequence[Transition]) -> None:
+        """Wake streams for the jobs that became ready (those leased in the
+        same operation are not), and tell the workers of ended or cancelled
+        attempts to stop."""
+        ready: Counter[str] = Counter()
+        stops: dict[CancelReason, list[LeaseRef]] = {}
+        ran: list[tuple[str, float]] = []
+        now = self._clock.monotonic()
+        for t in moved:
+            if t.source in HELD and t.target not in HELD and t.reason is not Reason.RELEASED:
+                session = self._holder.get(t.job_id)
+                held = session.held.get(t.job_id) if session is not None else None
+                if held is not None:
+                    ran.append((t.queue, now - held))
+            if t.target is JobState.PENDING and t.source is not JobState.PENDING:
+                ready[t.queue] += 1
+            elif t.source is JobState.PENDING and t.target is not JobState.PENDING:
+                ready[t.queue] -= 1
+            stop = _STOPS.get(t.reason)
+            if stop is not None:
+                stops.setdefault(stop, []).append(LeaseRef(t.job_id, t.token))
+        if ran:
+            self._metrics.observe(self._metrics.run_seconds, ran)
+        if ready:
+            self.wake_some(ready)
+        for reason, refs in stops.items():
+            self.cancel(refs, reason)
+
+    def serving(self, queue: str) -> int:
+        """How many open streams of this broker lease from ``queue``."""
+        return sum(1 for s in self._sessions if not s.closed and queue in s.queues)
 
     def claim(self, ready: Mapping[str, int]) -> dict[Session, LeaseAsk]:
         """Sessions with room (`wants_more`) to fill in the transaction that
@@ -316,7 +360,7 @@ class Dispatcher:
         """Lease what fits; True when the batch was full."""
         now = self._clock.now()
         limit = min(session.room, MAX_LEASE_BATCH)
-        leases = await self._store.lease_many(
+        moved = await self._store.lease_many(
             session.queues,
             limit,
             session.worker_id,
@@ -325,8 +369,9 @@ class Dispatcher:
             self._lease_bytes,
             session.holder,
         )
-        await self._hand_out(session, leases, now)
-        return self._full(leases, limit)
+        await self._hand_out(session, moved.result, now)
+        self._changes.apply(moved.transitions)
+        return self._full(moved.result, limit)
 
     def _full(self, leases: Sequence[Lease], limit: int) -> bool:
         """Whether a lease may have left jobs it had room for: it took its
@@ -373,7 +418,8 @@ class Dispatcher:
             return
         if session.closed:  # the stream went away while the query ran
             refs = [LeaseRef(lease.job.id, lease.fencing_token, session.holder) for lease in leases]
-            await self._store.release_many(refs, self._clock.now())
+            released = await self._store.release_many(refs, self._clock.now())
+            self._changes.apply(released.transitions)
             return
         if any(_size(lease.job) > _DELIVERABLE for lease in leases):
             leases = await self._drop_undeliverable(leases, session.holder, now)
@@ -385,8 +431,6 @@ class Dispatcher:
             self._metrics.start_latency_seconds,
             ((x.job.queue, max((now - x.job.scheduled_at).total_seconds(), 0.0)) for x in leases),
         )
-        self._metrics.count(self._metrics.leased, (lease.job.queue for lease in leases))
-        self._watch.publish((lease.job.id, JobState.RUNNING) for lease in leases)
         session.outbox.put_nowait(Leased(leases))
 
     async def _drop_undeliverable(
@@ -406,9 +450,8 @@ class Dispatcher:
             )
             ref = LeaseRef(lease.job.id, lease.fencing_token, holder)
             failures.append(Failure(ref, ErrorInfo("Undeliverable", message), permanent=True))
-        results = [r for r in await self._store.fail_many(failures, now) if r.state is not None]
-        self._metrics.count_outcomes((r.queue, r.state) for r in results if r.state)
-        self._watch.publish((r.job_id, r.state) for r in results if r.state)
+        failed = await self._store.fail_many(failures, now)
+        self._changes.apply(failed.transitions)
         log.warning("dead-lettered %d job(s) too large to deliver", len(failures))
         return kept
 

@@ -11,14 +11,16 @@ from datetime import timedelta
 
 from jobbroker_server.clock import Clock
 from jobbroker_server.domain.errors import STORE_DOWN
-from jobbroker_server.domain.models import Job, JobFilter, JobPage, LeaseRef, NewJob, SubmitResult
+from jobbroker_server.domain.models import Job, JobFilter, JobPage, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.metrics import Metrics
-from jobbroker_server.services.background import Scheduler
+from jobbroker_server.domain.transitions import JobEvent
 from jobbroker_server.services.batching import GroupCommit
-from jobbroker_server.services.dispatcher import CancelReason, Dispatcher
+from jobbroker_server.services.changes import Changes
+from jobbroker_server.services.dispatcher import Dispatcher
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
+
+WATCH_PAGE = 500  # events per read of a watch
 
 
 class Jobs:
@@ -26,9 +28,8 @@ class Jobs:
         self,
         store: Store,
         dispatcher: Dispatcher,
-        scheduler: Scheduler,
+        changes: Changes,
         clock: Clock,
-        metrics: Metrics,
         watch: JobWatch,
         *,
         dedup_window: timedelta,
@@ -36,9 +37,8 @@ class Jobs:
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
-        self._scheduler = scheduler
+        self._changes = changes
         self._clock = clock
-        self._metrics = metrics
         self._watch = watch
         self._dedup_window = dedup_window
         # A waiter looks at its job every poll interval where other replicas
@@ -49,27 +49,20 @@ class Jobs:
 
     async def _store_submits(self, jobs: list[NewJob]) -> list[SubmitResult]:
         """One group's transaction, which also fills the worker streams with room
-        for these jobs' queues; the others are woken to lease."""
+        for these jobs' queues; for the rest, the others are woken to lease."""
         now = self._clock.now()
         ready = Counter(job.queue for job in jobs if job.run_at is None or job.run_at <= now)
         claimed = self._dispatcher.claim(ready)
         asks, lease_for = list(claimed.values()), self._dispatcher.lease_duration
         leased = None
         try:
-            results, leased = await self._store.submit_and_lease(
+            moved = await self._store.submit_and_lease(
                 jobs, now, self._dedup_window, asks, lease_for
             )
+            results, leased = moved.result
         finally:
             await self._dispatcher.deliver(claimed, leased, now)
-        stored = [(job, r) for job, r in zip(jobs, results, strict=True) if not r.duplicate]
-        self._metrics.count(self._metrics.submitted, (job.queue for job, _ in stored))
-        states = {r.state for _, r in stored}
-        if JobState.SCHEDULED in states:
-            self._scheduler.poke()
-        if JobState.PENDING in states:
-            if leased is not None:  # what the claimed streams took needs no one else
-                ready.subtract(lease.job.queue for leases in leased for lease in leases)
-            self._dispatcher.wake_some(ready, but=claimed)
+        self._changes.apply(moved.transitions)
         return results
 
     async def submit_many(self, jobs: Sequence[NewJob]) -> list[SubmitResult]:
@@ -100,27 +93,54 @@ class Jobs:
                     yield job if job.state is state else _as_of(job, state)
                     last = state
 
-    async def cancel(self, job_id: str) -> Job:
-        job = await self._store.cancel(job_id, self._clock.now())
-        if job.state is JobState.RUNNING:
-            ref = LeaseRef(job.id, job.fencing_token)
-            self._dispatcher.cancel([ref], CancelReason.CANCELLED)
-        else:
-            self._watch.publish([(job.id, job.state)])
-        return job
+    async def events(self, job_id: str, after: int, limit: int) -> list[JobEvent]:
+        return await self._store.job_events(job_id, after, limit)
+
+    async def watch(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
+        """The job's events after ``after``, then each one as it is written,
+        until the one that left the job terminal.
+
+        A job's operations lock its row, so its events commit in the order of
+        their sequence numbers, on every backend: reading after the last one
+        sent misses none."""
+        with self._watch.subscribe(job_id) as changes:
+            while True:
+                found = await self._store.job_events(job_id, after, WATCH_PAGE)
+                for event in found:
+                    yield event
+                    after = event.seq
+                if len(found) == WATCH_PAGE:
+                    continue
+                if found and JobState(found[-1].target).terminal:
+                    return
+                if not found and (await self._store.get_job(job_id, history=False)).state.terminal:
+                    # Terminal, and every event up to it read: unless its last
+                    # one was written between the two reads.
+                    if not await self._store.job_events(job_id, after, 1):
+                        return
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), self._wait_poll)
+                while not changes.empty():
+                    changes.get_nowait()
+
+    async def cancel(self, job_id: str, actor: str) -> Job:
+        cancelled = await self._store.cancel(job_id, self._clock.now(), actor)
+        self._changes.apply(cancelled.transitions)
+        return cancelled.result
 
     async def find(self, where: JobFilter) -> JobPage:
         return await self._store.list_jobs(where)
 
-    async def replay_dead(self, queue: str | None, job_ids: Sequence[str]) -> list[str]:
-        replayed = await self._store.replay_dead(queue, job_ids, self._clock.now())
-        if replayed:
-            self._watch.publish((job_id, JobState.PENDING) for job_id in replayed)
-            self._dispatcher.wake()
-        return replayed
+    async def replay_dead(self, queue: str | None, job_ids: Sequence[str], actor: str) -> list[str]:
+        replayed = await self._store.replay_dead(queue, job_ids, self._clock.now(), actor)
+        self._changes.apply(replayed.transitions)
+        return replayed.result
 
-    async def purge_dead(self, queue: str | None, job_ids: Sequence[str]) -> int:
-        return await self._store.purge_dead(queue, job_ids)
+    async def purge_dead(self, queue: str | None, job_ids: Sequence[str], actor: str) -> int:
+        purged = await self._store.purge_dead(queue, job_ids, self._clock.now(), actor)
+        self._changes.apply(purged.transitions)
+        return purged.result
 
 
 def _as_of(job: Job, state: JobState) -> Job:

@@ -6,7 +6,6 @@ attempts are freed so the stream's pump can lease more.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 from jobbroker_server.clock import Clock
@@ -19,11 +18,9 @@ from jobbroker_server.domain.models import (
     ReportResult,
     ReportStatus,
 )
-from jobbroker_server.domain.states import JobState
-from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.batching import GroupCommit
+from jobbroker_server.services.changes import Changes
 from jobbroker_server.services.dispatcher import Dispatcher, Session
-from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
 
 
@@ -33,19 +30,19 @@ class Reports:
         store: Store,
         dispatcher: Dispatcher,
         clock: Clock,
-        metrics: Metrics,
-        watch: JobWatch,
+        changes: Changes,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._clock = clock
-        self._metrics = metrics
-        self._watch = watch
+        self._changes = changes
         self._completions = GroupCommit(self._store_completions, shared_errors=STORE_DOWN)
         self._heartbeats = GroupCommit(self._store_heartbeats, shared_errors=STORE_DOWN)
 
     async def _store_completions(self, completions: list[Completion]) -> list[ReportResult]:
-        return await self._store.complete_many(completions, self._clock.now())
+        done = await self._store.complete_many(completions, self._clock.now())
+        self._changes.apply(done.transitions)
+        return done.result
 
     async def _store_heartbeats(self, leases: list[LeaseRef]) -> list[ReportResult]:
         lease_for = self._dispatcher.lease_duration
@@ -59,10 +56,17 @@ class Reports:
         self._dispatcher.settle(session, _lost(results))
         return results
 
+    async def start(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
+        started = await self._store.start_many(leases, self._clock.now())
+        self._changes.apply(started.transitions)
+        self._dispatcher.settle(session, _lost(started.result))
+        return started.result
+
     async def progress(self, session: Session, report: Progress) -> list[ReportResult]:
-        result = await self._store.progress(report, self._clock.now())
-        self._dispatcher.settle(session, _lost([result]))
-        return [result]
+        reported = await self._store.progress(report, self._clock.now())
+        self._changes.apply(reported.transitions)
+        self._dispatcher.settle(session, _lost([reported.result]))
+        return [reported.result]
 
     async def complete(
         self, session: Session, completions: Sequence[Completion]
@@ -72,35 +76,20 @@ class Reports:
         return results
 
     async def fail(self, session: Session, failures: Sequence[Failure]) -> list[ReportResult]:
-        results = await self._store.fail_many(failures, self._clock.now())
-        self._finish(session, results)
-        return results
+        failed = await self._store.fail_many(failures, self._clock.now())
+        self._changes.apply(failed.transitions)
+        self._finish(session, failed.result)
+        return failed.result
 
     async def release(self, session: Session, leases: Sequence[LeaseRef]) -> list[ReportResult]:
-        results = await self._store.release_many(leases, self._clock.now())
-        self._finish(session, results, counted=False)  # it wakes the queues they went back to
-        return results
+        released = await self._store.release_many(leases, self._clock.now())
+        self._changes.apply(released.transitions)
+        self._finish(session, released.result)
+        return released.result
 
-    def _finish(
-        self, session: Session, results: Sequence[ReportResult], *, counted: bool = True
-    ) -> None:
-        freed = self._dispatcher.settle(session, (r.job_id for r in results))
-        moved = [
-            (r.job_id, r.queue, r.state)
-            for r in results
-            if r.status is ReportStatus.OK and r.state is not None
-        ]
-        self._watch.publish((job_id, state) for job_id, _, state in moved)
-        if counted:
-            now = self._clock.monotonic()
-            self._metrics.observe(
-                self._metrics.run_seconds,
-                ((queue, now - freed[job_id]) for job_id, queue, _ in moved if job_id in freed),
-            )
-            self._metrics.count_outcomes((queue, state) for _, queue, state in moved)
-        retried = Counter(r.queue for r in results if r.state is JobState.PENDING)
-        if retried:
-            self._dispatcher.wake_some(retried)
+    def _finish(self, session: Session, results: Sequence[ReportResult]) -> None:
+        """Free the stream's slots of the reported jobs."""
+        self._dispatcher.settle(session, (r.job_id for r in results))
 
 
 def _lost(results: Sequence[ReportResult]) -> list[str]:

@@ -2,6 +2,9 @@
 
 Every method that changes jobs takes ``now`` from the caller's clock, moves jobs
 only along the edges of ``domain.states``, and has committed before it returns.
+One that moves jobs returns ``Moved``: its result, and the transitions it made,
+which it wrote to the job event log in the same transaction; the broker applies
+their consequences in one place (``services.changes``).
 A write that needs a lease names the job, state running and the fencing token in
 its WHERE clause: zero rows changed means the lease was lost.
 """
@@ -18,6 +21,7 @@ from jobbroker_server.domain.models import (
     Completion,
     Failure,
     Job,
+    JobFacts,
     JobFilter,
     JobPage,
     Lease,
@@ -25,12 +29,11 @@ from jobbroker_server.domain.models import (
     LeaseRef,
     NewJob,
     Progress,
-    ReapedLease,
     ReportResult,
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import JobEvent
+from jobbroker_server.domain.transitions import JobEvent, Moved
 
 
 class Store(abc.ABC):
@@ -54,7 +57,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def submit_many(
         self, jobs: Sequence[NewJob], now: datetime, dedup_window: timedelta
-    ) -> list[SubmitResult]:
+    ) -> Moved[list[SubmitResult]]:
         """Store jobs all-or-nothing. A job whose idempotency key matches one
         created inside ``dedup_window`` is not stored; its result names the
         existing job with ``duplicate=True``."""
@@ -69,8 +72,8 @@ class Store(abc.ABC):
         now: datetime,
         max_bytes: int = limits.MAX_LEASE_BYTES,
         holder: str = "",
-    ) -> list[Lease]:
-        """Move up to ``limit`` pending jobs of ``queues`` to running, highest
+    ) -> Moved[list[Lease]]:
+        """Move up to ``limit`` pending jobs of ``queues`` to leased, highest
         priority first and FIFO within a priority, each with a new fencing token
         (larger than the last by a random step) and bound to the API key
         ``holder``; no more than fit ``max_bytes`` of payload, but always one."""
@@ -83,7 +86,7 @@ class Store(abc.ABC):
         dedup_window: timedelta,
         asks: Sequence[LeaseAsk],
         lease_for: timedelta,
-    ) -> tuple[list[SubmitResult], list[list[Lease]]]:
+    ) -> Moved[tuple[list[SubmitResult], list[list[Lease]]]]:
         """``submit_many``, then ``lease_many`` for each ask, in one transaction:
         a worker stream waiting for these queues gets its jobs without a second
         trip to the store. Returns the submit results and each ask's leases."""
@@ -95,37 +98,50 @@ class Store(abc.ABC):
         """Extend each lease that is still current to ``now + lease_for``."""
 
     @abc.abstractmethod
-    async def progress(self, report: Progress, now: datetime) -> ReportResult: ...
+    async def start_many(
+        self, leases: Sequence[LeaseRef], now: datetime
+    ) -> Moved[list[ReportResult]]:
+        """The handlers of these leased jobs started: move them to running,
+        their hard timeouts counting from ``now``."""
+
+    @abc.abstractmethod
+    async def progress(self, report: Progress, now: datetime) -> Moved[ReportResult]: ...
 
     @abc.abstractmethod
     async def complete_many(
         self, completions: Sequence[Completion], now: datetime
-    ) -> list[ReportResult]: ...
+    ) -> Moved[list[ReportResult]]:
+        """Succeed each job; one whose start was not reported started its
+        completion's ``run_time`` before ``now``."""
 
     @abc.abstractmethod
-    async def fail_many(self, failures: Sequence[Failure], now: datetime) -> list[ReportResult]:
+    async def fail_many(
+        self, failures: Sequence[Failure], now: datetime
+    ) -> Moved[list[ReportResult]]:
         """Retry (with backoff, or after ``retry_after``) or dead-letter each job;
         a cancelled failure ends the job cancelled."""
 
     @abc.abstractmethod
-    async def release_many(self, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
+    async def release_many(
+        self, leases: Sequence[LeaseRef], now: datetime
+    ) -> Moved[list[ReportResult]]:
         """Hand jobs back to pending without counting the attempt."""
 
     @abc.abstractmethod
-    async def cancel(self, job_id: str, now: datetime) -> Job:
-        """Cancel a pending or scheduled job at once. A running job is returned
-        unchanged; the caller asks its worker to stop it. Raises NotFound, or
+    async def cancel(self, job_id: str, now: datetime, actor: str = "client") -> Moved[Job]:
+        """Cancel a pending or scheduled job at once. A held job is marked
+        (cancel_requested, once) and otherwise unchanged: its worker is asked
+        to stop it, and its attempt ends cancelled. Raises NotFound, or
         IllegalTransition for a finished job."""
 
     @abc.abstractmethod
-    async def reap_expired(self, now: datetime) -> list[ReapedLease]:
-        """End every running attempt whose lease expired or whose hard timeout
-        passed, and retry or dead-letter its job."""
+    async def reap_expired(self, now: datetime) -> Moved[int]:
+        """End every held attempt whose lease expired, or running one whose
+        hard timeout passed, and retry or dead-letter its job; how many."""
 
     @abc.abstractmethod
-    async def promote_scheduled(self, now: datetime) -> list[tuple[str, str]]:
-        """Move scheduled jobs whose time has come to pending; return their
-        (job id, queue)."""
+    async def promote_scheduled(self, now: datetime) -> Moved[int]:
+        """Move scheduled jobs whose time has come to pending; how many."""
 
     @abc.abstractmethod
     async def next_scheduled_at(self) -> datetime | None: ...
@@ -138,23 +154,40 @@ class Store(abc.ABC):
     async def list_jobs(self, where: JobFilter) -> JobPage: ...
 
     @abc.abstractmethod
-    async def job_events(self, job_id: str, after: int = 0) -> list[JobEvent]:
-        """The job's story after sequence number ``after``, oldest first: each
-        transition an operation made, and each progress report, appended in
-        that operation's transaction. Raises NotFound."""
+    async def explain_job(self, job_id: str) -> JobFacts:
+        """The job (no history), the pending jobs ahead of it, its last lease."""
+
+    @abc.abstractmethod
+    async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """Up to ``limit`` of the job's events after sequence number ``after``,
+        oldest first: each transition an operation made, and each progress
+        report, appended in that operation's transaction. Raises NotFound."""
+
+    @abc.abstractmethod
+    async def tail_events(
+        self, after: int, queue: str | None, task: str | None, limit: int
+    ) -> list[JobEvent]:
+        """Up to ``limit`` events of every job after ``after``, oldest first;
+        of ``queue``'s or ``task``'s jobs when given."""
+
+    @abc.abstractmethod
+    async def last_event_seq(self) -> int:
+        """The sequence number of the newest event (0 for none)."""
 
     @abc.abstractmethod
     async def replay_dead(
-        self, queue: str | None, job_ids: Sequence[str], now: datetime
-    ) -> list[str]:
+        self, queue: str | None, job_ids: Sequence[str], now: datetime, actor: str = "client"
+    ) -> Moved[list[str]]:
         """Put dead jobs back to pending with fresh attempts; an empty
         ``job_ids`` means every dead job (of ``queue`` when given)."""
 
     @abc.abstractmethod
-    async def purge_dead(self, queue: str | None, job_ids: Sequence[str]) -> int: ...
+    async def purge_dead(
+        self, queue: str | None, job_ids: Sequence[str], now: datetime, actor: str = "client"
+    ) -> Moved[int]: ...
 
     @abc.abstractmethod
-    async def delete_finished(self, before: datetime, limit: int) -> int:
+    async def delete_finished(self, before: datetime, limit: int) -> Moved[int]:
         """Delete up to ``limit`` succeeded or cancelled jobs finished before
         ``before``; dead jobs stay until replayed or purged."""
 

@@ -1,5 +1,5 @@
-"""The job event log: the transitions an operation makes, and progress
-reports, appended in that operation's transaction, in one statement.
+"""The job event log: the transitions an operation makes (progress reports
+among them), appended in that operation's transaction, in one statement.
 
 A deleted job takes its story with it: transitions to no state (a purge,
 retention) are not logged.
@@ -7,7 +7,7 @@ retention) are not logged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,9 +16,7 @@ from sqlalchemy import Connection
 
 from jobbroker_server.domain.transitions import JobEvent, Transition
 from jobbroker_server.store.prepared import Prepared
-from jobbroker_server.store.tables import job_events
-
-PROGRESS = "progress"  # the reason of a progress report's event
+from jobbroker_server.store.tables import job_events, jobs
 
 _APPEND = Prepared(
     job_events.insert().values(
@@ -79,27 +77,36 @@ def record(conn: Connection, transitions: Sequence[Transition], now: datetime) -
         _APPEND.run_many(conn, rows)
 
 
-def record_progress(
-    conn: Connection,
-    job_id: str,
-    queue: str,
-    attempt: int,
-    actor: str,
-    detail: Mapping[str, Any],
-    now: datetime,
-) -> None:
-    running = "running"
-    row = _row(job_id, queue, PROGRESS, running, running, attempt, actor, detail, now)
-    _APPEND.run_many(conn, [row])
-
-
-def story(conn: Connection, job_id: str, after: int = 0) -> list[JobEvent]:
-    """A job's events after sequence number ``after``, in order."""
+def story(conn: Connection, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    """Up to ``limit`` of a job's events after sequence number ``after``, in order."""
     found = conn.execute(
         sa.select(job_events)
         .where(job_events.c.job_id == job_id, job_events.c.seq > after)
         .order_by(job_events.c.seq)
+        .limit(limit)
     )
+    return _events(found)
+
+
+def tail(
+    conn: Connection, after: int, queue: str | None, task: str | None, limit: int
+) -> list[JobEvent]:
+    """Up to ``limit`` events of every job (of ``queue``, of ``task``) after
+    sequence number ``after``, in order."""
+    stmt = sa.select(job_events).where(job_events.c.seq > after)
+    if queue:
+        stmt = stmt.where(job_events.c.queue == queue)
+    if task:
+        of_task = sa.select(jobs.c.id).where(jobs.c.task == task)
+        stmt = stmt.where(job_events.c.job_id.in_(of_task))
+    return _events(conn.execute(stmt.order_by(job_events.c.seq).limit(limit)))
+
+
+def last_seq(conn: Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.max(job_events.c.seq))).scalar() or 0)
+
+
+def _events(found: Iterable[Any]) -> list[JobEvent]:
     return [
         JobEvent(
             seq=row.seq,

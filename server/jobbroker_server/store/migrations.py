@@ -68,6 +68,13 @@ def _v6_job_events(conn: Connection) -> None:
     job_events.create(conn, checkfirst=True)
 
 
+def _v7_leased_state(conn: Connection) -> None:
+    """Jobs held in a worker's window are leased until their handler starts:
+    the index of held jobs (for the reaper) covers both states."""
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_jobs_running"))
+    _index("ix_jobs_running").create(conn)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -76,6 +83,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (4, _v4_broker_health),
     (5, _v5_api_keys),
     (6, _v6_job_events),
+    (7, _v7_leased_state),
 )
 LATEST = STEPS[-1][0]
 

@@ -14,7 +14,7 @@ import random
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -30,6 +30,7 @@ from jobbroker_server.domain.models import (
     ErrorInfo,
     Failure,
     Job,
+    JobFacts,
     JobFilter,
     JobPage,
     Lease,
@@ -37,24 +38,35 @@ from jobbroker_server.domain.models import (
     LeaseRef,
     NewJob,
     Progress,
-    ReapedLease,
     ReportResult,
     ReportStatus,
     SubmitResult,
 )
 from jobbroker_server.domain.retry import after_failure
-from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import BROKER, JobEvent, Reason, Transition
+from jobbroker_server.domain.states import HELD, JobState
+from jobbroker_server.domain.transitions import BROKER, JobEvent, Moved, Reason, Transition
 from jobbroker_server.store import events, rows
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import UTCDateTime, attempts, broker_health, job_events, jobs
 
 RUNNING = JobState.RUNNING.value
+LEASED = JobState.LEASED.value
+_HELD_STATES = {LEASED, RUNNING}
 _FINISHED = (JobState.SUCCEEDED, JobState.CANCELLED)  # what retention deletes
 
 
 def _sources(dst: JobState) -> list[str]:
     return sorted(s.value for s in states.sources(dst))
+
+
+T = TypeVar("T")
+
+
+def _moved(conn: Connection, now: datetime, result: T, transitions: list[Transition]) -> Moved[T]:
+    """Every operation that moves jobs returns through here: its transitions
+    go into the job event log in its transaction, and back to the broker."""
+    events.record(conn, transitions, now)
+    return Moved(result, transitions)
 
 
 InsertNew = Callable[[Connection, list[dict[str, Any]]], set[str]]
@@ -68,15 +80,16 @@ def submit_many(
     jobs_in: Sequence[NewJob],
     now: datetime,
     dedup_window: timedelta,
-) -> list[SubmitResult]:
+    actor: str = "client",
+) -> Moved[list[SubmitResult]]:
     if not jobs_in:
-        return []
+        return Moved([], [])
     values = [rows.new_job_row(job, now) for job in jobs_in]
     # The unique constraint decides between racing submits of one key.
     stored = insert_new(conn, values)
     if len(stored) == len(values):
-        events.record(conn, [_submitted(v) for v in values], now)
-        return [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
+        made = [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
+        return _moved(conn, now, made, [_submitted(v, actor) for v in values])
     keys = list({job.idempotency_key for job in jobs_in if job.idempotency_key})
     owners = _key_owners(conn, keys)
     clashes = [v for v in values if v["id"] not in stored]
@@ -93,17 +106,13 @@ def submit_many(
             SubmitResult(owner, JobState(state_of.get(owner, v["state"])), owner != v["id"])
         )
     new = {r.job_id for r in results if not r.duplicate}
-    events.record(conn, [_submitted(v) for v in values if v["id"] in new], now)
-    return results
+    return _moved(conn, now, results, [_submitted(v, actor) for v in values if v["id"] in new])
 
 
-CLIENT = "client"  # the actor of a submit
-
-
-def _submitted(row: dict[str, Any]) -> Transition:
+def _submitted(row: dict[str, Any], actor: str) -> Transition:
     state = JobState(row["state"])
     detail = {"run_at": row["scheduled_at"].isoformat()} if state is JobState.SCHEDULED else {}
-    return Transition(row["id"], row["queue"], None, state, Reason.SUBMITTED, 0, CLIENT, detail)
+    return Transition(row["id"], row["queue"], None, state, Reason.SUBMITTED, 0, actor, detail)
 
 
 def _expire_keys(
@@ -199,10 +208,11 @@ def _postgres_token_step(element: TokenStep, compiler: SQLCompiler, **kw: Any) -
 # The columns a lease sets to values the call knows: it reads back only the
 # others, and ``lease_many`` fills these in, a bind parameter with the value
 # the call gave for it (decoding the whole row cost ~5 µs more per leased job,
-# in batches of 32). A timed job's deadline is set just after.
+# in batches of 32). The job is leased, not running: it starts, and its hard
+# timeout with it, when its worker reports that the handler started.
 _SET_BY_LEASE: dict[str, Any] = {
-    "state": RUNNING,
-    "started_at": _instant(),
+    "state": LEASED,
+    "started_at": None,
     "finished_at": None,
     "result": None,
     "result_content_type": None,
@@ -232,6 +242,7 @@ _SET_DEADLINE = Prepared(
     .where(jobs.c.id == sa.bindparam("b_id"))
     .values(deadline_at=_instant("b_deadline"))
 )
+# The attempt row is made at the lease; its start time becomes the handler's.
 _START_ATTEMPTS = Prepared(
     attempts.insert().from_select(
         ["job_id", "fencing_token", "number", "worker_id", "started_at", "outcome"],
@@ -256,10 +267,10 @@ def lease_many(
     now: datetime,
     max_bytes: int = limits.MAX_LEASE_BYTES,
     holder: str = "",
-) -> list[Lease]:
+) -> Moved[list[Lease]]:
     if limit <= 0 or not queues:
-        return []
-    states.check(JobState.PENDING, JobState.RUNNING)
+        return Moved([], [])
+    states.check(JobState.PENDING, JobState.LEASED)
     expires = now + lease_for
     params = {
         "queues": list(queues),
@@ -272,31 +283,30 @@ def lease_many(
     }
     found = _LEASE.rows(conn, params)
     if not found:
-        return []
+        return Moved([], [])
     known = tuple(
         params[v.key] if isinstance(v, sa.BindParameter) else v for v in _SET_BY_LEASE.values()
     )
     leased: list[Any] = [_LeasedRow._make((*row, *known)) for row in found]
     leased.sort(key=lambda row: (-row.priority, row.id))  # RETURNING has no order
-    timed = [
-        {"b_id": row.id, "b_deadline": now + timedelta(seconds=_timeout_s(row))}
-        for row in leased
-        if row.timeout_s
-    ]
-    if timed:
-        _SET_DEADLINE.run_many(conn, timed)
     ids = [row.id for row in leased]
     _START_ATTEMPTS.run(conn, {"ids": ids, "worker_id": worker_id, "now": now})
-    pending, running = JobState.PENDING, JobState.RUNNING
-    events.record(
-        conn,
-        [
-            Transition(row.id, row.queue, pending, running, Reason.LEASED, row.attempts, worker_id)
-            for row in leased
-        ],
-        now,
-    )
-    return [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
+    pending, held = JobState.PENDING, JobState.LEASED
+    moved = [
+        Transition(
+            row.id,
+            row.queue,
+            pending,
+            held,
+            Reason.LEASED,
+            row.attempts,
+            worker_id,
+            token=row.fencing_token,
+        )
+        for row in leased
+    ]
+    made = [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
+    return _moved(conn, now, made, moved)
 
 
 def _timeout_s(row: Any) -> float:
@@ -311,13 +321,18 @@ def submit_and_lease(
     dedup_window: timedelta,
     asks: Sequence[LeaseAsk],
     lease_for: timedelta,
-) -> tuple[list[SubmitResult], list[list[Lease]]]:
-    results = submit_many(conn, insert_new, jobs_in, now, dedup_window)
-    leased = [
-        lease_many(conn, a.queues, a.limit, a.worker_id, lease_for, now, a.max_bytes, a.holder)
-        for a in asks
-    ]
-    return results, leased
+    actor: str = "client",
+) -> Moved[tuple[list[SubmitResult], list[list[Lease]]]]:
+    submitted = submit_many(conn, insert_new, jobs_in, now, dedup_window, actor)
+    moved = list(submitted.transitions)
+    leased = []
+    for a in asks:
+        taken = lease_many(
+            conn, a.queues, a.limit, a.worker_id, lease_for, now, a.max_bytes, a.holder
+        )
+        leased.append(taken.result)
+        moved += taken.transitions
+    return Moved((submitted.result, leased), moved)
 
 
 def heartbeat_many(
@@ -334,30 +349,111 @@ def heartbeat_many(
     ]
 
 
-def progress(conn: Connection, report: Progress, now: datetime) -> ReportResult:
+def progress(conn: Connection, report: Progress, now: datetime) -> Moved[ReportResult]:
     changed = conn.execute(
         jobs.update()
         .where(*_held(report.lease))
         .values(progress=report.progress, progress_message=report.message)
-        .returning(jobs.c.queue, jobs.c.attempts, jobs.c.leased_by)
+        .returning(jobs.c.queue, jobs.c.state, jobs.c.attempts, jobs.c.leased_by)
     ).first()
     if changed is None:
-        return _lost(conn, report.lease)
-    detail = {"progress": report.progress, "message": report.message}
+        return Moved(_lost(conn, report.lease), [])
     job_id = report.lease.job_id
-    events.record_progress(
-        conn, job_id, changed.queue, changed.attempts, changed.leased_by, detail, now
+    state = JobState(changed.state)
+    detail: dict[str, str | float] = {"progress": report.progress}
+    detail["message"] = report.message[:_DETAIL_CHARS]
+    line = Transition(
+        job_id,
+        changed.queue,
+        state,
+        state,
+        Reason.PROGRESS,
+        changed.attempts,
+        changed.leased_by,
+        detail,
     )
-    return ReportResult(job_id, ReportStatus.OK)
+    return _moved(conn, now, ReportResult(job_id, ReportStatus.OK), [line])
+
+
+def start_many(
+    conn: Connection, leases: Sequence[LeaseRef], now: datetime
+) -> Moved[list[ReportResult]]:
+    """The handlers of these leased jobs started: they run from now, and their
+    hard timeouts count from now. A job already running is left as it is."""
+    verdicts, row_of = _check_leases(conn, leases)
+    current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
+    starting = [row_of[ref.job_id] for ref in current if row_of[ref.job_id].state == LEASED]
+    if starting:
+        _start(conn, [(row, now) for row in starting])
+    results = [
+        v or ReportResult(ref.job_id, ReportStatus.OK)
+        for ref, v in zip(leases, verdicts, strict=True)
+    ]
+    return _moved(conn, now, results, [_started(row) for row in starting])
+
+
+_START = Prepared(
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("b_id"), _is(JobState.LEASED))
+    .values(
+        state=RUNNING,
+        started_at=_instant("b_started"),
+        deadline_at=sa.bindparam("b_deadline", type_=UTCDateTime()),
+    )
+)
+_ATTEMPT_STARTED = Prepared(
+    attempts.update()
+    .where(
+        attempts.c.job_id == sa.bindparam("b_id"),
+        attempts.c.outcome == AttemptOutcome.RUNNING.value,
+    )
+    .values(started_at=_instant("b_started"))
+)
+
+
+def _start(conn: Connection, started: Sequence[tuple[Any, datetime]]) -> None:
+    """Move leased rows to running, each from its handler's start."""
+    values = [
+        {
+            "b_id": row.id,
+            "b_started": at,
+            "b_deadline": at + timedelta(seconds=_timeout_s(row)) if row.timeout_s else None,
+        }
+        for row, at in started
+    ]
+    _START.run_many(conn, values)
+    _ATTEMPT_STARTED.run_many(conn, values)
+
+
+def _started(row: Any) -> Transition:
+    leased, running = JobState.LEASED, JobState.RUNNING
+    return Transition(
+        row.id, row.queue, leased, running, Reason.STARTED, row.attempts, row.leased_by
+    )
+
+
+def _implied_start(
+    conn: Connection, row: Any, run_time: timedelta | None, now: datetime
+) -> list[Transition]:
+    """A leased job reported finished whose start was not: it started
+    ``run_time`` before (its worker's word, kept within the timeout limit)."""
+    if row.state != LEASED:
+        return []
+    ran = limits.finite_seconds(run_time.total_seconds() if run_time else 0.0, limits.MAX_TIMEOUT)
+    _start(conn, [(row, now - timedelta(seconds=ran or 0.0))])
+    return [_started(row)]
 
 
 def complete_many(
     conn: Connection, completions: Sequence[Completion], now: datetime
-) -> list[ReportResult]:
+) -> Moved[list[ReportResult]]:
     done = states.check(JobState.RUNNING, JobState.SUCCEEDED)
     refs = [c.lease for c in completions]
     verdicts, row_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
+    moved: list[Transition] = []
+    for c in current:
+        moved += _implied_start(conn, row_of[c.lease.job_id], c.run_time, now)
     by_result: dict[tuple[bytes, str] | None, list[str]] = {}
     for c in current:
         key = (c.result.data, c.result.content_type) if c.result else None
@@ -377,25 +473,30 @@ def complete_many(
         _COMPLETE_ONE.run_many(conn, single)
     if current:
         _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
-        events.record(
-            conn, [_ended(row_of[c.lease.job_id], done, Reason.SUCCEEDED) for c in current], now
-        )
-    return [
-        v or ReportResult(ref.job_id, ReportStatus.OK, state=done, queue=row_of[ref.job_id].queue)
+        moved += [
+            _ended(row_of[c.lease.job_id], done, Reason.SUCCEEDED, running=True) for c in current
+        ]
+    results = [
+        v or ReportResult(ref.job_id, ReportStatus.OK)
         for ref, v in zip(refs, verdicts, strict=True)
     ]
+    return _moved(conn, now, results, moved)
 
 
-def _ended(row: Any, target: JobState, reason: Reason, **detail: str) -> Transition:
-    """A running attempt's end, reported by its worker."""
+def _ended(
+    row: Any, target: JobState, reason: Reason, *, running: bool = False, **detail: str
+) -> Transition:
+    """A held attempt's end, reported by its worker; ``running`` when its start
+    was recorded in the same operation."""
+    source = JobState.RUNNING if running else JobState(row.state)
     return Transition(
-        row.id, row.queue, JobState.RUNNING, target, reason, row.attempts, row.leased_by, detail
+        row.id, row.queue, source, target, reason, row.attempts, row.leased_by, detail
     )
 
 
 def fail_many(
     conn: Connection, rng: random.Random, failures: Sequence[Failure], now: datetime
-) -> list[ReportResult]:
+) -> Moved[list[ReportResult]]:
     refs = [f.lease for f in failures]
     results: list[ReportResult] = []
     moved: list[Transition] = []
@@ -405,22 +506,25 @@ def fail_many(
             results.append(verdict)
             continue
         row = row_of[f.lease.job_id]
+        started = _implied_start(conn, row, f.run_time, now) if f.run_time is not None else []
+        moved += started
         outcome = AttemptOutcome.CANCELLED if f.cancelled else AttemptOutcome.FAILED
         state, run_at = _end_running(
             conn, rng, row, outcome, f.error, now, f.permanent, f.retry_after
         )
-        moved.append(_failed(row, state, f.error, run_at))
-        results.append(ReportResult(f.lease.job_id, ReportStatus.OK, state=state, queue=row.queue))
-    events.record(conn, moved, now)
-    return results
+        moved.append(_failed(row, state, f.error, run_at, bool(started)))
+        results.append(ReportResult(f.lease.job_id, ReportStatus.OK))
+    return _moved(conn, now, results, moved)
 
 
-def _failed(row: Any, state: JobState, error: ErrorInfo, run_at: datetime | None) -> Transition:
+def _failed(
+    row: Any, state: JobState, error: ErrorInfo, run_at: datetime | None, running: bool
+) -> Transition:
     if state is JobState.CANCELLED:
         reason = Reason.CANCELLED
     else:
         reason = Reason.DEAD_LETTERED if state is JobState.DEAD else Reason.FAILED
-    return _ended(row, state, reason, **_error_detail(error, run_at))
+    return _ended(row, state, reason, running=running, **_error_detail(error, run_at))
 
 
 def _error_detail(error: ErrorInfo, run_at: datetime | None) -> dict[str, str]:
@@ -433,18 +537,22 @@ def _error_detail(error: ErrorInfo, run_at: datetime | None) -> dict[str, str]:
 _DETAIL_CHARS = 500  # of an error message, in its event: the job keeps it whole
 
 
-def release_many(conn: Connection, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
+def release_many(
+    conn: Connection, leases: Sequence[LeaseRef], now: datetime
+) -> Moved[list[ReportResult]]:
     back = states.check(JobState.RUNNING, JobState.PENDING)
     verdicts, row_of = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
+    moved = []
     if current:
         _RELEASE.run(conn, {"ids": [r.job_id for r in current], "now": now})
         _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
-        events.record(conn, [_ended(row_of[r.job_id], back, Reason.RELEASED) for r in current], now)
-    return [
-        v or ReportResult(ref.job_id, ReportStatus.OK, state=back, queue=row_of[ref.job_id].queue)
+        moved = [_ended(row_of[r.job_id], back, Reason.RELEASED) for r in current]
+    results = [
+        v or ReportResult(ref.job_id, ReportStatus.OK)
         for ref, v in zip(leases, verdicts, strict=True)
     ]
+    return _moved(conn, now, results, moved)
 
 
 def _end_running(
@@ -457,7 +565,7 @@ def _end_running(
     permanent: bool = False,
     retry_after: timedelta | None = None,
 ) -> tuple[JobState, datetime | None]:
-    """End a running attempt that did not succeed; retry, dead-letter or
+    """End a held attempt that did not succeed; retry, dead-letter or
     cancel. Returns the job's state, and when it runs again if it does."""
     if outcome is AttemptOutcome.CANCELLED or row.cancel_requested:
         dst, run_at = JobState.CANCELLED, None
@@ -486,16 +594,15 @@ def _end_running(
     return dst, run_at
 
 
-def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> list[ReapedLease]:
+def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> Moved[int]:
     expired = jobs.c.lease_expires_at < now
     overdue = jobs.c.deadline_at < now
     pick = (
         sa.select(jobs, overdue.label("overdue"))
-        .where(_is(JobState.RUNNING), sa.or_(expired, overdue))
+        .where(_in(HELD), sa.or_(expired, overdue))
         .limit(500)
         .with_for_update(skip_locked=True)
     )
-    reaped = []
     moved = []
     for row in (conn.execute(pick)).all():
         if row.overdue:
@@ -505,18 +612,24 @@ def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> list[Re
             outcome, reason = AttemptOutcome.LEASE_EXPIRED, Reason.LEASE_EXPIRED
             error = ErrorInfo("LeaseExpired", "lease expired: the worker stopped heartbeating")
         state, run_at = _end_running(conn, rng, row, outcome, error, now)
-        ref = LeaseRef(row.id, row.fencing_token, row.lease_key)
-        reaped.append(ReapedLease(ref, row.queue, outcome, state))
         detail = _error_detail(error, run_at)
-        running = JobState.RUNNING
         moved.append(
-            Transition(row.id, row.queue, running, state, reason, row.attempts, BROKER, detail)
+            Transition(
+                row.id,
+                row.queue,
+                JobState(row.state),
+                state,
+                reason,
+                row.attempts,
+                BROKER,
+                detail,
+                token=row.fencing_token,
+            )
         )
-    events.record(conn, moved, now)
-    return reaped
+    return _moved(conn, now, len(moved), moved)
 
 
-def promote_scheduled(conn: Connection, now: datetime) -> list[tuple[str, str]]:
+def promote_scheduled(conn: Connection, now: datetime) -> Moved[int]:
     dst = states.check(JobState.SCHEDULED, JobState.PENDING)
     changed = conn.execute(
         jobs.update()
@@ -525,12 +638,10 @@ def promote_scheduled(conn: Connection, now: datetime) -> list[tuple[str, str]]:
         .returning(jobs.c.id, jobs.c.queue, jobs.c.attempts)
     ).all()
     scheduled = JobState.SCHEDULED
-    events.record(
-        conn,
-        [Transition(r.id, r.queue, scheduled, dst, Reason.PROMOTED, r.attempts) for r in changed],
-        now,
-    )
-    return [(r.id, r.queue) for r in changed]
+    moved = [
+        Transition(r.id, r.queue, scheduled, dst, Reason.PROMOTED, r.attempts) for r in changed
+    ]
+    return _moved(conn, now, len(moved), moved)
 
 
 def next_scheduled_at(conn: Connection) -> datetime | None:
@@ -542,10 +653,18 @@ def next_scheduled_at(conn: Connection) -> datetime | None:
 # --- operators ---
 
 
-def cancel(conn: Connection, job_id: str, now: datetime) -> Job:
+def cancel(conn: Connection, job_id: str, now: datetime, actor: str = "client") -> Moved[Job]:
+    """Cancel a waiting job at once; for a held one, ask (once) that its
+    attempt end cancelled: the broker tells its worker to stop."""
     dst = JobState.CANCELLED
     found = (
-        sa.select(jobs.c.state, jobs.c.queue, jobs.c.attempts)
+        sa.select(
+            jobs.c.state,
+            jobs.c.queue,
+            jobs.c.attempts,
+            jobs.c.cancel_requested,
+            jobs.c.fencing_token,
+        )
         .where(jobs.c.id == job_id)
         .with_for_update()
     )
@@ -553,12 +672,25 @@ def cancel(conn: Connection, job_id: str, now: datetime) -> Job:
     if row is None:
         raise NotFound(f"no job with id {job_id!r}")
     state = JobState(row.state)
-    if state is JobState.RUNNING:
-        conn.execute(
-            jobs.update()
-            .where(jobs.c.id == job_id, _is(JobState.RUNNING))
-            .values(cancel_requested=True)
-        )
+    moved = []
+    if state.held:
+        if not row.cancel_requested:
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id, _in(HELD)).values(cancel_requested=True)
+            )
+            asked = Reason.CANCEL_REQUESTED
+            moved.append(
+                Transition(
+                    job_id,
+                    row.queue,
+                    state,
+                    state,
+                    asked,
+                    row.attempts,
+                    actor,
+                    token=row.fencing_token,
+                )
+            )
     else:
         states.check(state, dst)
         conn.execute(
@@ -566,20 +698,51 @@ def cancel(conn: Connection, job_id: str, now: datetime) -> Job:
             .where(jobs.c.id == job_id, jobs.c.state.in_(_sources(dst)))
             .values(state=dst.value, finished_at=now)
         )
-        cancelled = Transition(job_id, row.queue, state, dst, Reason.CANCELLED, row.attempts)
-        events.record(conn, [cancelled], now)
-    return _job(conn, job_id, history=True)
+        moved.append(
+            Transition(job_id, row.queue, state, dst, Reason.CANCELLED, row.attempts, actor)
+        )
+    return _moved(conn, now, _job(conn, job_id, history=True), moved)
 
 
 def get_job(conn: Connection, job_id: str, *, history: bool = True) -> Job:
     return _job(conn, job_id, history=history)
 
 
-def job_events_of(conn: Connection, job_id: str, after: int) -> list[JobEvent]:
-    """A job's story after sequence number ``after``; NotFound for no such job."""
+def job_events_of(conn: Connection, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    """Up to ``limit`` of a job's events after sequence number ``after``;
+    NotFound for no such job."""
     if conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
         raise NotFound(f"no job with id {job_id!r}")
-    return events.story(conn, job_id, after)
+    return events.story(conn, job_id, after, limit)
+
+
+# Most jobs ``explain_job`` counts ahead of a pending one.
+MAX_AHEAD = 10_000
+
+
+def explain_job(conn: Connection, job_id: str) -> JobFacts:
+    """What explain needs besides the job: how many of its queue's pending
+    jobs are leased before it (up to MAX_AHEAD), and when it was last leased."""
+    job = _job(conn, job_id, history=False)
+    ahead = 0
+    if job.state is JobState.PENDING:
+        before = sa.or_(
+            jobs.c.priority > job.priority,
+            sa.and_(jobs.c.priority == job.priority, jobs.c.id < job.id),
+        )
+        first = (
+            sa.select(jobs.c.id)
+            .where(_is(JobState.PENDING), jobs.c.queue == job.queue, before)
+            .limit(MAX_AHEAD)
+            .subquery()
+        )
+        ahead = conn.execute(sa.select(sa.func.count()).select_from(first)).scalar() or 0
+    leased_at = conn.execute(
+        sa.select(sa.func.max(job_events.c.at)).where(
+            job_events.c.job_id == job_id, job_events.c.reason == Reason.LEASED.value
+        )
+    ).scalar()
+    return JobFacts(job, ahead, leased_at)
 
 
 def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
@@ -615,10 +778,15 @@ def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
 
 
 def replay_dead(
-    conn: Connection, queue: str | None, job_ids: Sequence[str], now: datetime
-) -> list[str]:
+    conn: Connection,
+    queue: str | None,
+    job_ids: Sequence[str],
+    now: datetime,
+    actor: str = "client",
+) -> Moved[list[str]]:
     dst = states.check(JobState.DEAD, JobState.PENDING)
     ids = _dead_ids(conn, queue, job_ids)
+    moved = []
     if ids:
         replayed = conn.execute(
             jobs.update()
@@ -636,34 +804,48 @@ def replay_dead(
             .returning(jobs.c.id, jobs.c.queue)
         ).all()
         dead = JobState.DEAD
-        events.record(
-            conn, [Transition(r.id, r.queue, dead, dst, Reason.REPLAYED, 0) for r in replayed], now
-        )
-    return ids
+        moved = [Transition(r.id, r.queue, dead, dst, Reason.REPLAYED, 0, actor) for r in replayed]
+    return _moved(conn, now, ids, moved)
 
 
-def purge_dead(conn: Connection, queue: str | None, job_ids: Sequence[str]) -> int:
-    ids = _dead_ids(conn, queue, job_ids)
-    _delete(conn, ids)
-    return len(ids)
+def purge_dead(
+    conn: Connection,
+    queue: str | None,
+    job_ids: Sequence[str],
+    now: datetime,
+    actor: str = "client",
+) -> Moved[int]:
+    found = _dead_rows(conn, queue, job_ids)
+    _delete(conn, [r.id for r in found])
+    dead = JobState.DEAD
+    moved = [Transition(r.id, r.queue, dead, None, Reason.PURGED, r.attempts, actor) for r in found]
+    return _moved(conn, now, len(moved), moved)
 
 
-def delete_finished(conn: Connection, before: datetime, limit: int) -> int:
-    ids = list(
-        (
-            conn.execute(
-                sa.select(jobs.c.id).where(_in(_FINISHED), jobs.c.finished_at < before).limit(limit)
-            )
-        ).scalars()
-    )
-    _delete(conn, ids)
-    return len(ids)
+def delete_finished(conn: Connection, before: datetime, limit: int) -> Moved[int]:
+    found = conn.execute(
+        sa.select(jobs.c.id, jobs.c.queue, jobs.c.state, jobs.c.attempts)
+        .where(_in(_FINISHED), jobs.c.finished_at < before)
+        .limit(limit)
+    ).all()
+    _delete(conn, [r.id for r in found])
+    moved = [
+        Transition(r.id, r.queue, JobState(r.state), None, Reason.EXPIRED, r.attempts)
+        for r in found
+    ]
+    return _moved(conn, before, len(moved), moved)
 
 
 # What a queue's depth counts: jobs waiting, running or dead-lettered. Finished
 # ones are counted as they finish (the jobs_succeeded counter): counting them
 # here would read the whole history retention keeps, every few seconds.
-DEPTH_STATES = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING, JobState.DEAD)
+DEPTH_STATES = (
+    JobState.PENDING,
+    JobState.SCHEDULED,
+    JobState.LEASED,
+    JobState.RUNNING,
+    JobState.DEAD,
+)
 _NEXT_QUEUE = sa.select(sa.func.min(jobs.c.queue)).where(jobs.c.queue > sa.bindparam("after"))
 _DEPTH = {
     state: sa.select(sa.func.count()).where(jobs.c.queue == sa.bindparam("queue"), _is(state))
@@ -702,6 +884,7 @@ def queue_depths(conn: Connection, max_queues: int) -> dict[tuple[str | None, Jo
 _LEASE_COLUMNS = (
     jobs.c.id,
     jobs.c.state,
+    jobs.c.timeout_s,
     jobs.c.fencing_token,
     jobs.c.lease_key,
     jobs.c.queue,
@@ -730,7 +913,7 @@ def _check_leases(
             message = f"no job with id {ref.job_id!r}"
             verdicts.append(ReportResult(ref.job_id, ReportStatus.NOT_FOUND, message))
         elif (
-            row.state != RUNNING
+            row.state not in _HELD_STATES
             or row.fencing_token != ref.fencing_token
             or row.lease_key != ref.holder
             or ref.job_id in seen
@@ -766,7 +949,7 @@ _LEASE_CLEARED: dict[str, Any] = {"lease_expires_at": None, "deadline_at": None,
 # in the transaction, with the rows locked since (FOR UPDATE; SQLite has one
 # writer): the fencing tokens were checked there, and a list of (id, token)
 # pairs here would cost more to bind than the write itself.
-_HELD_ALL = (jobs.c.id.in_(_ids()), _is(JobState.RUNNING))
+_HELD_ALL = (jobs.c.id.in_(_ids()), _in(HELD))
 _HEARTBEAT = Prepared(jobs.update().where(*_HELD_ALL).values(lease_expires_at=_instant("expires")))
 _FINISHED_VALUES: dict[str, Any] = {
     "state": JobState.SUCCEEDED.value,
@@ -778,9 +961,7 @@ _FINISHED_VALUES: dict[str, Any] = {
 }
 _COMPLETE_SHARED = Prepared(jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES))
 _COMPLETE_ONE = Prepared(
-    jobs.update()
-    .where(jobs.c.id == sa.bindparam("b_id"), _is(JobState.RUNNING))
-    .values(**_FINISHED_VALUES)
+    jobs.update().where(jobs.c.id == sa.bindparam("b_id"), _in(HELD)).values(**_FINISHED_VALUES)
 )
 _RELEASE = Prepared(
     jobs.update()
@@ -806,7 +987,7 @@ def _held(ref: LeaseRef) -> tuple[sa.ColumnElement[bool], ...]:
     """The WHERE clause of a write that needs the current lease."""
     return (
         jobs.c.id == ref.job_id,
-        _is(JobState.RUNNING),
+        _in(HELD),
         jobs.c.fencing_token == ref.fencing_token,
         jobs.c.lease_key == ref.holder,
     )
@@ -815,7 +996,7 @@ def _held(ref: LeaseRef) -> tuple[sa.ColumnElement[bool], ...]:
 def _lost_verdict(ref: LeaseRef, state: str) -> ReportResult:
     """The refusal of a report whose lease is not current. It names neither
     the current token nor its holder: the report may come from a stranger."""
-    if state == RUNNING:
+    if state in _HELD_STATES:
         why = "another attempt, or another key's stream, holds its lease"
     else:
         why = f"it is {state}"
@@ -859,12 +1040,20 @@ def _job(conn: Connection, job_id: str, *, history: bool) -> Job:
 
 
 def _dead_ids(conn: Connection, queue: str | None, job_ids: Sequence[str]) -> list[str]:
-    stmt = sa.select(jobs.c.id).where(_is(JobState.DEAD)).order_by(jobs.c.id)
+    return [row.id for row in _dead_rows(conn, queue, job_ids)]
+
+
+def _dead_rows(conn: Connection, queue: str | None, job_ids: Sequence[str]) -> list[Any]:
+    stmt = (
+        sa.select(jobs.c.id, jobs.c.queue, jobs.c.attempts)
+        .where(_is(JobState.DEAD))
+        .order_by(jobs.c.id)
+    )
     if queue:
         stmt = stmt.where(jobs.c.queue == queue)
     if job_ids:
         stmt = stmt.where(jobs.c.id.in_(list(job_ids)))
-    return list((conn.execute(stmt)).scalars())
+    return list(conn.execute(stmt).all())
 
 
 def _delete(conn: Connection, ids: list[str]) -> None:

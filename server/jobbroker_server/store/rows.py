@@ -144,6 +144,9 @@ def job_from_row(row: sa.Row[Any], history: Sequence[Attempt] = ()) -> Job:
         fencing_token=row.fencing_token,
         lease_expires_at=row.lease_expires_at,
         history=tuple(history),
+        leased_by=row.leased_by,
+        deadline_at=row.deadline_at,
+        cancel_requested=row.cancel_requested,
     )
 
 

@@ -22,6 +22,7 @@ from jobbroker_server.domain.models import (
     Completion,
     Failure,
     Job,
+    JobFacts,
     JobFilter,
     JobPage,
     Lease,
@@ -29,13 +30,12 @@ from jobbroker_server.domain.models import (
     LeaseRef,
     NewJob,
     Progress,
-    ReapedLease,
     ReportResult,
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import JobEvent
-from jobbroker_server.store import faults, keys, migrations, ops
+from jobbroker_server.domain.transitions import JobEvent, Moved
+from jobbroker_server.store import events, faults, keys, migrations, ops
 from jobbroker_server.store.base import Store
 
 P = ParamSpec("P")
@@ -109,9 +109,9 @@ class SqlStore(Store):
 
     async def submit_many(
         self, jobs: Sequence[NewJob], now: datetime, dedup_window: timedelta
-    ) -> list[SubmitResult]:
+    ) -> Moved[list[SubmitResult]]:
         if not jobs:
-            return []
+            return Moved([], [])
         return await self._run(ops.submit_many, self._insert_new, jobs, now, dedup_window)
 
     async def lease_many(
@@ -123,9 +123,9 @@ class SqlStore(Store):
         now: datetime,
         max_bytes: int = limits.MAX_LEASE_BYTES,
         holder: str = "",
-    ) -> list[Lease]:
+    ) -> Moved[list[Lease]]:
         if limit <= 0 or not queues:
-            return []
+            return Moved([], [])
         op = ops.lease_many
         return await self._run(op, queues, limit, worker_id, lease_for, now, max_bytes, holder)
 
@@ -136,7 +136,7 @@ class SqlStore(Store):
         dedup_window: timedelta,
         asks: Sequence[LeaseAsk],
         lease_for: timedelta,
-    ) -> tuple[list[SubmitResult], list[list[Lease]]]:
+    ) -> Moved[tuple[list[SubmitResult], list[list[Lease]]]]:
         op = ops.submit_and_lease
         return await self._run(op, self._insert_new, jobs, now, dedup_window, asks, lease_for)
 
@@ -145,27 +145,40 @@ class SqlStore(Store):
     ) -> list[ReportResult]:
         return await self._run(ops.heartbeat_many, leases, lease_for, now) if leases else []
 
-    async def progress(self, report: Progress, now: datetime) -> ReportResult:
+    async def start_many(
+        self, leases: Sequence[LeaseRef], now: datetime
+    ) -> Moved[list[ReportResult]]:
+        return await self._run(ops.start_many, leases, now) if leases else Moved([], [])
+
+    async def progress(self, report: Progress, now: datetime) -> Moved[ReportResult]:
         return await self._run(ops.progress, report, now)
 
     async def complete_many(
         self, completions: Sequence[Completion], now: datetime
-    ) -> list[ReportResult]:
-        return await self._run(ops.complete_many, completions, now) if completions else []
+    ) -> Moved[list[ReportResult]]:
+        if not completions:
+            return Moved([], [])
+        return await self._run(ops.complete_many, completions, now)
 
-    async def fail_many(self, failures: Sequence[Failure], now: datetime) -> list[ReportResult]:
-        return await self._run(ops.fail_many, self._rng, failures, now) if failures else []
+    async def fail_many(
+        self, failures: Sequence[Failure], now: datetime
+    ) -> Moved[list[ReportResult]]:
+        if not failures:
+            return Moved([], [])
+        return await self._run(ops.fail_many, self._rng, failures, now)
 
-    async def release_many(self, leases: Sequence[LeaseRef], now: datetime) -> list[ReportResult]:
-        return await self._run(ops.release_many, leases, now) if leases else []
+    async def release_many(
+        self, leases: Sequence[LeaseRef], now: datetime
+    ) -> Moved[list[ReportResult]]:
+        return await self._run(ops.release_many, leases, now) if leases else Moved([], [])
 
-    async def cancel(self, job_id: str, now: datetime) -> Job:
-        return await self._run(ops.cancel, job_id, now)
+    async def cancel(self, job_id: str, now: datetime, actor: str = "client") -> Moved[Job]:
+        return await self._run(ops.cancel, job_id, now, actor)
 
-    async def reap_expired(self, now: datetime) -> list[ReapedLease]:
+    async def reap_expired(self, now: datetime) -> Moved[int]:
         return await self._run(ops.reap_expired, self._rng, now)
 
-    async def promote_scheduled(self, now: datetime) -> list[tuple[str, str]]:
+    async def promote_scheduled(self, now: datetime) -> Moved[int]:
         return await self._run(ops.promote_scheduled, now)
 
     async def next_scheduled_at(self) -> datetime | None:
@@ -177,18 +190,31 @@ class SqlStore(Store):
     async def list_jobs(self, where: JobFilter) -> JobPage:
         return await self._run(ops.list_jobs, where)
 
-    async def job_events(self, job_id: str, after: int = 0) -> list[JobEvent]:
-        return await self._run(ops.job_events_of, job_id, after)
+    async def explain_job(self, job_id: str) -> JobFacts:
+        return await self._run(ops.explain_job, job_id)
+
+    async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        return await self._run(ops.job_events_of, job_id, after, limit)
+
+    async def tail_events(
+        self, after: int, queue: str | None, task: str | None, limit: int
+    ) -> list[JobEvent]:
+        return await self._run(events.tail, after, queue, task, limit)
+
+    async def last_event_seq(self) -> int:
+        return await self._run(events.last_seq)
 
     async def replay_dead(
-        self, queue: str | None, job_ids: Sequence[str], now: datetime
-    ) -> list[str]:
-        return await self._run(ops.replay_dead, queue, job_ids, now)
+        self, queue: str | None, job_ids: Sequence[str], now: datetime, actor: str = "client"
+    ) -> Moved[list[str]]:
+        return await self._run(ops.replay_dead, queue, job_ids, now, actor)
 
-    async def purge_dead(self, queue: str | None, job_ids: Sequence[str]) -> int:
-        return await self._run(ops.purge_dead, queue, job_ids)
+    async def purge_dead(
+        self, queue: str | None, job_ids: Sequence[str], now: datetime, actor: str = "client"
+    ) -> Moved[int]:
+        return await self._run(ops.purge_dead, queue, job_ids, now, actor)
 
-    async def delete_finished(self, before: datetime, limit: int) -> int:
+    async def delete_finished(self, before: datetime, limit: int) -> Moved[int]:
         return await self._run(ops.delete_finished, before, limit)
 
     async def queue_depths(self, max_queues: int) -> dict[tuple[str | None, JobState], int]:

@@ -110,7 +110,7 @@ jobs = sa.Table(
 
 _pending = jobs.c.state == "pending"
 _scheduled = jobs.c.state == "scheduled"
-_running = jobs.c.state == "running"
+_held = jobs.c.state.in_(["leased", "running"])
 _finished = jobs.c.state.in_(["succeeded", "cancelled"])
 _dead = jobs.c.state == "dead"
 
@@ -131,8 +131,8 @@ sa.Index(
 sa.Index(
     "ix_jobs_running",
     jobs.c.lease_expires_at,
-    sqlite_where=_running,
-    postgresql_where=_running,
+    sqlite_where=_held,
+    postgresql_where=_held,
 )
 # Finished jobs by age, for retention. Partial like the three above: a key
 # that holds the state is rewritten by every lease and completion.
