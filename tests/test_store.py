@@ -36,7 +36,7 @@ from jobbroker_server.domain.models import (
 )
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import Reason, Transition
+from jobbroker_server.domain.transitions import Moved, Reason, Transition
 from jobbroker_server.domain.transitions import check as check_transition
 from jobbroker_server.store import Store, open_store
 from jobbroker_server.store import sqlite as sqlite_store
@@ -50,13 +50,61 @@ LEASE = timedelta(seconds=30)
 WINDOW = timedelta(hours=1)
 
 
+class CheckedStore:
+    """The store, with every operation that moves jobs held to its word: each
+    transition it returns is allowed by the state table and by its reason, the
+    transitions of one job chain (each starts where the one before ended), and
+    the last leaves the job's row in the state it names (or deleted). The
+    operation's result is returned as the store returns it without the seam,
+    and its transitions are kept in ``moved``."""
+
+    def __init__(self, store: Store) -> None:
+        self.raw = store
+        self.moved: list[Transition] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.raw, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+
+        async def checked(*args: Any, **kwargs: Any) -> Any:
+            out = await method(*args, **kwargs)
+            if not isinstance(out, Moved):
+                return out
+            await self._check(out.transitions)
+            self.moved += out.transitions
+            return out.result
+
+        return checked
+
+    async def _check(self, transitions: list[Transition]) -> None:
+        last: dict[str, Transition] = {}
+        for t in transitions:
+            check_transition(t)
+            if t.job_id in last:
+                assert last[t.job_id].target is t.source, (last[t.job_id], t)
+            last[t.job_id] = t
+        for job_id, t in last.items():
+            if t.target is None:
+                with pytest.raises(NotFound):
+                    await self.raw.get_job(job_id, history=False)
+                continue
+            row = await self.raw.get_job(job_id, history=False)
+            assert row.state is t.target, (t, row.state)
+            assert row.queue == t.queue
+
+
 class Harness:
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
-        self.store = store
+        self.store = CheckedStore(store)
         self.loop = loop
 
     def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
+
+    def moved_to(self, job_id: str) -> JobState | None:
+        """The state the latest operation on the job left it in."""
+        return [t for t in self.store.moved if t.job_id == job_id][-1].target
 
 
 @pytest.fixture
@@ -64,7 +112,8 @@ def db(database: str) -> Iterator[Harness]:
     loop = asyncio.new_event_loop()
     store = open_store(database)
     loop.run_until_complete(store.migrate())
-    yield Harness(store, loop)
+    harness = Harness(store, loop)
+    yield harness
     loop.run_until_complete(store.close())
     loop.close()
 
@@ -105,7 +154,7 @@ def test_lease_takes_highest_priority_first_then_fifo(db: Harness) -> None:
     leases = db(db.store.lease_many(["q"], 10, "w", LEASE, T0))
     got = [lease.job.id for lease in leases]
     assert got == [jobs[1].id, jobs[3].id, jobs[4].id, jobs[0].id, jobs[2].id]
-    assert all(lease.job.state is JobState.RUNNING for lease in leases)
+    assert all(lease.job.state is JobState.LEASED for lease in leases)
     assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
 
 
@@ -142,7 +191,7 @@ def test_submit_and_lease_fills_each_ask_in_the_same_transaction(db: Harness) ->
     # Each ask is served in order, highest priority first, then FIFO: the
     # job already waiting goes before the new one of its priority.
     assert [[x.job.id for x in leases] for leases in leased] == [[urgent.id, older.id], [plain.id]]
-    assert all(x.job.state is JobState.RUNNING and x.fencing_token >= 1 for x in leased[1])
+    assert all(x.job.state is JobState.LEASED and x.fencing_token >= 1 for x in leased[1])
     assert db(db.store.get_job(later.id)).state is JobState.SCHEDULED
     assert db(db.store.lease_many(["q"], 10, "w", LEASE, T0)) == []
 
@@ -158,8 +207,9 @@ def test_delayed_job_waits_for_the_scheduler(db: Harness) -> None:
     assert r.state is JobState.SCHEDULED
     assert db(db.store.lease_many(["q"], 1, "w", LEASE, T0)) == []
     assert db(db.store.next_scheduled_at()) == T0 + timedelta(minutes=5)
-    assert db(db.store.promote_scheduled(T0 + timedelta(minutes=4))) == []
-    assert db(db.store.promote_scheduled(T0 + timedelta(minutes=5))) == [(r.job_id, "q")]
+    assert db(db.store.promote_scheduled(T0 + timedelta(minutes=4))) == 0
+    assert db(db.store.promote_scheduled(T0 + timedelta(minutes=5))) == 1
+    assert db.moved_to(r.job_id) is JobState.PENDING
     assert len(db(db.store.lease_many(["q"], 1, "w", LEASE, T0))) == 1
 
 
@@ -172,10 +222,10 @@ def test_stale_fencing_token_changes_nothing(db: Harness) -> None:
     [beat] = db(db.store.heartbeat_many([stale], LEASE, T0))
     assert beat.status is ReportStatus.LEASE_LOST
     after = db(db.store.get_job(lease.job.id))
-    assert after.state is JobState.RUNNING and after.result is None
+    assert after.state is JobState.LEASED and after.result is None
     current = LeaseRef(lease.job.id, lease.fencing_token)
     [ok] = db(db.store.complete_many([Completion(current, Payload(b"1"))], T0))
-    assert ok.status is ReportStatus.OK and ok.state is JobState.SUCCEEDED
+    assert ok.status is ReportStatus.OK and db.moved_to(lease.job.id) is JobState.SUCCEEDED
     [again] = db(db.store.complete_many([Completion(current, Payload(b"2"))], T0))
     assert again.status is ReportStatus.LEASE_LOST
     assert db(db.store.get_job(lease.job.id)).result == Payload(b"1")
@@ -193,13 +243,13 @@ def test_failures_back_off_then_dead_letter_with_history(db: Harness) -> None:
     [lease] = db(db.store.lease_many(["q"], 1, "w1", LEASE, T0))
     ref = LeaseRef(r.job_id, lease.fencing_token)
     [f1] = db(db.store.fail_many([Failure(ref, ErrorInfo("E", "one"))], T0))
-    assert f1.state is JobState.SCHEDULED
+    assert f1.status is ReportStatus.OK and db.moved_to(r.job_id) is JobState.SCHEDULED
     assert db(db.store.get_job(r.job_id)).scheduled_at == T0 + timedelta(seconds=10)
     db(db.store.promote_scheduled(T0 + timedelta(seconds=10)))
     [lease2] = db(db.store.lease_many(["q"], 1, "w2", LEASE, T0))
     ref2 = LeaseRef(r.job_id, lease2.fencing_token)
     [f2] = db(db.store.fail_many([Failure(ref2, ErrorInfo("E", "two", "tb"))], T0))
-    assert f2.state is JobState.DEAD
+    assert f2.status is ReportStatus.OK and db.moved_to(r.job_id) is JobState.DEAD
     dead = db(db.store.get_job(r.job_id))
     assert dead.attempts == 2 and dead.last_error == ErrorInfo("E", "two", "tb")
     assert [(a.worker_id, a.outcome, a.error.message if a.error else "") for a in dead.history] == [
@@ -220,7 +270,7 @@ def test_permanent_failure_skips_retries(db: Harness) -> None:
     [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     ref = LeaseRef(r.job_id, lease.fencing_token)
     [f] = db(db.store.fail_many([Failure(ref, ErrorInfo("E", "x"), permanent=True)], T0))
-    assert f.state is JobState.DEAD
+    assert f.status is ReportStatus.OK and db.moved_to(r.job_id) is JobState.DEAD
 
 
 def test_idempotency_key_returns_the_existing_job_inside_the_window(db: Harness) -> None:
@@ -236,15 +286,25 @@ def test_reaper_retries_expired_leases_and_times_out_overdue_attempts(db: Harnes
     quiet, slow = job(), job(timeout=timedelta(seconds=5))
     db(db.store.submit_many([quiet, slow], T0, WINDOW))
     leases = db(db.store.lease_many(["q"], 2, "w", timedelta(seconds=60), T0))
-    assert db(db.store.reap_expired(T0 + timedelta(seconds=1))) == []
-    # The slow one heartbeats but passes its hard timeout.
-    db(db.store.heartbeat_many([ref(leases, slow)], timedelta(seconds=60), T0))
-    [timed_out] = db(db.store.reap_expired(T0 + timedelta(seconds=6)))
-    assert timed_out.lease.job_id == slow.id and timed_out.outcome is AttemptOutcome.TIMED_OUT
-    [expired] = db(db.store.reap_expired(T0 + timedelta(seconds=61)))
-    assert expired.lease.job_id == quiet.id
-    assert expired.outcome is AttemptOutcome.LEASE_EXPIRED
-    assert expired.state is JobState.SCHEDULED
+    assert db(db.store.reap_expired(T0 + timedelta(seconds=1))) == 0
+    # Held in a window, the slow one's hard timeout has not begun: it starts
+    # with its handler, which it does later.
+    assert db(db.store.reap_expired(T0 + timedelta(seconds=6))) == 0
+    started = T0 + timedelta(seconds=6)
+    db(db.store.start_many([ref(leases, slow)], started))
+    assert db(db.store.get_job(slow.id)).started_at == started
+    # It heartbeats but passes its hard timeout.
+    db(db.store.heartbeat_many([ref(leases, slow)], timedelta(seconds=60), started))
+    assert db(db.store.reap_expired(T0 + timedelta(seconds=10))) == 0
+    assert db(db.store.reap_expired(T0 + timedelta(seconds=12))) == 1
+    [timed_out] = db.store.moved[-1:]
+    assert timed_out.job_id == slow.id and timed_out.reason is Reason.TIMED_OUT
+    assert timed_out.source is JobState.RUNNING
+    assert db(db.store.reap_expired(T0 + timedelta(seconds=61))) == 1
+    [expired] = db.store.moved[-1:]
+    assert expired.job_id == quiet.id and expired.source is JobState.LEASED
+    assert expired.reason is Reason.LEASE_EXPIRED
+    assert expired.target is JobState.SCHEDULED
     assert {lease.job.id for lease in leases} == {quiet.id, slow.id}
 
 
@@ -254,10 +314,14 @@ def test_cancel_pending_at_once_running_on_report_finished_refused(db: Harness) 
     leases = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     db(db.store.submit_many([b], T0, WINDOW))
     assert db(db.store.cancel(b.id, T0)).state is JobState.CANCELLED
-    running = db(db.store.cancel(a.id, T0))
-    assert running.state is JobState.RUNNING  # its worker is told; the report ends it
+    held = db(db.store.cancel(a.id, T0))
+    assert held.state is JobState.LEASED and held.cancel_requested  # its worker is told
+    assert db.store.moved[-1].reason is Reason.CANCEL_REQUESTED
+    asked = len(db.store.moved)
+    db(db.store.cancel(a.id, T0))  # asked once: no second request
+    assert len(db.store.moved) == asked
     [r] = db(db.store.fail_many([Failure(ref(leases, a), ErrorInfo("E", "x"))], T0))
-    assert r.state is JobState.CANCELLED
+    assert r.status is ReportStatus.OK and db.moved_to(a.id) is JobState.CANCELLED
     with pytest.raises(IllegalTransition, match="cancelled job cannot become cancelled"):
         db(db.store.cancel(a.id, T0))
 
@@ -266,7 +330,7 @@ def test_release_hands_back_without_counting_an_attempt(db: Harness) -> None:
     db(db.store.submit_many([job()], T0, WINDOW))
     [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     [r] = db(db.store.release_many([LeaseRef(lease.job.id, lease.fencing_token)], T0))
-    assert r.state is JobState.PENDING
+    assert r.status is ReportStatus.OK and db.moved_to(lease.job.id) is JobState.PENDING
     again = db(db.store.get_job(lease.job.id))
     assert again.attempts == 0 and again.history[0].outcome is AttemptOutcome.RELEASED
 
@@ -282,7 +346,7 @@ def test_retention_deletes_finished_jobs_but_keeps_dead_ones(db: Harness) -> Non
     with pytest.raises(NotFound):
         db(db.store.get_job(ok.id))
     assert db(db.store.get_job(dead.id)).state is JobState.DEAD
-    assert db(db.store.purge_dead(None, [dead.id])) == 1
+    assert db(db.store.purge_dead(None, [dead.id], T0)) == 1
     assert db(db.store.queue_depths(1000)) == {}
 
 
@@ -309,12 +373,12 @@ def test_a_lease_is_reported_only_under_its_key_and_reaped_whatever_its_key(
         [db(db.store.progress(Progress(other, 0.5, ""), T0))],
     ):
         assert [r.status for r in results] == [ReportStatus.LEASE_LOST]
-    assert db(db.store.get_job(kept.id)).state is JobState.RUNNING
+    assert db(db.store.get_job(kept.id)).state is JobState.LEASED
     [done] = db(db.store.complete_many([Completion(replace(mine, holder="key-a"), None)], T0))
-    assert done.status is ReportStatus.OK and done.state is JobState.SUCCEEDED
+    assert done.status is ReportStatus.OK and db.moved_to(kept.id) is JobState.SUCCEEDED
     # The reaper ends an expired lease whichever key holds it.
-    [reaped] = db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1)))
-    assert reaped.lease.job_id == theirs.job_id and reaped.state is JobState.SCHEDULED
+    assert db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1))) == 1
+    assert db.moved_to(theirs.job_id) is JobState.SCHEDULED
     assert db(db.store.get_job(lost.id)).state is JobState.SCHEDULED
 
 
@@ -326,7 +390,7 @@ def test_heartbeat_extends_only_current_leases(db: Harness) -> None:
     assert beat.status is ReportStatus.OK and beat.lease_expires_at == later + LEASE
     assert db(db.store.get_job(lease.job.id)).lease_expires_at == later + LEASE
     # The first expiry has passed; the extended lease has not.
-    assert db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1))) == []
+    assert db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1))) == 0
 
 
 def test_each_completion_keeps_its_own_result(db: Harness) -> None:
@@ -506,7 +570,7 @@ def test_queue_depths_count_waiting_running_and_dead_jobs_per_queue(db: Harness)
     later = job("b", run_at=T0 + timedelta(hours=1))
     db(db.store.submit_many([job("b"), job("b"), later, job("c")], T0, WINDOW))
     assert db(db.store.queue_depths(1000)) == {
-        ("a", JobState.RUNNING): 1,
+        ("a", JobState.LEASED): 1,
         ("a", JobState.DEAD): 1,
         ("b", JobState.PENDING): 2,
         ("b", JobState.SCHEDULED): 1,
@@ -514,7 +578,7 @@ def test_queue_depths_count_waiting_running_and_dead_jobs_per_queue(db: Harness)
     }
     # Past the cap, the other queues are counted together, by state.
     assert db(db.store.queue_depths(1)) == {
-        ("a", JobState.RUNNING): 1,
+        ("a", JobState.LEASED): 1,
         ("a", JobState.DEAD): 1,
         (None, JobState.PENDING): 3,
         (None, JobState.SCHEDULED): 1,
@@ -566,8 +630,8 @@ def test_a_stored_job_past_every_limit_neither_stops_leasing_nor_the_reaper(db: 
     db(db.store.submit_many([poison, other], T0, WINDOW))
     leases = db(db.store.lease_many(["q"], 10, "w", LEASE, T0))
     assert {lease.job.id for lease in leases} == {poison.id, other.id}
-    reaped = db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1)))
-    assert {r.lease.job_id: r.state for r in reaped} == {
+    assert db(db.store.reap_expired(T0 + LEASE + timedelta(seconds=1))) == 2
+    assert {t.job_id: t.target for t in db.store.moved[-2:]} == {
         poison.id: JobState.SCHEDULED,
         other.id: JobState.SCHEDULED,
     }
@@ -584,7 +648,7 @@ def _assert_story(db: Harness, job_id: str) -> list[str]:
     state: str | None = None
     for event in story:
         if event.reason == "progress":
-            assert state == "running" == event.source == event.target
+            assert state == event.source == event.target
             continue
         source = JobState(event.source) if event.source else None
         check_transition(
@@ -629,6 +693,7 @@ def test_every_operation_logs_the_transitions_it_made(db: Harness) -> None:
         "failed",
         "promoted",
         "leased",
+        "started",
         "succeeded",
     ]
     assert _assert_story(db, doomed.id) == ["submitted", "leased", "dead_lettered", "replayed"]
@@ -638,15 +703,23 @@ def test_every_operation_logs_the_transitions_it_made(db: Harness) -> None:
         "lease_expired",
         "promoted",
         "leased",
+        "started",
         "succeeded",
     ]
-    assert _assert_story(db, later.id) == ["submitted", "promoted", "leased", "succeeded"]
+    assert _assert_story(db, later.id) == [
+        "submitted",
+        "promoted",
+        "leased",
+        "started",
+        "succeeded",
+    ]
     assert _assert_story(db, dropped.id) == ["submitted", "cancelled"]
     assert _assert_story(db, handed.id) == [
         "submitted",
         "leased",
         "released",
         "leased",
+        "started",
         "succeeded",
     ]
     [failed] = [e for e in db(db.store.job_events(flaky.id)) if e.reason == "failed"]
@@ -664,8 +737,33 @@ def test_a_purged_or_expired_job_takes_its_events_with_it(db: Harness) -> None:
     leases = db(db.store.lease_many(["q"], 2, "w", LEASE, T0))
     db(db.store.complete_many([Completion(ref(leases, done), None)], T0))
     db(db.store.fail_many([Failure(ref(leases, dead), ErrorInfo("E", "x"))], T0))
-    assert db(db.store.purge_dead("q", [dead.id])) == 1
+    assert db(db.store.purge_dead("q", [dead.id], T0)) == 1
     assert db(db.store.delete_finished(T0 + timedelta(days=1), 100)) == 1
     for gone in (done, dead):
         with pytest.raises(NotFound):
             db(db.store.job_events(gone.id))
+
+
+def test_a_held_job_runs_from_its_handlers_start(db: Harness) -> None:
+    reported, finished_first, never = job(), job(), job(max_attempts=1)
+    db(db.store.submit_many([reported, finished_first, never], T0, WINDOW))
+    leases = db(db.store.lease_many(["q"], 3, "w", LEASE, T0))
+    assert all(x.job.state is JobState.LEASED and x.job.started_at is None for x in leases)
+    # A start report: running from then; reported again, nothing moves.
+    at = T0 + timedelta(seconds=3)
+    db(db.store.start_many([ref(leases, reported)], at))
+    db(db.store.start_many([ref(leases, reported)], at + timedelta(seconds=1)))
+    started = db(db.store.get_job(reported.id))
+    assert started.state is JobState.RUNNING and started.started_at == at
+    assert started.history[-1].started_at == at
+    # A job that ended before its start was reported started run_time earlier.
+    done_at = T0 + timedelta(seconds=10)
+    completion = Completion(ref(leases, finished_first), None, timedelta(seconds=2))
+    db(db.store.complete_many([completion], done_at))
+    done = db(db.store.get_job(finished_first.id))
+    assert done.started_at == done_at - timedelta(seconds=2) == done.history[-1].started_at
+    assert _assert_story(db, finished_first.id)[-2:] == ["started", "succeeded"]
+    # A job whose handler never ran (run_time unset) fails from leased.
+    db(db.store.fail_many([Failure(ref(leases, never), ErrorInfo("E", "no handler"))], done_at))
+    assert _assert_story(db, never.id) == ["submitted", "leased", "dead_lettered"]
+    assert db(db.store.get_job(never.id)).started_at is None
