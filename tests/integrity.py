@@ -6,12 +6,13 @@ SQLite's WAL, REPEATABLE READ on PostgreSQL), and names every row that breaks
 an invariant the store keeps in every transaction:
 
 - every job is in a state of ``domain/states.py``, every attempt has a known outcome;
-- a running job holds a lease (holder, expiry, start) and exactly one attempt
-  in outcome running, the one of its current fencing token;
-- no other attempt is left running: not on a job that is not running, not
+- a held job (leased or running) holds a lease (holder, expiry) and exactly
+  one attempt in outcome running, the one of its current fencing token; a
+  running one has started, a leased one has not;
+- no other attempt is left running: not on a job that is not held, not
   under an older token;
 - no attempt belongs to a job that is gone (an orphan);
-- a job that is not running holds no lease, and a job has ``finished_at``
+- a job that is not held holds no lease, and a job has ``finished_at``
   exactly when it is terminal; an attempt has ``finished_at`` exactly when it ended;
 - every lease left an attempt row: a job's newest attempt is of its fencing
   token (tokens grow by a random step, so they are not counted), and
@@ -46,6 +47,7 @@ SAMPLE = 5  # offending ids shown per broken invariant
 _STATES = sorted(s.value for s in JobState)
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _OUTCOMES = sorted(o.value for o in AttemptOutcome)
+_HELD = "('leased', 'running')"
 
 # What each job's attempts add up to, for the checks of a job row.
 _PER_JOB = """
@@ -61,24 +63,28 @@ _PER_JOB = """
 _JOB_CHECKS: tuple[tuple[str, str], ...] = (
     ("job in an unknown state", "j.state NOT IN :states"),
     (
-        "running job without exactly one running attempt, of its fencing token",
-        "j.state = 'running' AND NOT (COALESCE(a.running, 0) = 1"
+        "held job without exactly one running attempt, of its fencing token",
+        f"j.state IN {_HELD} AND NOT (COALESCE(a.running, 0) = 1"
         " AND a.running_token = j.fencing_token)",
     ),
     (
-        "attempt left running on a job that is not running, or under an older token",
-        "COALESCE(a.running, 0) > 0 AND (j.state <> 'running' OR a.running > 1"
+        "attempt left running on a job that is not held, or under an older token",
+        f"COALESCE(a.running, 0) > 0 AND (j.state NOT IN {_HELD} OR a.running > 1"
         " OR a.running_token <> j.fencing_token)",
     ),
     (
-        "running job without a lease (holder, expiry or start)",
-        "j.state = 'running' AND (j.lease_expires_at IS NULL OR j.leased_by IS NULL"
-        " OR j.started_at IS NULL)",
+        "held job without a lease (holder or expiry)",
+        f"j.state IN {_HELD} AND (j.lease_expires_at IS NULL OR j.leased_by IS NULL)",
     ),
     (
-        "job that is not running but holds a lease",
-        "j.state <> 'running' AND (j.lease_expires_at IS NOT NULL OR j.leased_by IS NOT NULL"
-        " OR j.deadline_at IS NOT NULL)",
+        "running job that has not started, or leased job that has (or has a deadline)",
+        "(j.state = 'running' AND j.started_at IS NULL) OR (j.state = 'leased'"
+        " AND (j.started_at IS NOT NULL OR j.deadline_at IS NOT NULL))",
+    ),
+    (
+        "job that is not held but holds a lease",
+        f"j.state NOT IN {_HELD} AND (j.lease_expires_at IS NOT NULL"
+        " OR j.leased_by IS NOT NULL OR j.deadline_at IS NOT NULL)",
     ),
     (
         "finished_at set on a job that is not terminal, or missing on one that is",

@@ -102,6 +102,22 @@ TABLE: dict[str, tuple[set[str], Call]] = {
         _PRODUCE,
         lambda s, m: s.CancelJob(broker_pb2.CancelJobRequest(job_id=MISSING), metadata=m),
     ),
+    "ListJobEvents": (
+        _PRODUCE,
+        lambda s, m: s.ListJobEvents(broker_pb2.ListJobEventsRequest(job_id=MISSING), metadata=m),
+    ),
+    "WatchJob": (
+        _PRODUCE,
+        lambda s, m: list(s.WatchJob(broker_pb2.WatchJobRequest(job_id=MISSING), metadata=m)),
+    ),
+    "TailEvents": (
+        _PRODUCE,
+        lambda s, m: list(s.TailEvents(broker_pb2.TailEventsRequest(), metadata=m, timeout=1)),
+    ),
+    "ExplainJob": (
+        _PRODUCE,
+        lambda s, m: s.ExplainJob(broker_pb2.ExplainJobRequest(job_id=MISSING), metadata=m),
+    ),
     "ListJobs": (_PRODUCE, lambda s, m: s.ListJobs(broker_pb2.ListJobsRequest(), metadata=m)),
     "LeaseStream": (
         {"worker", "admin"},
@@ -322,7 +338,7 @@ def test_a_lease_of_another_key_is_refused_even_with_its_fencing_token(
             assert result.status == broker_pb2.REPORT_STATUS_LEASE_LOST, seq
             assert str(token) not in result.message  # the refusal gives nothing away
         job = stub.GetJob(broker_pb2.GetJobRequest(job_id=submitted.job_id), metadata=admin).job
-        assert job.state == job_pb2.JOB_STATE_RUNNING and job.attempts == 1
+        assert job.state == job_pb2.JOB_STATE_LEASED and job.attempts == 1
         holder.send(seq=9, complete=_complete(submitted.job_id, token))
         [done] = holder.ack(9).results
         assert done.status == broker_pb2.REPORT_STATUS_OK

@@ -22,8 +22,13 @@ from jobbroker_server.rpc import convert
 ALLOWED = {
     ("scheduled", "pending"),
     ("scheduled", "cancelled"),
-    ("pending", "running"),
+    ("pending", "leased"),
     ("pending", "cancelled"),
+    ("leased", "running"),
+    ("leased", "dead"),
+    ("leased", "cancelled"),
+    ("leased", "pending"),
+    ("leased", "scheduled"),
     ("running", "succeeded"),
     ("running", "dead"),
     ("running", "cancelled"),
@@ -47,7 +52,7 @@ def test_transition_table_is_the_documented_one(src: JobState, dst: JobState) ->
 
 def test_terminal_states_have_no_way_out_but_replay() -> None:
     assert {s for s in JobState if s.terminal} == {"succeeded", "dead", "cancelled"}
-    assert states.sources(JobState.PENDING) == {"scheduled", "running", "dead"}
+    assert states.sources(JobState.PENDING) == {"scheduled", "leased", "running", "dead"}
 
 
 def test_backoff_grows_exponentially_up_to_the_cap() -> None:
@@ -120,8 +125,11 @@ def test_wire_durations_match_protobufs_own_conversion(span: timedelta) -> None:
 def test_every_reason_moves_only_along_the_state_table() -> None:
     for reason, shapes in SHAPES.items():
         for source, target in shapes:
-            if source is not None and target is not None:
+            if source is not None and target is not None and source is not target:
                 assert allowed(source, target), (reason, source, target)
+    # Only the reasons that are lines of the story, not moves, stay put.
+    stays = {r for r, shapes in SHAPES.items() if any(s is t for s, t in shapes)}
+    assert stays == {Reason.CANCEL_REQUESTED, Reason.PROGRESS}
 
 
 def test_every_edge_of_the_state_table_has_a_reason() -> None:
@@ -136,8 +144,15 @@ def test_every_edge_of_the_state_table_has_a_reason() -> None:
     [
         (Reason.SUBMITTED, None, JobState.PENDING, True),
         (Reason.SUBMITTED, JobState.PENDING, JobState.RUNNING, False),
-        (Reason.LEASED, JobState.PENDING, JobState.RUNNING, True),
-        (Reason.LEASED, JobState.SCHEDULED, JobState.RUNNING, False),
+        (Reason.LEASED, JobState.PENDING, JobState.LEASED, True),
+        (Reason.LEASED, JobState.PENDING, JobState.RUNNING, False),
+        (Reason.LEASED, JobState.SCHEDULED, JobState.LEASED, False),
+        (Reason.STARTED, JobState.LEASED, JobState.RUNNING, True),
+        (Reason.SUCCEEDED, JobState.LEASED, JobState.SUCCEEDED, False),
+        (Reason.FAILED, JobState.LEASED, JobState.PENDING, True),
+        (Reason.TIMED_OUT, JobState.LEASED, JobState.PENDING, False),
+        (Reason.CANCEL_REQUESTED, JobState.RUNNING, JobState.RUNNING, True),
+        (Reason.CANCEL_REQUESTED, JobState.PENDING, JobState.PENDING, False),
         (Reason.FAILED, JobState.RUNNING, JobState.SCHEDULED, True),
         (Reason.FAILED, JobState.RUNNING, JobState.DEAD, False),
         (Reason.DEAD_LETTERED, JobState.RUNNING, JobState.DEAD, True),

@@ -700,7 +700,30 @@ def read_requests() -> st.SearchStrategy[tuple[str, Message]]:
             ("GetJob", broker_pb2.GetJobRequest),
             ("WaitJob", broker_pb2.WaitJobRequest),
             ("CancelJob", broker_pb2.CancelJobRequest),
+            ("ExplainJob", broker_pb2.ExplainJobRequest),
         )
+    ]
+    seq = st.one_of(st.sampled_from([0, 1, 2**63, 2**64 - 1]), UINT64)
+    events = [
+        st.tuples(
+            st.just("ListJobEvents"),
+            st.builds(
+                broker_pb2.ListJobEventsRequest, job_id=job_id, after_seq=seq, page_size=UINT32
+            ),
+        ),
+        st.tuples(
+            st.just("WatchJob"),
+            st.builds(broker_pb2.WatchJobRequest, job_id=job_id, after_seq=seq),
+        ),
+        st.tuples(
+            st.just("TailEvents"),
+            st.builds(
+                broker_pb2.TailEventsRequest,
+                after_seq=st.one_of(st.just(1), seq),
+                queue=queue_,
+                task=st.one_of(st.just(""), TEXT),
+            ),
+        ),
     ]
     dead = [
         st.tuples(st.just(name), st.builds(kind, queue=queue_, job_ids=job_ids, all=st.booleans()))
@@ -728,19 +751,29 @@ def read_requests() -> st.SearchStrategy[tuple[str, Message]]:
             ),
         ),
     ]
-    return st.one_of(*by_id, *dead, *listings)
+    return st.one_of(*by_id, *events, *dead, *listings)
 
 
-def wait_job(fuzz: Fuzzer, request: broker_pb2.WaitJobRequest) -> None:
-    """The first event, then hang up: a job that is not terminal is watched for ever."""
-    fuzz.sent("WaitJob")
-    call = fuzz.stub.WaitJob(request, timeout=TIMEOUT)
+# A stream that may have nothing to send yet (a tail from now, a quiet job)
+# is given this long for its first message.
+FIRST_MESSAGE = 3.0
+STREAMS = ("WaitJob", "WatchJob", "TailEvents")
+
+
+def first_message(fuzz: Fuzzer, name: str, request: Message) -> None:
+    """The first message, then hang up: a job that is not terminal, or the
+    broker's event log, is followed for ever."""
+    fuzz.sent(name)
+    call = getattr(fuzz.stub, name)(request, timeout=FIRST_MESSAGE)
     try:
-        event = next(call, None)
-        if event is not None:
-            assert event.job.id == request.job_id, describe(request)
+        message = next(call, None)
+        if message is not None and name == "WaitJob":
+            assert message.job.id == request.job_id, describe(request)
+        if message is not None and name == "WatchJob":
+            assert message.job_id == request.job_id, describe(request)
+            assert message.seq > request.after_seq, describe(request)
     except grpc.RpcError as error:
-        fuzz.refused("WaitJob", error, request)
+        fuzz.refused(name, error, request)
         return
     finally:
         call.cancel()
@@ -751,8 +784,8 @@ def wait_job(fuzz: Fuzzer, request: broker_pb2.WaitJobRequest) -> None:
 def test_fuzz_reads_and_operators(fuzz: Fuzzer) -> None:
     def send(calls: list[tuple[str, Message]]) -> None:
         for name, request in calls:
-            if isinstance(request, broker_pb2.WaitJobRequest):
-                wait_job(fuzz, request)
+            if name in STREAMS:
+                first_message(fuzz, name, request)
             else:
                 fuzz.unary(name, request)
 
@@ -1024,7 +1057,7 @@ def check_answers(
     for answer in talk.answers:
         for leased in answer.leased.jobs:
             assert leased.job.queue in queues, f"leased from a queue not subscribed: {shown}"
-            assert leased.job.state == job_pb2.JOB_STATE_RUNNING, describe(leased)
+            assert leased.job.state == job_pb2.JOB_STATE_LEASED, describe(leased)
             assert leased.fencing_token >= 1, describe(leased)
         if answer.WhichOneof("kind") == "cancel":
             assert answer.cancel.reason in broker_pb2.CancelReason.values(), describe(answer)
@@ -1102,6 +1135,10 @@ TEMPLATES: dict[str, Message] = {
         name="fz-key", role=broker_pb2.ROLE_WORKER, queues=[SHARED]
     ),
     "ListApiKeys": broker_pb2.ListApiKeysRequest(include_revoked=True),
+    "ListJobEvents": broker_pb2.ListJobEventsRequest(job_id=str(uuid.uuid4()), page_size=5),
+    "WatchJob": broker_pb2.WatchJobRequest(job_id=str(uuid.uuid4()), after_seq=1),
+    "TailEvents": broker_pb2.TailEventsRequest(after_seq=1, queue=SHARED),
+    "ExplainJob": broker_pb2.ExplainJobRequest(job_id=str(uuid.uuid4())),
     "RevokeApiKey": broker_pb2.RevokeApiKeyRequest(key="fz-key"),
 }
 assert set(TEMPLATES) == set(METHODS), "a Broker RPC without a fuzz template"
@@ -1149,7 +1186,7 @@ def send_raw(fuzz: Fuzzer, name: str, bodies: list[bytes]) -> None:
             for _ in fuzz.channel.stream_stream(path)(iter(bodies), timeout=TIMEOUT):
                 pass
         elif method.server_streaming:
-            call = fuzz.channel.unary_stream(path)(bodies[0], timeout=TIMEOUT)
+            call = fuzz.channel.unary_stream(path)(bodies[0], timeout=FIRST_MESSAGE)
             try:
                 next(call, None)
             finally:
