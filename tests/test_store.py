@@ -767,3 +767,15 @@ def test_a_held_job_runs_from_its_handlers_start(db: Harness) -> None:
     db(db.store.fail_many([Failure(ref(leases, never), ErrorInfo("E", "no handler"))], done_at))
     assert _assert_story(db, never.id) == ["submitted", "leased", "dead_lettered"]
     assert db(db.store.get_job(never.id)).started_at is None
+
+
+def test_event_numbers_only_grow_even_when_the_newest_events_job_is_deleted(db: Harness) -> None:
+    first, last = job(), job(max_attempts=1)
+    db(db.store.submit_many([first, last], T0, WINDOW))
+    [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    [lease2] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    db(db.store.fail_many([Failure(ref([lease2], last), ErrorInfo("E", "x"))], T0))
+    newest = db(db.store.last_event_seq())
+    db(db.store.purge_dead("q", [last.id], T0))  # takes the newest events with it
+    db(db.store.complete_many([Completion(ref([lease], first), None)], T0))
+    assert db(db.store.job_events(first.id))[-1].seq > newest

@@ -70,9 +70,18 @@ def _v6_job_events(conn: Connection) -> None:
 
 def _v7_leased_state(conn: Connection) -> None:
     """Jobs held in a worker's window are leased until their handler starts:
-    the index of held jobs (for the reaper) covers both states."""
+    the index of held jobs (for the reaper) covers both states. On SQLite the
+    event log's numbers become AUTOINCREMENT, so that they only grow even when
+    the newest event's job is deleted: the table is made again, its rows kept."""
     conn.execute(sa.text("DROP INDEX IF EXISTS ix_jobs_running"))
     _index("ix_jobs_running").create(conn)
+    if conn.dialect.name != "sqlite":
+        return
+    conn.execute(sa.text("ALTER TABLE job_events RENAME TO job_events_v6"))
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_job_events_job"))
+    job_events.create(conn)
+    conn.execute(sa.text("INSERT INTO job_events SELECT * FROM job_events_v6"))
+    conn.execute(sa.text("DROP TABLE job_events_v6"))
 
 
 # (version, step); append new steps, never edit old ones.

@@ -179,6 +179,8 @@ job_events = sa.Table(
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("actor", sa.String(200), nullable=False),
     sa.Column("detail", sa.JSON, nullable=False),
+    # Without it SQLite gives the next row the number of a deleted newest one.
+    sqlite_autoincrement=True,
 )
 sa.Index("ix_job_events_job", job_events.c.job_id, job_events.c.seq)
 
