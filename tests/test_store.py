@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import pytest
 
 from jobbroker_server.domain.errors import IllegalTransition, NotFound
@@ -40,6 +41,7 @@ from jobbroker_server.domain.transitions import Moved, Reason, Transition
 from jobbroker_server.domain.transitions import check as check_transition
 from jobbroker_server.store import Store, open_store
 from jobbroker_server.store import sqlite as sqlite_store
+from jobbroker_server.store.postgres import engine_url
 from jobbroker_server.store.sqlite import BUSY_TIMEOUT_MS
 
 from .waiting import wait_for
@@ -779,3 +781,44 @@ def test_event_numbers_only_grow_even_when_the_newest_events_job_is_deleted(db: 
     db(db.store.purge_dead("q", [last.id], T0))  # takes the newest events with it
     db(db.store.complete_many([Completion(ref([lease], first), None)], T0))
     assert db(db.store.job_events(first.id))[-1].seq > newest
+
+
+def test_a_tail_reads_events_in_the_order_their_transactions_committed(
+    postgres_schema: str,
+) -> None:
+    """A transaction that took a lower event number but commits later is not
+    passed over: the tail holds back what committed after it began."""
+    loop = asyncio.new_event_loop()
+    store = open_store(postgres_schema)
+    loop.run_until_complete(store.migrate())
+    db = Harness(store, loop)
+    slow, quick = job(), job()
+    db(db.store.submit_many([slow, quick], T0, WINDOW))
+    start = db(db.store.last_event_seq())
+    url, settings = engine_url(postgres_schema)
+    dsn = url.replace("postgresql+asyncpg", "postgresql")
+    open_tx = db(asyncpg.connect(dsn, server_settings=settings))
+    try:
+        tx = open_tx.transaction()
+        db(tx.start())
+        db(  # the lower number, taken first, committed last
+            open_tx.execute(
+                "INSERT INTO job_events (job_id, queue, at, reason, source, target, attempt,"
+                " actor, detail) VALUES ($1, 'q', now(), 'cancelled', 'pending', 'cancelled',"
+                " 0, 'test', '{}')",
+                slow.id,
+            )
+        )
+        db(db.store.cancel(quick.id, T0))  # a higher number, committed first
+        assert db(db.store.tail_events(start, None, None, 100)) == []
+        db(tx.commit())
+    finally:
+        db(open_tx.close())
+    got = db(db.store.tail_events(start, None, None, 100))
+    assert [e.job_id for e in got] == [slow.id, quick.id]
+    assert got[0].seq < got[1].seq
+    # Resumed after the first, the second comes once.
+    assert [e.job_id for e in db(db.store.tail_events(got[0].seq, None, None, 100))] == [quick.id]
+    assert db(db.store.tail_events(got[1].seq, None, None, 100)) == []
+    loop.run_until_complete(store.close())
+    loop.close()

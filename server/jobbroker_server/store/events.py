@@ -91,15 +91,47 @@ def story(conn: Connection, job_id: str, after: int, limit: int) -> list[JobEven
 def tail(
     conn: Connection, after: int, queue: str | None, task: str | None, limit: int
 ) -> list[JobEvent]:
-    """Up to ``limit`` events of every job (of ``queue``, of ``task``) after
-    sequence number ``after``, in order."""
-    stmt = sa.select(job_events).where(job_events.c.seq > after)
+    """Up to ``limit`` events of every job (of ``queue``, of ``task``) that
+    follow the event numbered ``after``, in the order they committed.
+
+    On SQLite, with its one writer, that is the order of their numbers. On
+    PostgreSQL a transaction that took a lower number can commit after one
+    that took a higher: read by number, a follower would pass over it. There
+    events are read in the order of their transactions' ids, and only those
+    of transactions older than every one still running: no event can later
+    appear before the last one read. (A long transaction anywhere in the
+    database holds the tail back until it ends.)"""
+    stmt = sa.select(job_events)
+    if conn.dialect.name == "postgresql":
+        stmt = _committed_after(conn, stmt, after)
+    else:
+        stmt = stmt.where(job_events.c.seq > after).order_by(job_events.c.seq)
     if queue:
         stmt = stmt.where(job_events.c.queue == queue)
     if task:
         of_task = sa.select(jobs.c.id).where(jobs.c.task == task)
         stmt = stmt.where(job_events.c.job_id.in_(of_task))
-    return _events(conn.execute(stmt.order_by(job_events.c.seq).limit(limit)))
+    return _events(conn.execute(stmt.limit(limit)))
+
+
+_TXID = sa.literal_column("job_events.txid", sa.BigInteger)
+_ALL_DONE_BELOW = sa.literal_column(
+    "pg_snapshot_xmin(pg_current_snapshot())::text::bigint", sa.BigInteger
+)
+
+
+def _committed_after(conn: Connection, stmt: sa.Select[Any], after: int) -> sa.Select[Any]:
+    """``stmt`` limited to the events after event ``after`` in commit order."""
+    last = (
+        sa.select(_TXID)
+        .select_from(job_events)
+        .where(job_events.c.seq <= after)
+        .order_by(job_events.c.seq.desc())
+        .limit(1)
+    )
+    txid = conn.execute(last).scalar() or 0
+    later = sa.or_(_TXID > txid, sa.and_(_TXID == txid, job_events.c.seq > after))
+    return stmt.where(later, _TXID < _ALL_DONE_BELOW).order_by(_TXID, job_events.c.seq)
 
 
 def last_seq(conn: Connection) -> int:

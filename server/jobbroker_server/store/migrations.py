@@ -84,6 +84,23 @@ def _v7_leased_state(conn: Connection) -> None:
     conn.execute(sa.text("DROP TABLE job_events_v6"))
 
 
+def _v8_event_commit_order(conn: Connection) -> None:
+    """On PostgreSQL each event records its transaction's id: a sequence hands
+    out numbers in insert order, not commit order, and a tail of the whole log
+    reads in the order transactions finished (see ``events.tail``)."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.execute(
+        sa.text(
+            "ALTER TABLE job_events ADD COLUMN IF NOT EXISTS txid BIGINT NOT NULL"
+            " DEFAULT (pg_current_xact_id()::text::bigint)"
+        )
+    )
+    conn.execute(
+        sa.text("CREATE INDEX IF NOT EXISTS ix_job_events_commit ON job_events (txid, seq)")
+    )
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -93,6 +110,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (5, _v5_api_keys),
     (6, _v6_job_events),
     (7, _v7_leased_state),
+    (8, _v8_event_commit_order),
 )
 LATEST = STEPS[-1][0]
 
