@@ -114,8 +114,8 @@ def tail(
     return _events(conn.execute(stmt.limit(limit)))
 
 
-_TXID = sa.literal_column("job_events.txid", sa.BigInteger)
-_ALL_DONE_BELOW = sa.literal_column(
+_event_txid = sa.literal_column("job_events.txid", sa.BigInteger)
+_all_done_below = sa.literal_column(
     "pg_snapshot_xmin(pg_current_snapshot())::text::bigint", sa.BigInteger
 )
 
@@ -123,15 +123,15 @@ _ALL_DONE_BELOW = sa.literal_column(
 def _committed_after(conn: Connection, stmt: sa.Select[Any], after: int) -> sa.Select[Any]:
     """``stmt`` limited to the events after event ``after`` in commit order."""
     last = (
-        sa.select(_TXID)
+        sa.select(_event_txid)
         .select_from(job_events)
         .where(job_events.c.seq <= after)
         .order_by(job_events.c.seq.desc())
         .limit(1)
     )
     txid = conn.execute(last).scalar() or 0
-    later = sa.or_(_TXID > txid, sa.and_(_TXID == txid, job_events.c.seq > after))
-    return stmt.where(later, _TXID < _ALL_DONE_BELOW).order_by(_TXID, job_events.c.seq)
+    later = sa.or_(_event_txid > txid, sa.and_(_event_txid == txid, job_events.c.seq > after))
+    return stmt.where(later, _event_txid < _all_done_below).order_by(_event_txid, job_events.c.seq)
 
 
 def last_seq(conn: Connection) -> int:
