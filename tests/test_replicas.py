@@ -13,6 +13,7 @@ handlers append to.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -24,9 +25,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 import pytest
 
 from jobbroker import BrokerUnavailableError, Client, DeadlineExceededError, JobRequest
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests import replica_tasks
 from tests.processes import BROKER, Process, start_broker
 from tests.waiting import wait_for
@@ -376,3 +379,34 @@ def test_killed_replica_loses_no_job(cluster: Cluster, db: Database, tmp_path: P
         f"{orphan.output.count(BROKE)} failed connections; "
         f"producer calls repeated {sum(p.retried for p in producers)}"
     )
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_a_watch_and_a_tail_on_one_replica_see_what_another_wrote(cluster: Cluster) -> None:
+    """Events written through replica A reach a WatchJob and a TailEvents
+    served by replica B (each replica polls the shared log)."""
+    cluster.start_replicas(2)
+    on_a = f"127.0.0.1:{cluster.ports[0]}"
+    on_b = f"127.0.0.1:{cluster.ports[1]}"
+    with grpc.insecure_channel(on_b) as channel, Client(on_a, timeout=10) as producer:
+        stub = broker_pb2_grpc.BrokerStub(channel)
+        first = producer.submit(replica_tasks.record, "-", queue="watched")
+        tail = stub.TailEvents(broker_pb2.TailEventsRequest(queue="watched"), timeout=60)
+        watch = stub.WatchJob(broker_pb2.WatchJobRequest(job_id=first.id), timeout=60)
+        assert next(watch).reason == "submitted"  # from the log, written through A
+        with Client(on_b, timeout=10) as other:  # a second producer, on B
+            second = other.submit(replica_tasks.record, "-", queue="watched")
+        with producer.lease_stream(["watched"], prefetch=2) as stream:
+            for lease in itertools.islice(stream, 2):
+                lease.complete(None)
+        reasons = [event.reason for event in watch]  # ends at the terminal event
+        assert reasons[0] == "leased" and reasons[-1] == "succeeded", reasons
+        seen: dict[str, list[str]] = {}
+        for event in tail:
+            seen.setdefault(event.job_id, []).append(event.reason)
+            if sum(r.count("succeeded") for r in seen.values()) == 2:
+                break
+        tail.cancel()
+    assert second.id in seen and "submitted" in seen[second.id]
+    assert seen[first.id][-1] == "succeeded"
