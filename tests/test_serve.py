@@ -62,6 +62,7 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
                 next(iter(stream)).complete()
             assert handle.result(timeout=5) is None
             client.submit("noop", None, queue="metered")  # waits: no stream now
+            client.cancel(client.submit("noop", None, queue="metered").id)
             # What jobs carry never reaches /metrics: only queue names and counts.
             client.submit(
                 "noop",
@@ -84,7 +85,11 @@ def test_serve_reports_health_reflection_and_metrics(database: str) -> None:
             return text if 'jobbroker_queue_depth{queue="metered"' in text else ""
 
         text = wait_for(sampled, what="the queue depth gauge")
-        assert 'jobbroker_jobs_submitted_total{queue="metered"} 2.0' in text
+        assert 'jobbroker_jobs_submitted_total{queue="metered"} 3.0' in text
+        # Every kind of transition is counted by queue, cancellations among them.
+        for reason, n in (("submitted", 3), ("leased", 1), ("succeeded", 1), ("cancelled", 1)):
+            line = f'jobbroker_job_transitions_total{{queue="metered",reason="{reason}"}} {n}.0'
+            assert line in text, line
         assert 'jobbroker_jobs_leased_total{queue="metered"} 1.0' in text
         assert 'jobbroker_jobs_succeeded_total{queue="metered"} 1.0' in text
         assert 'jobbroker_submit_to_start_seconds_count{queue="metered"} 1.0' in text
