@@ -496,3 +496,18 @@ def test_a_malformed_authorization_is_unauthenticated_with_what_to_send(
             stub.ListJobs(broker_pb2.ListJobsRequest(), metadata=(("authorization", value),))
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
         assert "Bearer <key>" in str(refused.value.details())
+
+
+def test_a_jobs_story_names_the_key_that_submitted_and_cancelled_it(
+    keys: Keys, stub: broker_pb2_grpc.BrokerStub
+) -> None:
+    producer = keys.metadata("producer")
+    submitted = stub.Submit(broker_pb2.SubmitRequest(job=_spec()), metadata=producer)
+    admin = keys.metadata("admin")
+    stub.CancelJob(broker_pb2.CancelJobRequest(job_id=submitted.job_id), metadata=admin)
+    request = broker_pb2.ListJobEventsRequest(job_id=submitted.job_id)
+    story = stub.ListJobEvents(request, metadata=producer).events
+    assert [(e.reason, e.actor) for e in story] == [
+        ("submitted", "producer"),
+        ("cancelled", "admin"),
+    ]

@@ -61,6 +61,7 @@ class NewJob:
     idempotency_key: str | None
     metadata: dict[str, str] = field(default_factory=dict)  # stored as it is, JSON
     tags: tuple[str, ...] = ()
+    submitted_by: str = "client"  # in its story: the API key's name, or "client"
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,7 @@ class BrokerServicer:
     def _new_job(self, spec: job_pb2.JobSpec, caller: Caller, now: datetime) -> NewJob:
         job = convert.new_job(spec, self._limits, now)
         caller.check_queue(job.queue)
+        job.submitted_by = caller.actor
         return job
 
     async def Submit(

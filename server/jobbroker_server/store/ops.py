@@ -80,7 +80,6 @@ def submit_many(
     jobs_in: Sequence[NewJob],
     now: datetime,
     dedup_window: timedelta,
-    actor: str = "client",
 ) -> Moved[list[SubmitResult]]:
     if not jobs_in:
         return Moved([], [])
@@ -89,7 +88,8 @@ def submit_many(
     stored = insert_new(conn, values)
     if len(stored) == len(values):
         made = [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
-        return _moved(conn, now, made, [_submitted(v, actor) for v in values])
+        moved = [_submitted(v, job.submitted_by) for v, job in zip(values, jobs_in, strict=True)]
+        return _moved(conn, now, made, moved)
     keys = list({job.idempotency_key for job in jobs_in if job.idempotency_key})
     owners = _key_owners(conn, keys)
     clashes = [v for v in values if v["id"] not in stored]
@@ -106,7 +106,12 @@ def submit_many(
             SubmitResult(owner, JobState(state_of.get(owner, v["state"])), owner != v["id"])
         )
     new = {r.job_id for r in results if not r.duplicate}
-    return _moved(conn, now, results, [_submitted(v, actor) for v in values if v["id"] in new])
+    moved = [
+        _submitted(v, job.submitted_by)
+        for v, job in zip(values, jobs_in, strict=True)
+        if v["id"] in new
+    ]
+    return _moved(conn, now, results, moved)
 
 
 def _submitted(row: dict[str, Any], actor: str) -> Transition:
@@ -321,9 +326,8 @@ def submit_and_lease(
     dedup_window: timedelta,
     asks: Sequence[LeaseAsk],
     lease_for: timedelta,
-    actor: str = "client",
 ) -> Moved[tuple[list[SubmitResult], list[list[Lease]]]]:
-    submitted = submit_many(conn, insert_new, jobs_in, now, dedup_window, actor)
+    submitted = submit_many(conn, insert_new, jobs_in, now, dedup_window)
     moved = list(submitted.transitions)
     leased = []
     for a in asks:
