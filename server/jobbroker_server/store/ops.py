@@ -436,16 +436,21 @@ def _started(row: Any) -> Transition:
     )
 
 
-def _implied_start(
-    conn: Connection, row: Any, run_time: timedelta | None, now: datetime
-) -> list[Transition]:
-    """A leased job reported finished whose start was not: it started
-    ``run_time`` before (its worker's word, kept within the timeout limit)."""
-    if row.state != LEASED:
-        return []
-    ran = limits.finite_seconds(run_time.total_seconds() if run_time else 0.0, limits.MAX_TIMEOUT)
-    _start(conn, [(row, now - timedelta(seconds=ran or 0.0))])
-    return [_started(row)]
+def _implied_starts(
+    conn: Connection, ended: Sequence[tuple[Any, timedelta | None]], now: datetime
+) -> set[str]:
+    """Leased jobs reported ended whose start was not: each started its
+    ``run_time`` before ``now`` (its worker's word, kept within the timeout
+    limit). All in one statement each; returns their ids."""
+    starting = []
+    for row, run_time in ended:
+        if row.state == LEASED:
+            ran = run_time.total_seconds() if run_time else 0.0
+            ran = limits.finite_seconds(ran, limits.MAX_TIMEOUT) or 0.0
+            starting.append((row, now - timedelta(seconds=ran)))
+    if starting:
+        _start(conn, starting)
+    return {row.id for row, _ in starting}
 
 
 def complete_many(
@@ -455,9 +460,8 @@ def complete_many(
     refs = [c.lease for c in completions]
     verdicts, row_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
-    moved: list[Transition] = []
-    for c in current:
-        moved += _implied_start(conn, row_of[c.lease.job_id], c.run_time, now)
+    started = _implied_starts(conn, [(row_of[c.lease.job_id], c.run_time) for c in current], now)
+    moved = [_started(row_of[job_id]) for job_id in started]
     by_result: dict[tuple[bytes, str] | None, list[str]] = {}
     for c in current:
         key = (c.result.data, c.result.content_type) if c.result else None
@@ -505,18 +509,24 @@ def fail_many(
     results: list[ReportResult] = []
     moved: list[Transition] = []
     verdicts, row_of = _check_leases(conn, refs, whole_rows=True)
+    ran = [
+        (row_of[f.lease.job_id], f.run_time)
+        for f, verdict in zip(failures, verdicts, strict=True)
+        if verdict is None and f.run_time is not None  # None: no handler ran
+    ]
+    started = _implied_starts(conn, ran, now)
     for f, verdict in zip(failures, verdicts, strict=True):
         if verdict is not None:
             results.append(verdict)
             continue
         row = row_of[f.lease.job_id]
-        started = _implied_start(conn, row, f.run_time, now) if f.run_time is not None else []
-        moved += started
+        if row.id in started:
+            moved.append(_started(row))
         outcome = AttemptOutcome.CANCELLED if f.cancelled else AttemptOutcome.FAILED
         state, run_at = _end_running(
             conn, rng, row, outcome, f.error, now, f.permanent, f.retry_after
         )
-        moved.append(_failed(row, state, f.error, run_at, bool(started)))
+        moved.append(_failed(row, state, f.error, run_at, row.id in started))
         results.append(ReportResult(f.lease.job_id, ReportStatus.OK))
     return _moved(conn, now, results, moved)
 
