@@ -19,6 +19,7 @@ from jobbroker.v1 import broker_pb2, job_pb2
 
 from ._convert import (
     duration_to_pb,
+    event_from_pb,
     job_from_pb,
     retry_to_pb,
     role_to_pb,
@@ -27,9 +28,15 @@ from ._convert import (
     timestamp_to_pb,
 )
 from ._uuid7 import uuid7
-from .errors import DeadlineExceededError, InvalidArgumentError, JobBrokerError, from_rpc_error
+from .errors import (
+    BrokerUnavailableError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    JobBrokerError,
+    from_rpc_error,
+)
 from .task import Task
-from .types import JobRequest, JobState, Page, RetryPolicy, Role
+from .types import JobEvent, JobRequest, JobState, Page, RetryPolicy, Role
 
 T = TypeVar("T")
 
@@ -62,9 +69,9 @@ SUBMIT_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 
 
 class StreamRetry:
-    """When to open a broken response stream (WaitJob) again: on UNAVAILABLE,
-    with backoff, until the caller's deadline, or without one for `patience`
-    seconds of failures in a row."""
+    """When to open a broken response stream (WaitJob, WatchJob, TailEvents)
+    again: on UNAVAILABLE, with backoff, until the caller's deadline, or
+    without one for `patience` seconds of failures in a row."""
 
     def __init__(self, deadline: float | None, patience: float) -> None:
         self._deadline = deadline
@@ -81,6 +88,10 @@ class StreamRetry:
         """Seconds to wait before opening it again; None to give up with `error`."""
         if error.code() not in RETRIED:
             return None
+        return self.again()
+
+    def again(self) -> float | None:
+        """Seconds to wait before opening the stream again; None once out of time."""
         if self._until is None:
             self._until = self._deadline or time.monotonic() + self._patience
         pause = backoff(self._attempt)
@@ -306,3 +317,75 @@ def remaining(deadline: float | None) -> float | None:
     if left <= 0:
         raise DeadlineExceededError("the wait timed out")
     return left
+
+
+# --- the event log ---
+
+EVENTS_PAGE = 1000  # the broker's largest page of ListJobEvents
+
+
+def check_after(after: int) -> int:
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise InvalidArgumentError(f"after must be an event's seq, or 0 (got {after!r})")
+    return after
+
+
+def events_request(job_id: str, after: int) -> broker_pb2.ListJobEventsRequest:
+    return broker_pb2.ListJobEventsRequest(
+        job_id=job_id, after_seq=check_after(after), page_size=EVENTS_PAGE
+    )
+
+
+def next_events_page(
+    request: broker_pb2.ListJobEventsRequest,
+    reply: broker_pb2.ListJobEventsResponse,
+    into: list[JobEvent],
+) -> bool:
+    """Add a page's events to `into`; True when more follow, with `request`
+    moved on past them."""
+    into.extend(map(event_from_pb, reply.events))
+    if not reply.more or not reply.events:
+        return False
+    request.after_seq = reply.events[-1].seq
+    return True
+
+
+class EventResume:
+    """Where a broken event stream (WatchJob, TailEvents) is opened again:
+    after the last event it delivered, so that the caller sees each event once.
+
+    A watch ends when the broker ends it, after the event that left the job
+    terminal; a tail never does, so one that ends anyway is opened again too.
+    """
+
+    def __init__(self, after: int, patience: float, *, ends: bool) -> None:
+        self.after = check_after(after)
+        self._ends = ends
+        self._retry = StreamRetry(None, patience)
+
+    def seen(self, pb: job_pb2.JobEvent) -> JobEvent:
+        self._retry.heard()
+        self.after = pb.seq
+        return event_from_pb(pb)
+
+    def ended(self) -> float | None:
+        """The stream ended without an error: seconds to wait before opening
+        it again, or None when it is over."""
+        if self._ends:
+            return None
+        pause = self._retry.again()
+        if pause is None:
+            raise BrokerUnavailableError("the broker ended the event tail, and again on retry")
+        return pause
+
+    def broke(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before opening it again; None to give up with `error`."""
+        return self._retry.pause(error)
+
+
+def watch_request(job_id: str, after: int) -> broker_pb2.WatchJobRequest:
+    return broker_pb2.WatchJobRequest(job_id=job_id, after_seq=after)
+
+
+def tail_request(queue: str | None, task: str | None, after: int) -> broker_pb2.TailEventsRequest:
+    return broker_pb2.TailEventsRequest(after_seq=after, queue=queue or "", task=task or "")

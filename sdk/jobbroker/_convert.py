@@ -20,7 +20,9 @@ from .types import (
     AttemptOutcome,
     CancelReason,
     ErrorInfo,
+    Explanation,
     Job,
+    JobEvent,
     JobState,
     RetryPolicy,
     Role,
@@ -34,6 +36,7 @@ _STATE_TO_PB = {
     JobState.SUCCEEDED: job_pb2.JOB_STATE_SUCCEEDED,
     JobState.DEAD: job_pb2.JOB_STATE_DEAD,
     JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
+    JobState.LEASED: job_pb2.JOB_STATE_LEASED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
@@ -236,6 +239,42 @@ def job_from_pb(pb: job_pb2.Job) -> Job:
         history=tuple(map(attempt_from_pb, pb.history)),
         progress=pb.progress,
         progress_message=pb.progress_message,
+        cancel_requested=pb.cancel_requested,
+    )
+
+
+def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
+    return JobEvent(
+        seq=pb.seq,
+        job_id=pb.job_id,
+        queue=pb.queue,
+        at=timestamp_from_pb(pb, "at") or _EPOCH,  # always set by the broker
+        reason=pb.reason,
+        from_state=_STATE_FROM_PB.get(pb.from_state),  # unspecified for a submit
+        to_state=state_from_pb(pb.to_state),
+        attempt=pb.attempt,
+        actor=pb.actor,
+        detail=dict(pb.detail),
+    )
+
+
+def explanation_from_pb(pb: broker_pb2.ExplainJobResponse) -> Explanation:
+    return Explanation(
+        state=state_from_pb(pb.state),
+        summary=pb.summary,
+        reason=pb.reason,
+        attempt=pb.attempt,
+        run_at=timestamp_from_pb(pb, "run_at"),
+        jobs_ahead=pb.jobs_ahead,
+        workers_serving=pb.workers_serving,
+        worker_id=pb.worker_id,
+        since=timestamp_from_pb(pb, "since"),
+        last_heartbeat=timestamp_from_pb(pb, "last_heartbeat"),
+        lease_expires_at=timestamp_from_pb(pb, "lease_expires_at"),
+        deadline=timestamp_from_pb(pb, "deadline"),
+        cancel_requested=pb.cancel_requested,
+        finished_at=timestamp_from_pb(pb, "finished_at"),
+        last_error=error_from_pb(pb, "last_error"),
     )
 
 

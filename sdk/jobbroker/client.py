@@ -15,11 +15,11 @@ from typing import Any, TypeVar, Unpack, cast, overload
 
 import grpc
 
-from jobbroker.v1 import broker_pb2, broker_pb2_grpc
+from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 
 from . import _calls
 from ._async_stream import AsyncLeaseStream
-from ._convert import api_key_from_pb, job_from_pb
+from ._convert import api_key_from_pb, explanation_from_pb, job_from_pb
 from ._submit_pipe import AsyncSubmitPipe, SubmitPipe
 from ._sync_stream import LeaseStream
 from .connection import DEFAULT_TARGET, ConnectionOptions, ConnectionSettings, resolve
@@ -30,7 +30,9 @@ from .task import Task
 from .types import (
     ApiKey,
     CreatedApiKey,
+    Explanation,
     Job,
+    JobEvent,
     JobRequest,
     JobState,
     Page,
@@ -135,6 +137,73 @@ class Client:
                     raise from_rpc_error(error) from error
             finally:
                 cast(Callable[[], bool], call.cancel)()
+            time.sleep(pause)
+
+    def job_events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        """The job's story from the event log, oldest first: its events after seq `after`."""
+        request = _calls.events_request(job_id, after)
+        events: list[JobEvent] = []
+        while True:
+            reply = self._unary(self._stub.ListJobEvents, request)
+            if not _calls.next_events_page(request, reply, events):
+                return events
+
+    def watch(self, job_id: str, after: int = 0) -> Iterator[JobEvent]:
+        """The job's events after seq `after`, then each one as it is written,
+        progress included, until the event that left the job terminal.
+
+        A broken connection is opened again after the last event seen, so
+        each event comes once; so does a new watch given that event's seq.
+        """
+        resume = _calls.EventResume(after, self._timeout, ends=True)
+        return self._follow(
+            lambda seq: self._stub.WatchJob(
+                _calls.watch_request(job_id, seq), metadata=self._metadata
+            ),
+            resume,
+        )
+
+    def tail_events(
+        self, queue: str | None = None, task: str | None = None, after: int = 0
+    ) -> Iterator[JobEvent]:
+        """Every event the broker writes from now on (or after seq `after`),
+        of one queue's or task's jobs when given; it does not end.
+
+        A broken connection is opened again after the last event seen (from
+        now again, if none was seen yet).
+        """
+        resume = _calls.EventResume(after, self._timeout, ends=False)
+        return self._follow(
+            lambda seq: self._stub.TailEvents(
+                _calls.tail_request(queue, task, seq), metadata=self._metadata
+            ),
+            resume,
+        )
+
+    def explain(self, job_id: str) -> Explanation:
+        """Why the job is where it is: a sentence, and the facts behind it."""
+        request = broker_pb2.ExplainJobRequest(job_id=job_id)
+        return explanation_from_pb(self._unary(self._stub.ExplainJob, request))
+
+    def _follow(
+        self,
+        open_call: Callable[[int], grpc.CallIterator[job_pb2.JobEvent]],
+        resume: _calls.EventResume,
+    ) -> Iterator[JobEvent]:
+        while True:
+            call = open_call(resume.after)
+            try:
+                for pb in call:
+                    yield resume.seen(pb)
+                pause = resume.ended()
+            except grpc.RpcError as error:
+                pause = resume.broke(error)
+                if pause is None:
+                    raise from_rpc_error(error) from error
+            finally:
+                cast(Callable[[], bool], call.cancel)()
+            if pause is None:
+                return
             time.sleep(pause)
 
     def dlq_list(
@@ -320,6 +389,66 @@ class AsyncClient:
                     raise from_rpc_error(error) from error
             finally:
                 call.cancel()
+            await asyncio.sleep(pause)
+
+    async def job_events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        """The job's story from the event log, oldest first: its events after seq `after`."""
+        request = _calls.events_request(job_id, after)
+        events: list[JobEvent] = []
+        while True:
+            reply = await self._unary(self._stub.ListJobEvents, request)
+            if not _calls.next_events_page(request, reply, events):
+                return events
+
+    def watch(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's events after seq `after`, then each one as it is written,
+        until the event that left the job terminal (see Client.watch)."""
+        resume = _calls.EventResume(after, self._timeout, ends=True)
+        return self._follow(
+            lambda seq: self._stub.WatchJob(
+                _calls.watch_request(job_id, seq), metadata=self._metadata
+            ),
+            resume,
+        )
+
+    def tail_events(
+        self, queue: str | None = None, task: str | None = None, after: int = 0
+    ) -> AsyncIterator[JobEvent]:
+        """Every event the broker writes from now on (or after seq `after`),
+        of one queue's or task's jobs when given; it does not end (see
+        Client.tail_events)."""
+        resume = _calls.EventResume(after, self._timeout, ends=False)
+        return self._follow(
+            lambda seq: self._stub.TailEvents(
+                _calls.tail_request(queue, task, seq), metadata=self._metadata
+            ),
+            resume,
+        )
+
+    async def explain(self, job_id: str) -> Explanation:
+        """Why the job is where it is: a sentence, and the facts behind it."""
+        request = broker_pb2.ExplainJobRequest(job_id=job_id)
+        return explanation_from_pb(await self._unary(self._stub.ExplainJob, request))
+
+    async def _follow(
+        self,
+        open_call: Callable[[int], grpc.aio.UnaryStreamCall[Any, job_pb2.JobEvent]],
+        resume: _calls.EventResume,
+    ) -> AsyncIterator[JobEvent]:
+        while True:
+            call = open_call(resume.after)
+            try:
+                async for pb in call:
+                    yield resume.seen(pb)
+                pause = resume.ended()
+            except grpc.RpcError as error:
+                pause = resume.broke(error)
+                if pause is None:
+                    raise from_rpc_error(error) from error
+            finally:
+                call.cancel()
+            if pause is None:
+                return
             await asyncio.sleep(pause)
 
     async def dlq_list(

@@ -1,13 +1,14 @@
-"""Handles on submitted jobs: status, outcome and cancel, typed by the task's result."""
+"""Handles on submitted jobs: status, outcome, story and cancel, typed by the task's result."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._convert import decode_payload
 from .errors import BrokerUnavailableError, JobCancelledError, JobFailedError
-from .types import Job, JobState
+from .types import Explanation, Job, JobEvent, JobState
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
@@ -56,6 +57,18 @@ class JobHandle(Generic[R]):
                 return cast(R, outcome(job))
         raise _ended_early(self.id)
 
+    def events(self, after: int = 0) -> list[JobEvent]:
+        """The job's story so far (see Client.job_events)."""
+        return self._client.job_events(self.id, after)
+
+    def watch(self, after: int = 0) -> Iterator[JobEvent]:
+        """The job's events, live, until it is terminal (see Client.watch)."""
+        return self._client.watch(self.id, after)
+
+    def explain(self) -> Explanation:
+        """Why the job is where it is (see Client.explain)."""
+        return self._client.explain(self.id)
+
     def cancel(self) -> Job:
         return self._client.cancel(self.id)
 
@@ -85,6 +98,18 @@ class AsyncJobHandle(Generic[R]):
             if job.state.terminal:
                 return cast(R, outcome(job))
         raise _ended_early(self.id)
+
+    async def events(self, after: int = 0) -> list[JobEvent]:
+        """The job's story so far (see AsyncClient.job_events)."""
+        return await self._client.job_events(self.id, after)
+
+    def watch(self, after: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's events, live, until it is terminal (see AsyncClient.watch)."""
+        return self._client.watch(self.id, after)
+
+    async def explain(self) -> Explanation:
+        """Why the job is where it is (see AsyncClient.explain)."""
+        return await self._client.explain(self.id)
 
     async def cancel(self) -> Job:
         return await self._client.cancel(self.id)

@@ -19,6 +19,7 @@ BYTES_CONTENT_TYPE = "application/octet-stream"
 class JobState(StrEnum):
     PENDING = "pending"
     SCHEDULED = "scheduled"
+    LEASED = "leased"  # held in a worker's prefetch window, its handler not started
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     DEAD = "dead"
@@ -103,6 +104,8 @@ class Job:
     history: tuple[Attempt, ...]
     progress: float
     progress_message: str
+    cancel_requested: bool = False
+    """A cancel of the held or running job was asked for; its worker was told to stop."""
 
     def json(self) -> Any:
         """The payload decoded as JSON; ValueError if it is not JSON."""
@@ -124,6 +127,64 @@ def _json_loads(data: bytes, content_type: str) -> Any:
 def is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == JSON_CONTENT_TYPE or media.endswith("+json")
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One line of a job's story, from the broker's event log.
+
+    `seq` only grows across the broker: pass the last one seen as `after` to
+    pick up where a watch or tail left off. `reason` is what happened
+    (submitted, promoted, leased, started, progress, succeeded, failed,
+    dead_lettered, lease_expired, timed_out, cancel_requested, cancelled,
+    released, replayed); `from_state` is None for a submit. `actor` is the
+    worker id, the API key's name or "client", or "broker" for what the broker
+    did by itself. `detail` holds a little of what happened: error_type and
+    error, progress and message, run_at (RFC 3339).
+    """
+
+    seq: int
+    job_id: str
+    queue: str
+    at: datetime
+    reason: str
+    from_state: JobState | None
+    to_state: JobState
+    attempt: int
+    actor: str
+    detail: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a job is where it is: a sentence a person can act on, and its facts.
+
+    `reason` is one of scheduled (delayed until `run_at`), retry_backoff (an
+    attempt failed; retried at `run_at`), pending (`jobs_ahead` of it,
+    `workers_serving` streams lease its queue), no_worker (pending, and no
+    worker connected to this broker leases its queue), held (leased into
+    `worker_id`'s window `since`, its handler not started), running (on
+    `worker_id` `since`, with `last_heartbeat`, `lease_expires_at` and the
+    hard `deadline`), cancel_requested (held or running, its worker told to
+    stop) and finished (at `finished_at`, with `last_error` unless it
+    succeeded). Fields that do not apply are None, zero or empty.
+    """
+
+    state: JobState
+    summary: str
+    reason: str
+    attempt: int
+    run_at: datetime | None
+    jobs_ahead: int
+    workers_serving: int
+    worker_id: str
+    since: datetime | None
+    last_heartbeat: datetime | None
+    lease_expires_at: datetime | None
+    deadline: datetime | None
+    cancel_requested: bool
+    finished_at: datetime | None
+    last_error: ErrorInfo | None
 
 
 @dataclass(frozen=True, slots=True)
