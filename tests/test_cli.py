@@ -95,6 +95,8 @@ def test_dlq_ls_replay_purge(broker: BrokerThread, client: Client) -> None:
     ("args", "text"),
     [
         (["job", "get", "no-such-id"], "no job with id 'no-such-id'"),
+        (["job", "explain", "no-such-id"], "no job with id 'no-such-id'"),
+        (["job", "watch", "no-such-id"], "no job with id 'no-such-id'"),
         (["submit", "t", "{not json"], "payload is not valid JSON"),
         (["submit", "t", "--queue", ""], "queue must not be empty"),
         (["dlq", "replay"], "needs job ids or --all"),

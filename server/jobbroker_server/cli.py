@@ -1,4 +1,4 @@
-"""``broker``: run the broker or a worker, and operate on jobs and the DLQ.
+"""``broker``: run the broker or a worker, operate on jobs and the DLQ, follow their events.
 
 Bad input, broker errors, a broker that is not there and a start-up that
 fails print one line and exit non-zero, never a traceback; a closed pipe
@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -29,8 +29,10 @@ from jobbroker import (
     Client,
     ConnectionOptions,
     DeadlineExceededError,
+    Explanation,
     Job,
     JobBrokerError,
+    JobEvent,
     JobState,
     Role,
     Task,
@@ -248,10 +250,101 @@ def _table(jobs: Sequence[Job]) -> None:
         )
 
 
+def _quoted(value: str) -> str:
+    plain = value and not any(c.isspace() or c in "\"'" for c in value)
+    return value if plain else json.dumps(value)
+
+
+_DETAIL_ORDER = ("error_type", "error", "progress", "message", "run_at")
+
+
+def _detail(detail: Mapping[str, str]) -> str:
+    """key=value pairs, the usual keys first in a fixed order."""
+    keys = sorted(detail, key=lambda k: (_DETAIL_ORDER.index(k) if k in _DETAIL_ORDER else 99, k))
+    return " ".join(f"{k}={_quoted(detail[k])}" for k in keys)
+
+
+def _event_line(event: JobEvent, *, job: bool = False) -> str:
+    """One event on one line, its seq first (what --after takes)."""
+    source = event.from_state.value if event.from_state else ""
+    where = f"{event.job_id}  {event.queue}  " if job else ""
+    detail = _detail(event.detail)
+    return (
+        f"{event.seq:>8}  {_when(event.at)}  {where}{event.reason:16}  "
+        f"{source:>9} -> {event.to_state.value:9}  attempt {event.attempt}  by {event.actor}"
+        f"{'  ' + detail if detail else ''}"
+    )
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        job = client.get_job(args.id) if args.action == "get" else client.cancel(args.id)
+        if args.action == "cancel":
+            _show_job(client.cancel(args.id))
+            return 0
+        job = client.get_job(args.id)
+        events = client.job_events(args.id)
     _show_job(job)
+    print("timeline:")
+    for event in events:
+        print(_event_line(event))
+    return 0
+
+
+def cmd_job_watch(args: argparse.Namespace) -> int:
+    """Each event as it is written; exit 0 once the job succeeded, 1 if it
+    ended otherwise."""
+    state: JobState | None = None
+    with _client(args) as client:
+        for event in client.watch(args.id, after=args.after):
+            print(_event_line(event), flush=True)  # live, through a pipe too
+            state = event.to_state
+        if state is None or not state.terminal:  # --after its last event
+            state = client.get_job(args.id).state
+    return 0 if state is JobState.SUCCEEDED else 1
+
+
+_EXPLAINED = (
+    ("attempt", "attempt"),
+    ("run_at", "runs at"),
+    ("jobs_ahead", "jobs ahead"),
+    ("workers_serving", "workers serving"),
+    ("worker_id", "worker"),
+    ("since", "since"),
+    ("last_heartbeat", "last heartbeat"),
+    ("lease_expires_at", "lease expires"),
+    ("deadline", "deadline"),
+    ("cancel_requested", "cancel requested"),
+    ("finished_at", "finished"),
+)
+_WAITING = ("pending", "no_worker")  # where no job ahead and no worker are facts too
+
+
+def _show_explanation(e: Explanation) -> None:
+    print(e.summary)
+    print(f"{'state:':18}{e.state.value}")
+    print(f"{'reason:':18}{e.reason}")
+    for name, label in _EXPLAINED:
+        value = getattr(e, name)
+        waiting = e.reason in _WAITING and name in ("jobs_ahead", "workers_serving")
+        if not value and not waiting:
+            continue
+        shown = _when(value) if isinstance(value, datetime) else str(value).lower()
+        print(f"{label + ':':18}{shown}")
+    if e.last_error is not None:
+        print(f"{'last error:':18}{e.last_error.type}: {e.last_error.message}")
+
+
+def cmd_job_explain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _show_explanation(client.explain(args.id))
+    return 0
+
+
+def cmd_events_tail(args: argparse.Namespace) -> int:
+    """Every event, live, until Ctrl-C or a closed pipe (both end quietly)."""
+    with _client(args) as client:
+        for event in client.tail_events(queue=args.queue, task=args.task, after=args.after):
+            print(_event_line(event, job=True), flush=True)
     return 0
 
 
@@ -375,6 +468,21 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+_AFTER = "start after the event with this seq (the first number of each line)"
+
+
+def _seq(text: str) -> int:
+    try:
+        seq = int(text)
+    except ValueError:
+        seq = -1
+    if seq < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an event's seq (a whole number, 0 or more)"
+        )
+    return seq
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description="jobbroker: a durable job broker")
     target = argparse.ArgumentParser(add_help=False)
@@ -445,10 +553,29 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_submit)
 
     job = sub.add_parser("job", help="one job").add_subparsers(dest="action", required=True)
-    for action, text in (("get", "show a job and its attempts"), ("cancel", "cancel a job")):
+    for action, text, run in (
+        ("get", "show a job, its attempts and its timeline", cmd_job),
+        ("cancel", "cancel a job", cmd_job),
+        ("explain", "say why a job is where it is", cmd_job_explain),
+        ("watch", "print a job's events as they happen; exit 0 if it succeeds", cmd_job_watch),
+    ):
         p = job.add_parser(action, parents=[target], help=text)
         p.add_argument("id")
-        p.set_defaults(run=cmd_job)
+        if action == "watch":
+            p.add_argument("--after", type=_seq, default=0, metavar="SEQ", help=_AFTER)
+        p.set_defaults(run=run)
+
+    events = sub.add_parser("events", help="the event log of every job")
+    events_sub = events.add_subparsers(dest="action", required=True)
+    p = events_sub.add_parser(
+        "tail", parents=[target], help="print every event as it happens, until Ctrl-C"
+    )
+    p.add_argument("--queue", help="only this queue's jobs")
+    p.add_argument("--task", help="only this task's jobs")
+    p.add_argument(
+        "--after", type=_seq, default=0, metavar="SEQ", help=f"{_AFTER} (default: from now)"
+    )
+    p.set_defaults(run=cmd_events_tail)
 
     jobs = sub.add_parser("jobs", help="many jobs").add_subparsers(dest="action", required=True)
     p = jobs.add_parser("ls", parents=[target], help="list jobs")
