@@ -442,12 +442,7 @@ def _implied_starts(
     """Leased jobs reported ended whose start was not: each started its
     ``run_time`` before ``now`` (its worker's word, kept within the timeout
     limit). All in one statement each; returns their ids."""
-    starting = []
-    for row, run_time in ended:
-        if row.state == LEASED:
-            ran = run_time.total_seconds() if run_time else 0.0
-            ran = limits.finite_seconds(ran, limits.MAX_TIMEOUT) or 0.0
-            starting.append((row, now - timedelta(seconds=ran)))
+    starting = [(row, now - _ran(run_time)) for row, run_time in ended if row.state == LEASED]
     if starting:
         _start(conn, starting)
     return {row.id for row, _ in starting}
@@ -460,18 +455,30 @@ def complete_many(
     refs = [c.lease for c in completions]
     verdicts, row_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
-    started = _implied_starts(conn, [(row_of[c.lease.job_id], c.run_time) for c in current], now)
-    moved = [_started(row_of[job_id]) for job_id in started]
+    # A job that ends while leased started its run_time before: its start is
+    # written with its end, in the same statements, not before them.
+    started_at = {
+        c.lease.job_id: now - _ran(c.run_time)
+        for c in current
+        if row_of[c.lease.job_id].state == LEASED
+    }
+    moved = [_started(row_of[job_id]) for job_id in started_at]
     by_result: dict[tuple[bytes, str] | None, list[str]] = {}
-    for c in current:
-        key = (c.result.data, c.result.content_type) if c.result else None
-        by_result.setdefault(key, []).append(c.lease.job_id)
-    # A result many jobs share (null, for no-op jobs) in one set-wise statement;
-    # the results of one job each together in one executemany.
     single = []
+    for c in current:
+        job_id = c.lease.job_id
+        result = (c.result.data, c.result.content_type) if c.result else None
+        if job_id in started_at:
+            data, content_type = result or (None, None)
+            single.append(_completed(job_id, data, content_type, started_at[job_id], now))
+        else:
+            by_result.setdefault(result, []).append(job_id)
+    # A result many jobs share (null, for no-op jobs) in one set-wise statement;
+    # the results of one job each, and the jobs that start as they end,
+    # together in one executemany.
     for result, ids in by_result.items():
         if len(ids) == 1 and result is not None:
-            single.append({"b_id": ids[0], "b_result": result[0], "b_type": result[1], "now": now})
+            single.append(_completed(ids[0], result[0], result[1], None, now))
             continue
         data, content_type = result or (None, None)
         _COMPLETE_SHARED.run(
@@ -479,16 +486,46 @@ def complete_many(
         )
     if single:
         _COMPLETE_ONE.run_many(conn, single)
-    if current:
-        _end_attempts(conn, [c.lease for c in current], AttemptOutcome.SUCCEEDED, now)
-        moved += [
-            _ended(row_of[c.lease.job_id], done, Reason.SUCCEEDED, running=True) for c in current
-        ]
+    ended = [c.lease for c in current if c.lease.job_id not in started_at]
+    if ended:
+        _end_attempts(conn, ended, AttemptOutcome.SUCCEEDED, now)
+    if started_at:
+        succeeded = AttemptOutcome.SUCCEEDED.value
+        _END_STARTED_ATTEMPTS.run_many(
+            conn,
+            [
+                {"b_id": job_id, "b_started": at, "outcome": succeeded, "now": now}
+                for job_id, at in started_at.items()
+            ],
+        )
+    moved += [_ended(row_of[c.lease.job_id], done, Reason.SUCCEEDED, running=True) for c in current]
     results = [
         v or ReportResult(ref.job_id, ReportStatus.OK)
         for ref, v in zip(refs, verdicts, strict=True)
     ]
     return _moved(conn, now, results, moved)
+
+
+def _completed(
+    job_id: str,
+    data: bytes | None,
+    content_type: str | None,
+    started: datetime | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "b_id": job_id,
+        "b_result": data,
+        "b_type": content_type,
+        "b_started": started,
+        "now": now,
+    }
+
+
+def _ran(run_time: timedelta | None) -> timedelta:
+    """A handler's run time by its worker's word, kept within the timeout limit."""
+    ran = run_time.total_seconds() if run_time else 0.0
+    return timedelta(seconds=limits.finite_seconds(ran, limits.MAX_TIMEOUT) or 0.0)
 
 
 def _ended(
@@ -940,6 +977,19 @@ def _check_leases(
 
 
 # A job has one running attempt at a time: the one its lease holds.
+_END_STARTED_ATTEMPTS = Prepared(
+    attempts.update()
+    .where(
+        attempts.c.job_id == sa.bindparam("b_id"),
+        attempts.c.outcome == AttemptOutcome.RUNNING.value,
+    )
+    .values(
+        started_at=_instant("b_started"),
+        finished_at=_instant(),
+        outcome=sa.bindparam("outcome"),
+        error=None,
+    )
+)
 _END_ATTEMPTS = Prepared(
     attempts.update()
     .where(
@@ -975,7 +1025,15 @@ _FINISHED_VALUES: dict[str, Any] = {
 }
 _COMPLETE_SHARED = Prepared(jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES))
 _COMPLETE_ONE = Prepared(
-    jobs.update().where(jobs.c.id == sa.bindparam("b_id"), _in(HELD)).values(**_FINISHED_VALUES)
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("b_id"), _in(HELD))
+    .values(
+        **_FINISHED_VALUES,
+        # Set for a job that starts as it ends (None: it had started).
+        started_at=sa.func.coalesce(
+            sa.bindparam("b_started", type_=UTCDateTime()), jobs.c.started_at
+        ),
+    )
 )
 _RELEASE = Prepared(
     jobs.update()
