@@ -372,7 +372,7 @@ def test_a_lease_is_reported_only_under_its_key_and_reaped_whatever_its_key(
         db(db.store.complete_many([Completion(other, None)], T0)),
         db(db.store.fail_many([Failure(other, ErrorInfo("E", "x"))], T0)),
         db(db.store.release_many([other], T0)),
-        [db(db.store.progress(Progress(other, 0.5, ""), T0))],
+        [db(db.store.progress(Progress(other, 0.5, ""), LEASE, T0))],
     ):
         assert [r.status for r in results] == [ReportStatus.LEASE_LOST]
     assert db(db.store.get_job(kept.id)).state is JobState.LEASED
@@ -418,7 +418,11 @@ def test_a_retried_lease_starts_with_fresh_progress(db: Harness) -> None:
     db(db.store.submit_many([job()], T0, WINDOW))
     [first] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     ref = LeaseRef(first.job.id, first.fencing_token)
-    db(db.store.progress(Progress(ref, 0.5, "half"), T0))
+    later = T0 + timedelta(seconds=20)
+    [renewed] = [db(db.store.progress(Progress(ref, 0.5, "half"), LEASE, later))]
+    # A progress report renews the lease, as a heartbeat does.
+    assert renewed.lease_expires_at == later + LEASE
+    assert db(db.store.get_job(first.job.id)).lease_expires_at == later + LEASE
     db(db.store.release_many([ref], T0))
     [again] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     assert (again.job.progress, again.job.progress_message) == (0.0, "")
@@ -676,7 +680,7 @@ def test_every_operation_logs_the_transitions_it_made(db: Harness) -> None:
     db(db.store.submit_many([replace(flaky, id=new_job_id())], T0, WINDOW))
     assert db(db.store.cancel(dropped.id, T0)).state is JobState.CANCELLED
     leases = db(db.store.lease_many(["q"], 4, "w1", LEASE, T0))
-    db(db.store.progress(Progress(ref(leases, flaky), 0.5, "half"), T0))
+    db(db.store.progress(Progress(ref(leases, flaky), 0.5, "half"), LEASE, T0))
     db(db.store.fail_many([Failure(ref(leases, flaky), ErrorInfo("E", "boom"))], T0))
     db(db.store.fail_many([Failure(ref(leases, doomed), ErrorInfo("E", "dead"))], T0))
     db(db.store.release_many([ref(leases, handed)], T0))

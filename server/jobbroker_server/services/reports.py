@@ -63,7 +63,8 @@ class Reports:
         return started.result
 
     async def progress(self, session: Session, report: Progress) -> list[ReportResult]:
-        reported = await self._store.progress(report, self._clock.now())
+        lease_for = self._dispatcher.lease_duration
+        reported = await self._store.progress(report, lease_for, self._clock.now())
         self._changes.apply(reported.transitions)
         self._dispatcher.settle(session, _lost([reported.result]))
         return [reported.result]

@@ -105,7 +105,10 @@ class Store(abc.ABC):
         their hard timeouts counting from ``now``."""
 
     @abc.abstractmethod
-    async def progress(self, report: Progress, now: datetime) -> Moved[ReportResult]: ...
+    async def progress(
+        self, report: Progress, lease_for: timedelta, now: datetime
+    ) -> Moved[ReportResult]:
+        """Record how far the job is, and renew its lease as a heartbeat does."""
 
     @abc.abstractmethod
     async def complete_many(

@@ -353,11 +353,19 @@ def heartbeat_many(
     ]
 
 
-def progress(conn: Connection, report: Progress, now: datetime) -> Moved[ReportResult]:
+def progress(
+    conn: Connection, report: Progress, lease_for: timedelta, now: datetime
+) -> Moved[ReportResult]:
+    """Record how far the job is; like a heartbeat, it renews the lease."""
+    expires = now + lease_for
     changed = conn.execute(
         jobs.update()
         .where(*_held(report.lease))
-        .values(progress=report.progress, progress_message=report.message)
+        .values(
+            progress=report.progress,
+            progress_message=report.message,
+            lease_expires_at=expires,
+        )
         .returning(jobs.c.queue, jobs.c.state, jobs.c.attempts, jobs.c.leased_by)
     ).first()
     if changed is None:
@@ -376,7 +384,8 @@ def progress(conn: Connection, report: Progress, now: datetime) -> Moved[ReportR
         changed.leased_by,
         detail,
     )
-    return _moved(conn, now, ReportResult(job_id, ReportStatus.OK), [line])
+    renewed = ReportResult(job_id, ReportStatus.OK, lease_expires_at=expires)
+    return _moved(conn, now, renewed, [line])
 
 
 def start_many(

@@ -150,8 +150,10 @@ class SqlStore(Store):
     ) -> Moved[list[ReportResult]]:
         return await self._run(ops.start_many, leases, now) if leases else Moved([], [])
 
-    async def progress(self, report: Progress, now: datetime) -> Moved[ReportResult]:
-        return await self._run(ops.progress, report, now)
+    async def progress(
+        self, report: Progress, lease_for: timedelta, now: datetime
+    ) -> Moved[ReportResult]:
+        return await self._run(ops.progress, report, lease_for, now)
 
     async def complete_many(
         self, completions: Sequence[Completion], now: datetime
