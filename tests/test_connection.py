@@ -472,7 +472,8 @@ def test_a_worker_with_a_key_runs_jobs_and_stops_when_the_key_is_revoked(
             held_gate.set()
             _stopped(worker, thread)
         assert len(raised) == 1 and isinstance(raised[0], AuthenticationError), raised
-        assert admin.get_job(stuck.id).state is JobState.RUNNING  # not reported
+        # Not reported; leased still if the key went before its Start did.
+        assert admin.get_job(stuck.id).state in (JobState.LEASED, JobState.RUNNING)
 
 
 def test_a_job_given_up_by_a_revoked_worker_runs_again_once_its_lease_expires(

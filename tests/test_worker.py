@@ -178,7 +178,8 @@ def test_a_worker_with_short_jobs_holds_more_of_them(client: Client, broker: Bro
         waiting = [client.submit(t.add, [n]) for n in range(60)]
 
         def leased() -> int:
-            return len(client.list_jobs(queue="sample", states=[JobState.RUNNING]).jobs)
+            held = [JobState.LEASED, JobState.RUNNING]
+            return len(client.list_jobs(queue="sample", states=held).jobs)
 
         # The broker fills a window a quarter at a time: 12 to 16 leased, where
         # the first window would have held 8.

@@ -30,21 +30,27 @@ Waiter = asyncio.Future[list[ReportResult]]
 _LOCAL = (grpc.StatusCode.INTERNAL, None)  # failures of a write that name no broker status
 
 # Reports merged into one message: message kind -> its repeated field.
-_BATCHED = {"complete": "completions", "fail": "failures"}
+_BATCHED = {"complete": "completions", "fail": "failures", "start": "leases"}
+# Reports due this close together go out in one message: a Start due a few
+# milliseconds after the one that woke the flush goes with it.
+_MERGE_SLACK = 0.005
 
 
-def _split(done: asyncio.Future[list[ReportResult]], waiters: list[Waiter]) -> None:
-    """Hand each merged report its own result (one per item, in order)."""
+def _split(done: asyncio.Future[list[ReportResult]], waiters: list[tuple[Waiter, int]]) -> None:
+    """Hand each merged report its own results (one per item, in order); a
+    waiter comes with how many items its report carried."""
     if done.cancelled() or done.exception() is not None:
         error = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        for waiter in waiters:
+        for waiter, _ in waiters:
             if not waiter.done():
                 waiter.set_exception(error or asyncio.CancelledError())
         return
     results = done.result()
-    for i, waiter in enumerate(waiters):
+    at = 0
+    for waiter, count in waiters:
         if not waiter.done():
-            waiter.set_result(results[i : i + 1])
+            waiter.set_result(results[at : at + count])
+        at += count
 
 
 class AsyncLeaseStream:
@@ -76,7 +82,9 @@ class AsyncLeaseStream:
             lease._stream = self
         self._inbox: asyncio.Queue[AsyncLease | None] = asyncio.Queue()
         self._write_lock = asyncio.Lock()
-        self._batches: dict[str, list[tuple[broker_pb2.WorkerMessage, Waiter]]] = {}
+        # Per kind, the reports waiting to go out: waiter -> (when due, message).
+        self._batches: dict[str, dict[Waiter, tuple[float, broker_pb2.WorkerMessage]]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # kinds with a flush due
         self._flushes: set[asyncio.Future[list[ReportResult]]] = set()
         self._sending: set[str] = set()  # kinds with a merged report awaiting its Ack
         self._call: _Call | None = None
@@ -100,6 +108,8 @@ class AsyncLeaseStream:
                 raise
             raise refused from error
         self._reader = asyncio.create_task(self._read(self._call), name="jobbroker-lease-reader")
+        for lease in self._core.held.values():  # handed over from a broken stream
+            lease._resume()
 
     async def _refusal(self) -> JobBrokerError | None:
         """Why the broker ended the call before the subscribe went out, when
@@ -162,37 +172,78 @@ class AsyncLeaseStream:
         return lost_leases(leases, await self._exchange(heartbeat_message(leases)))
 
     async def _exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
-        """Send a report and wait for its Ack. Completions and failures made
-        close together travel as one message (and one transaction): see `_flush`."""
+        """Send a report and wait for its Ack. Completions, failures and starts
+        made close together travel as one message (and one transaction): see `_flush`."""
         kind = message.WhichOneof("kind")
         if kind in _BATCHED:
-            return await self._batched(kind, message)
+            return await self._batched(kind, message, 0.0)
         return await self._exchange_now(message)
 
-    async def _batched(self, kind: str, message: broker_pb2.WorkerMessage) -> list[ReportResult]:
-        waiter: asyncio.Future[list[ReportResult]] = asyncio.get_running_loop().create_future()
-        batch = self._batches.setdefault(kind, [])
-        batch.append((message, waiter))
-        if len(batch) == 1 and kind not in self._sending:
-            asyncio.get_running_loop().call_soon(self._flush, kind)
-        return await waiter
+    def _schedule(self, message: broker_pb2.WorkerMessage, delay: float) -> Waiter:
+        """Send a report of a merged kind in `delay` seconds, unless `_withdraw`
+        takes it back first; the future is its results."""
+        kind = message.WhichOneof("kind")
+        assert kind in _BATCHED, kind
+        return self._batched(kind, message, delay)
+
+    def _withdraw(self, kind: str, waiter: Waiter) -> bool:
+        """Take back a report `_schedule` made that has not gone out; True if it
+        had not. Its future is left pending."""
+        batch = self._batches.get(kind)
+        return batch is not None and batch.pop(waiter, None) is not None
+
+    def _batched(self, kind: str, message: broker_pb2.WorkerMessage, delay: float) -> Waiter:
+        loop = asyncio.get_running_loop()
+        waiter: Waiter = loop.create_future()
+        due = loop.time() + delay
+        self._batches.setdefault(kind, {})[waiter] = (due, message)
+        if kind not in self._sending:
+            self._wake(kind, due)
+        return waiter
+
+    def _wake(self, kind: str, due: float) -> None:
+        """Have `_flush(kind)` run at `due`, or sooner if it already will."""
+        timer = self._timers.get(kind)
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self._timers[kind] = asyncio.get_running_loop().call_at(due, self._flush, kind)
 
     def _flush(self, kind: str) -> None:
-        """Send what accumulated as one message. While it waits for its Ack,
-        later reports of its kind gather for the next one: under load a message
-        carries what finished during a round trip, at idle it leaves at once."""
-        batch = self._batches.pop(kind)
+        """Send what is due as one message. While it waits for its Ack, later
+        reports of its kind gather for the next one: under load a message
+        carries what finished during a round trip, at idle it leaves at once.
+        Reports not due yet stay, with a flush at the next one's time."""
+        self._timers.pop(kind, None)
+        batch = self._batches.get(kind)
+        if not batch or kind in self._sending:
+            return
+        limit = asyncio.get_running_loop().time() + _MERGE_SLACK
+        due = [(waiter, message) for waiter, (at, message) in batch.items() if at <= limit]
+        for waiter, _ in due:
+            del batch[waiter]
+        if batch:
+            if not due:
+                self._wake(kind, min(at for at, _ in batch.values()))
+                return
+        else:
+            del self._batches[kind]
         merged = broker_pb2.WorkerMessage()
         items = _BATCHED[kind]
-        for message, _ in batch:  # each carries one item
-            getattr(getattr(merged, kind), items).extend(getattr(getattr(message, kind), items))
+        into = getattr(getattr(merged, kind), items)
+        counts = []
+        for waiter, message in due:
+            carried = getattr(getattr(message, kind), items)
+            into.extend(carried)
+            counts.append((waiter, len(carried)))
         self._sending.add(kind)
         task = asyncio.ensure_future(self._exchange_now(merged))
         self._flushes.add(task)
 
         def answered(done: asyncio.Future[list[ReportResult]]) -> None:
             self._flushes.discard(done)
-            _split(done, [waiter for _, waiter in batch])
+            _split(done, counts)
             self._sending.discard(kind)
             if self._batches.get(kind):  # gathered meanwhile
                 self._flush(kind)
@@ -262,4 +313,12 @@ class AsyncLeaseStream:
 
     def _finish(self, error: JobBrokerError) -> None:
         self._core.end(error)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        batches, self._batches = self._batches, {}
+        for batch in batches.values():
+            for waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(error)
         self._inbox.put_nowait(None)

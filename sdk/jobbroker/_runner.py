@@ -1,5 +1,12 @@
 """One attempt of one job: run the handler, watch for cancel, soft timeout and lost
-lease, and decide what to report."""
+lease, and decide what to report.
+
+The broker holds a job the worker has not started as leased; a Start report
+moves it to running and starts its hard timeout. The attempt schedules one
+`START_DELAY` after its handler starts; a job that ends sooner takes it back
+and says how long its handler ran in its Completion or Failure instead, so
+short jobs cost no extra message, and Starts due together go as one.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,15 @@ from .lease import AsyncLease
 from .task import Task
 from .types import ErrorInfo
 
+START_DELAY = 0.05
+"""Seconds from a handler's start to its Start report. Shorter, and jobs of a
+few milliseconds would send one each, a message per job at full speed; longer,
+and a slow job shows as leased, not running, for longer. The broker counts the
+hard timeout from the Start's arrival: up to this much later than the handler began."""
+
+ABANDONED = "the handler's thread could not be stopped; it was abandoned"
+"""Said in the failure of an attempt whose sync handler went on running."""
+
 Report = Callable[[AsyncLease], Awaitable[None]]
 """What to tell the broker about the attempt, given the lease (which may have moved
 to a new stream by the time it is sent)."""
@@ -26,30 +42,51 @@ async def run_job(
     context: JobContext,
     threads: HandlerThreads,
     interrupt: asyncio.Future[str],
+    on_lost: Callable[[], None],
 ) -> Report | None:
     """Run the attempt; None when there is nothing to report (the lease was lost).
 
-    `interrupt` is resolved with "cancelled" or "lost" to stop the attempt early.
+    `interrupt` is resolved with "cancelled" or "lost" to stop the attempt
+    early; `on_lost` is called when the handler's Start finds the lease gone.
     """
     try:
         payload = lease.payload()
     except ValueError as error:
-        return _fail(error, retryable=False)
+        return _fail(error, retryable=False)  # no handler ran: no run time
     handler = _start(task, payload, context, threads)
-    stop = await _supervise(handler, lease, context, interrupt)
+    lease._begin(START_DELAY, on_lost)
+    try:
+        stop = await _supervise(handler, lease, context, interrupt)
+    finally:
+        lease._end()
     if stop is None:
         return _from_handler(handler)
     context.stop()
-    handler.cancel()
+    abandoned = _give_up(task, handler, threads, lease)
     if stop == "lost":
         return None
     if stop == "cancelled":
         message = f"the broker cancelled the job ({lease.cancel_reason})"
-        info = ErrorInfo(type="Cancelled", message=message)
+        info = ErrorInfo(type="Cancelled", message=_abandoned(message, abandoned))
         return lambda lease: lease.fail(info, cancelled=True)
     limit = lease.job.soft_timeout.total_seconds() if lease.job.soft_timeout else 0.0
-    info = ErrorInfo(type="SoftTimeout", message=f"the handler ran longer than {limit:g}s")
-    return _fail(info)
+    message = f"the handler ran longer than {limit:g}s"
+    return _fail(ErrorInfo(type="SoftTimeout", message=_abandoned(message, abandoned)))
+
+
+def _give_up(
+    task: Task[Any, Any], handler: asyncio.Future[Any], threads: HandlerThreads, lease: AsyncLease
+) -> bool:
+    """Stop a handler the attempt no longer waits for; True when it was a sync
+    one still running, whose thread is abandoned (see HandlerThreads.give_up)."""
+    if task.is_async:
+        handler.cancel()
+        return False
+    return threads.give_up(handler, f"job {lease.job.id} ({task.name})")
+
+
+def _abandoned(message: str, abandoned: bool) -> str:
+    return f"{message}; {ABANDONED}" if abandoned else message
 
 
 def _start(
@@ -57,8 +94,8 @@ def _start(
 ) -> asyncio.Future[Any]:
     """Async handlers run as a task on the loop, sync ones on the handler threads;
     both see `current_job()` through a copied context. A thread cannot be stopped:
-    when an attempt is given up, its handler's future is cancelled and the
-    outcome dropped."""
+    when an attempt is given up, its handler's future is cancelled, the outcome
+    dropped and the thread abandoned (`_give_up`)."""
     ctx = contextvars.copy_context()
     ctx.run(bind, context)
     if task.is_async:

@@ -4,6 +4,11 @@ A lease reports over the LeaseStream it came from (see `_sync_stream` and
 `_async_stream`); each report waits for the broker's Ack and raises the mapped
 error. After a reconnect the worker moves its leases onto the new stream.
 
+A leased job is held, not yet running: `start()` says its handler starts, and
+its hard timeout counts from then. A Completion or Failure of a lease whose
+start the broker did not confirm says how long the handler ran (`run_time`),
+and the broker records the start from that.
+
 Every report raises, besides what its docstring names:
 
 - LeaseLostError: the lease is gone (it expired and the job was leased again,
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -52,6 +58,12 @@ class SyncReporter(Protocol):
 class AsyncReporter(Protocol):
     async def _exchange(self, message: broker_pb2.WorkerMessage) -> list[ReportResult]: ...
 
+    def _schedule(
+        self, message: broker_pb2.WorkerMessage, delay: float
+    ) -> asyncio.Future[list[ReportResult]]: ...
+
+    def _withdraw(self, kind: str, waiter: asyncio.Future[list[ReportResult]]) -> bool: ...
+
     @property
     def ended(self) -> bool: ...
 
@@ -80,6 +92,19 @@ class _LeaseBase:
         self.expires_at = expires_at
         self.heartbeat_interval = heartbeat_interval
         self.cancel_reason = None
+        # When the handler began, as far as this process knows (monotonic):
+        # on receipt until start() says otherwise; None while a Worker holds
+        # the lease unstarted, so that a failure with no handler run says none.
+        self._began: float | None = time.monotonic()
+        self._ran: float | None = None  # seconds, fixed when a Worker's handler ended
+        self._started = False  # the broker confirmed the start: no run_time needed
+
+    def _run_time(self) -> float | None:
+        """Seconds the handler ran, for a Completion or Failure; None when the
+        broker knows the start already or no handler ran."""
+        if self._started or self._began is None:
+            return None
+        return self._ran if self._ran is not None else time.monotonic() - self._began
 
     @property
     def cancelled(self) -> bool:
@@ -119,6 +144,18 @@ class Lease(_LeaseBase):
         """Block until the broker cancels this lease (True) or `timeout` passes (False)."""
         return self._cancelled.wait(timeout)
 
+    def start(self) -> None:
+        """Tell the broker this lease's handler starts now: the job moves from
+        leased to running, and its hard timeout counts from now. (The `Worker`
+        calls it for you.) Raises LeaseLostError if the lease is gone.
+
+        Without it, `complete` and `fail` send the time since the lease was
+        received as the handler's run time, the best this lease knows, and the
+        broker records the start from that."""
+        self._began = time.monotonic()
+        self._apply(self._stream._exchange(start_message([self])))
+        self._started = True
+
     def heartbeat(self) -> None:
         """Renew the lease (moving `expires_at` on); raises LeaseLostError if it is gone."""
         self._apply(self._stream._exchange(heartbeat_message([self])))
@@ -130,7 +167,9 @@ class Lease(_LeaseBase):
 
     def complete(self, result: Any = None) -> None:
         """Finish the job with `result` (JSON, or bytes) and end the lease; raises
-        LeaseLostError if the lease is gone, and the result is then dropped."""
+        LeaseLostError if the lease is gone, and the result is then dropped.
+        Unless `start()` was confirmed, it says the handler ran since the
+        lease was received (or since `start()` was called)."""
         self._apply(self._stream._exchange(complete_message(self, result)))
 
     def fail(
@@ -144,7 +183,8 @@ class Lease(_LeaseBase):
         """Fail this attempt and end the lease: the broker retries the job after
         `retry_after` (or its backoff) unless `retryable` is False or attempts
         run out, which dead-letters it; with `cancelled=True` the job ends
-        cancelled, not retried. Raises LeaseLostError if the lease is gone."""
+        cancelled, not retried. Raises LeaseLostError if the lease is gone.
+        Its run time is sent as `complete`'s is."""
         message = fail_message(self, error, retryable, retry_after, cancelled)
         self._apply(self._stream._exchange(message))
 
@@ -163,6 +203,8 @@ class AsyncLease(_LeaseBase):
         self._stream = stream
         self._cancelled = asyncio.Event()
         self._on_cancel: list[Callable[[], None]] = []
+        self._start: asyncio.Future[list[ReportResult]] | None = None  # a Start on its way
+        self._on_lost: Callable[[], None] | None = None  # told when a Start finds it gone
 
     def _mark_cancelled(self, reason: CancelReason) -> None:
         self.cancel_reason = reason
@@ -184,6 +226,74 @@ class AsyncLease(_LeaseBase):
         assert self.cancel_reason is not None
         return self.cancel_reason
 
+    async def start(self) -> None:
+        """Tell the broker this lease's handler starts now: the job moves from
+        leased to running, and its hard timeout counts from now. (The `Worker`
+        calls it for you.) Raises LeaseLostError if the lease is gone.
+
+        Without it, `complete` and `fail` send the time since the lease was
+        received as the handler's run time, the best this lease knows, and the
+        broker records the start from that."""
+        self._withdraw_start()
+        self._began = time.monotonic()
+        self._apply(await self._stream._exchange(start_message([self])))
+        self._started = True
+
+    # --- what a Worker does with the lease: see _runner.run_job ---
+
+    def _hold(self) -> None:
+        """A Worker holds the lease: no handler runs until `_begin`."""
+        self._began = None
+
+    def _begin(self, delay: float, on_lost: Callable[[], None]) -> None:
+        """The handler starts now: a Start goes out in `delay` seconds, unless
+        the attempt ends first (`_end`). `on_lost` is called if the broker
+        answers that the lease is gone."""
+        self._began = time.monotonic()
+        self._on_lost = on_lost
+        self._schedule_start(delay)
+
+    def _end(self) -> None:
+        """The handler ended (or was given up): its run time is fixed, and a
+        Start not yet sent stays unsent (the outcome carries the run time)."""
+        if self._began is not None:
+            self._ran = time.monotonic() - self._began
+        if self._withdraw_start():
+            self._on_lost = None
+
+    def _resume(self) -> None:
+        """The lease moved to a new stream: a Start the old one did not get
+        confirmed goes out on it."""
+        if self._began is None or self._ran is not None or self._started:
+            return
+        if self._start is None or self._start.done():
+            self._schedule_start(0.0)
+
+    def _schedule_start(self, delay: float) -> None:
+        start = self._stream._schedule(start_message([self]), delay)
+        self._start = start
+        start.add_done_callback(self._start_answered)
+
+    def _withdraw_start(self) -> bool:
+        """Take back a Start that has not gone out; True if there was one."""
+        start, self._start = self._start, None
+        return start is not None and not start.done() and self._stream._withdraw("start", start)
+
+    def _start_answered(self, done: asyncio.Future[list[ReportResult]]) -> None:
+        if self._start is done:
+            self._start = None
+        if done.cancelled() or done.exception() is not None:
+            return  # the stream ended: the next one sends it again (`_resume`)
+        on_lost, self._on_lost = self._on_lost, None
+        for result in done.result():
+            if result.job_id != self.job.id:
+                continue
+            if result.status in _GONE:
+                if on_lost is not None:
+                    on_lost()
+            elif result.status == broker_pb2.REPORT_STATUS_OK:
+                self._started = True
+
     async def heartbeat(self) -> None:
         """Renew the lease (moving `expires_at` on); raises LeaseLostError if it is gone."""
         self._apply(await self._stream._exchange(heartbeat_message([self])))
@@ -195,7 +305,10 @@ class AsyncLease(_LeaseBase):
 
     async def complete(self, result: Any = None) -> None:
         """Finish the job with `result` (JSON, or bytes) and end the lease; raises
-        LeaseLostError if the lease is gone, and the result is then dropped."""
+        LeaseLostError if the lease is gone, and the result is then dropped.
+        Unless `start()` was confirmed, it says the handler ran since the
+        lease was received (or since `start()` was called); a Worker's lease
+        says how long its handler ran."""
         self._apply(await self._stream._exchange(complete_message(self, result)))
 
     async def fail(
@@ -209,7 +322,8 @@ class AsyncLease(_LeaseBase):
         """Fail this attempt and end the lease: the broker retries the job after
         `retry_after` (or its backoff) unless `retryable` is False or attempts
         run out, which dead-letters it; with `cancelled=True` the job ends
-        cancelled, not retried. Raises LeaseLostError if the lease is gone."""
+        cancelled, not retried. Raises LeaseLostError if the lease is gone.
+        Its run time is sent as `complete`'s is."""
         message = fail_message(self, error, retryable, retry_after, cancelled)
         self._apply(await self._stream._exchange(message))
 
@@ -234,6 +348,12 @@ def lease_fields(
     )
 
 
+def start_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
+    return broker_pb2.WorkerMessage(
+        start=broker_pb2.Start(leases=[lease._ref() for lease in leases])
+    )
+
+
 def heartbeat_message(leases: Sequence[_LeaseBase]) -> broker_pb2.WorkerMessage:
     heartbeat = broker_pb2.Heartbeat(leases=[lease._ref() for lease in leases])
     return broker_pb2.WorkerMessage(heartbeat=heartbeat)
@@ -253,6 +373,9 @@ def complete_message(lease: _LeaseBase, result: Any) -> broker_pb2.WorkerMessage
     completion.lease.job_id = lease.job.id
     completion.lease.fencing_token = lease.fencing_token
     set_payload(completion.result, result)
+    ran = lease._run_time()
+    if ran is not None:
+        completion.run_time.FromNanoseconds(round(ran * 1e9))
     return message
 
 
@@ -271,6 +394,9 @@ def fail_message(
     )
     if retry_after is not None:
         failure.retry_after.CopyFrom(duration_to_pb(retry_after))
+    ran = lease._run_time()
+    if ran is not None:
+        failure.run_time.FromNanoseconds(round(ran * 1e9))
     return broker_pb2.WorkerMessage(fail=broker_pb2.Fail(failures=[failure]))
 
 
@@ -290,6 +416,8 @@ def error_info(error: BaseException | ErrorInfo | str) -> ErrorInfo:
         traceback="".join(traceback.format_exception(error)),
     )
 
+
+_GONE = (broker_pb2.REPORT_STATUS_LEASE_LOST, broker_pb2.REPORT_STATUS_NOT_FOUND)
 
 _ERRORS: dict[int, type[JobBrokerError]] = {
     broker_pb2.REPORT_STATUS_LEASE_LOST: LeaseLostError,
@@ -316,12 +444,11 @@ def settled(message: broker_pb2.WorkerMessage, results: Sequence[ReportResult]) 
     lease the broker says is lost or gone.
     """
     status = {r.job_id: r.status for r in results}
-    gone = (broker_pb2.REPORT_STATUS_LEASE_LOST, broker_pb2.REPORT_STATUS_NOT_FOUND)
     ending = message.WhichOneof("kind") in ("complete", "fail", "release")
     return [
         ref.job_id
         for ref in report_refs(message)
-        if status.get(ref.job_id) in gone
+        if status.get(ref.job_id) in _GONE
         or (ending and status.get(ref.job_id) != broker_pb2.REPORT_STATUS_INVALID)
     ]
 
@@ -338,4 +465,6 @@ def report_refs(message: broker_pb2.WorkerMessage) -> list[broker_pb2.LeaseRef]:
         return list(message.heartbeat.leases)
     if kind == "progress":
         return [message.progress.lease]
+    if kind == "start":
+        return list(message.start.leases)
     return []

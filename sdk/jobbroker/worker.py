@@ -99,6 +99,16 @@ class Worker:
     concurrency, growing to 8 x while those jobs are short (see `_window`);
     `prefetch` fixes the number instead.
 
+    A job held is `leased` at the broker until its handler starts; the worker
+    then reports its start (`START_DELAY` later, in `_runner`; a job done
+    sooner says how long it ran instead) and it is `running`, its hard timeout
+    counting from its handler's start. A sync handler given up on (cancelled,
+    past its soft timeout, lease lost) cannot be stopped: its thread is
+    abandoned and another takes its place, both logged, and the attempt's
+    failure says so. Past `MAX_ABANDONED` abandoned threads still running, no
+    more are replaced, and fewer sync handlers run at once until one returns
+    (see `_threads`).
+
     `target` is a "host:port" or ConnectionOptions; the connection keywords
     (api_key=, tls=, ...) are ConnectionOptions' fields, as in Client.
     """
@@ -333,6 +343,7 @@ class Worker:
     async def _consume(self, stream: AsyncLeaseStream, threads: HandlerThreads) -> None:
         loop = asyncio.get_running_loop()
         async for lease in stream:
+            lease._hold()  # not started until its handler is
             running = _Running(lease, loop.create_future())
             # The hook holds the future, not `running`: a lease that referred
             # back to its own _Running made a cycle per job, which only the
@@ -381,9 +392,20 @@ class Worker:
                 log.warning("heartbeat failed: %s", error)
                 continue
             for running in held:
-                if running.lease in lost and not running.reporting:
-                    log.warning("lost the lease on job %s", running.lease.job.id)
-                    _interrupt(running.interrupt, "lost")
+                if running.lease in lost:
+                    self._lost(running)
+
+    def _lost(self, running: _Running) -> None:
+        """The broker no longer honours this lease: stop its handler, report nothing."""
+        if not running.reporting:
+            log.warning("lost the lease on job %s", running.lease.job.id)
+            _interrupt(running.interrupt, "lost")
+
+    def _start_lost(self, job_id: str, fencing_token: int) -> None:
+        """A Start found its lease gone: as a heartbeat that did."""
+        running = self._running.get(job_id)
+        if running is not None and running.lease.fencing_token == fencing_token:
+            self._lost(running)
 
     # --- jobs ---
 
@@ -398,7 +420,9 @@ class Worker:
             running.started = True
             context = JobContext(lease, self._post)
             began = time.monotonic()
-            report = await run_job(task, lease, context, threads, running.interrupt)
+            # The hook names the lease, not `running`: no cycle through the lease.
+            on_lost = functools.partial(self._start_lost, lease.job.id, lease.fencing_token)
+            report = await run_job(task, lease, context, threads, running.interrupt, on_lost)
             self._resize(time.monotonic() - began)
         if report is not None:
             running.reporting = True
