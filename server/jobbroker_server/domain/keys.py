@@ -13,7 +13,7 @@ import enum
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from jobbroker_server.domain import limits
@@ -52,10 +52,12 @@ class Caller:
     role: Role
     queues: frozenset[str] | None  # None: every queue
 
-    @property
-    def actor(self) -> str:
-        """Who did it, in a job's story: the key's name, or "client"."""
-        return self.name if self.key_id else "client"
+    # Who did it, in a job's story: the key's name, or "client". Set once:
+    # it is read for every job a call submits.
+    actor: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actor", self.name if self.key_id else "client")
 
     def may_use(self, queue: str) -> bool:
         return self.queues is None or queue in self.queues

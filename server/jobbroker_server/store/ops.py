@@ -114,8 +114,11 @@ def submit_many(
     return _moved(conn, now, results, moved)
 
 
+_STATE = {state.value: state for state in JobState}  # faster than JobState(value)
+
+
 def _submitted(row: dict[str, Any], actor: str) -> Transition:
-    state = JobState(row["state"])
+    state = _STATE[row["state"]]
     detail = {"run_at": row["scheduled_at"].isoformat()} if state is JobState.SCHEDULED else {}
     return Transition(row["id"], row["queue"], None, state, Reason.SUBMITTED, 0, actor, detail)
 
