@@ -769,6 +769,14 @@ def test_a_held_job_runs_from_its_handlers_start(db: Harness) -> None:
     done = db(db.store.get_job(finished_first.id))
     assert done.started_at == done_at - timedelta(seconds=2) == done.history[-1].started_at
     assert _assert_story(db, finished_first.id)[-2:] == ["started", "succeeded"]
+    # A worker's word cannot put a start before the job could run.
+    late = job()
+    db(db.store.submit_many([late], done_at, WINDOW))
+    [held] = db(db.store.lease_many(["q"], 1, "w", LEASE, done_at))
+    liar = Completion(ref([held], late), None, timedelta(days=29))
+    db(db.store.complete_many([liar], done_at + timedelta(seconds=1)))
+    told = db(db.store.get_job(late.id))
+    assert told.started_at == done_at == told.history[-1].started_at
     # A job whose handler never ran (run_time unset) fails from leased.
     db(db.store.fail_many([Failure(ref(leases, never), ErrorInfo("E", "no handler"))], done_at))
     assert _assert_story(db, never.id) == ["submitted", "leased", "dead_lettered"]

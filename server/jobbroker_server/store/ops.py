@@ -166,6 +166,11 @@ def _instant(name: str = "now") -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=UTCDateTime())
 
 
+def _not_before(value: sa.ColumnElement[Any], floor: sa.ColumnElement[Any]) -> Any:
+    """``value``, or ``floor`` when it is earlier (NULL stays NULL)."""
+    return sa.case((value < floor, floor), else_=value)
+
+
 # The hot path's statements are built once: building a SQLAlchemy expression
 # and its cache key per call cost more than SQLite took to run it.
 # SKIP LOCKED: replicas leasing at once never pick the same job (SQLite, with
@@ -413,7 +418,7 @@ _START = Prepared(
     .where(jobs.c.id == sa.bindparam("b_id"), _is(JobState.LEASED))
     .values(
         state=RUNNING,
-        started_at=_instant("b_started"),
+        started_at=_not_before(_instant("b_started"), jobs.c.scheduled_at),
         deadline_at=sa.bindparam("b_deadline", type_=UTCDateTime()),
     )
 )
@@ -423,7 +428,7 @@ _ATTEMPT_STARTED = Prepared(
         attempts.c.job_id == sa.bindparam("b_id"),
         attempts.c.outcome == AttemptOutcome.RUNNING.value,
     )
-    .values(started_at=_instant("b_started"))
+    .values(started_at=_not_before(_instant("b_started"), attempts.c.started_at))
 )
 
 
@@ -468,47 +473,49 @@ def complete_many(
     verdicts, row_of = _check_leases(conn, refs)
     current = [c for c, v in zip(completions, verdicts, strict=True) if v is None]
     # A job that ends while leased started its run_time before: its start is
-    # written with its end, in the same statements, not before them.
+    # written with its end, in the same statements. Starts are kept to the
+    # millisecond, so that the no-op jobs of a batch, which start and end
+    # within one, are still written set-wise.
     started_at = {
-        c.lease.job_id: now - _ran(c.run_time)
+        c.lease.job_id: _to_ms(now - _ran(c.run_time))
         for c in current
         if row_of[c.lease.job_id].state == LEASED
     }
     moved = [_started(row_of[job_id]) for job_id in started_at]
-    by_result: dict[tuple[bytes, str] | None, list[str]] = {}
-    single = []
+    alike: dict[tuple[tuple[bytes, str] | None, datetime | None], list[str]] = {}
     for c in current:
-        job_id = c.lease.job_id
         result = (c.result.data, c.result.content_type) if c.result else None
-        if job_id in started_at:
-            data, content_type = result or (None, None)
-            single.append(_completed(job_id, data, content_type, started_at[job_id], now))
-        else:
-            by_result.setdefault(result, []).append(job_id)
-    # A result many jobs share (null, for no-op jobs) in one set-wise statement;
-    # the results of one job each, and the jobs that start as they end,
-    # together in one executemany.
-    for result, ids in by_result.items():
-        if len(ids) == 1 and result is not None:
-            single.append(_completed(ids[0], result[0], result[1], None, now))
-            continue
+        alike.setdefault((result, started_at.get(c.lease.job_id)), []).append(c.lease.job_id)
+    # The jobs that share a result (null, for no-op jobs) and a start in one
+    # set-wise statement; the results of one job each in one executemany.
+    single = []
+    for (result, started), ids in alike.items():
         data, content_type = result or (None, None)
+        if len(ids) == 1 and result is not None:
+            single.append(_completed(ids[0], data, content_type, started, now))
+            continue
         _COMPLETE_SHARED.run(
-            conn, {"ids": ids, "b_result": data, "b_type": content_type, "now": now}
+            conn,
+            {
+                "ids": ids,
+                "b_result": data,
+                "b_type": content_type,
+                "b_started": started,
+                "now": now,
+            },
         )
     if single:
         _COMPLETE_ONE.run_many(conn, single)
     ended = [c.lease for c in current if c.lease.job_id not in started_at]
     if ended:
         _end_attempts(conn, ended, AttemptOutcome.SUCCEEDED, now)
-    if started_at:
-        succeeded = AttemptOutcome.SUCCEEDED.value
-        _END_STARTED_ATTEMPTS.run_many(
-            conn,
-            [
-                {"b_id": job_id, "b_started": at, "outcome": succeeded, "now": now}
-                for job_id, at in started_at.items()
-            ],
+    by_start: dict[datetime, list[str]] = {}
+    for job_id, at in started_at.items():
+        by_start.setdefault(at, []).append(job_id)
+    succeeded = AttemptOutcome.SUCCEEDED.value
+    for at, ids in by_start.items():
+        _END_STARTED_ATTEMPTS.run(
+            conn, {"ids": ids, "b_started": at, "outcome": succeeded, "now": now}
         )
     moved += [_ended(row_of[c.lease.job_id], done, Reason.SUCCEEDED, running=True) for c in current]
     results = [
@@ -532,6 +539,10 @@ def _completed(
         "b_started": started,
         "now": now,
     }
+
+
+def _to_ms(at: datetime) -> datetime:
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 
 def _ran(run_time: timedelta | None) -> timedelta:
@@ -989,14 +1000,16 @@ def _check_leases(
 
 
 # A job has one running attempt at a time: the one its lease holds.
+# A worker's word for when its handler started is kept within the attempt:
+# never before its lease (the attempt row's start until then).
 _END_STARTED_ATTEMPTS = Prepared(
     attempts.update()
     .where(
-        attempts.c.job_id == sa.bindparam("b_id"),
+        attempts.c.job_id.in_(_ids()),
         attempts.c.outcome == AttemptOutcome.RUNNING.value,
     )
     .values(
-        started_at=_instant("b_started"),
+        started_at=_not_before(_instant("b_started"), attempts.c.started_at),
         finished_at=_instant(),
         outcome=sa.bindparam("outcome"),
         error=None,
@@ -1035,17 +1048,19 @@ _FINISHED_VALUES: dict[str, Any] = {
     "result_content_type": sa.bindparam("b_type", type_=sa.String()),
     **_LEASE_CLEARED,
 }
-_COMPLETE_SHARED = Prepared(jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES))
+# A job that starts as it ends is given its start (never before it became
+# runnable); None keeps the start it has.
+_STARTED_WITH_END = sa.func.coalesce(
+    _not_before(sa.bindparam("b_started", type_=UTCDateTime()), jobs.c.scheduled_at),
+    jobs.c.started_at,
+)
+_COMPLETE_SHARED = Prepared(
+    jobs.update().where(*_HELD_ALL).values(**_FINISHED_VALUES, started_at=_STARTED_WITH_END)
+)
 _COMPLETE_ONE = Prepared(
     jobs.update()
     .where(jobs.c.id == sa.bindparam("b_id"), _in(HELD))
-    .values(
-        **_FINISHED_VALUES,
-        # Set for a job that starts as it ends (None: it had started).
-        started_at=sa.func.coalesce(
-            sa.bindparam("b_started", type_=UTCDateTime()), jobs.c.started_at
-        ),
-    )
+    .values(**_FINISHED_VALUES, started_at=_STARTED_WITH_END)
 )
 _RELEASE = Prepared(
     jobs.update()
