@@ -233,10 +233,12 @@ class Dispatcher:
                 stops.setdefault(stop, []).append(LeaseRef(t.job_id, t.token))
         if ran:
             self._metrics.observe(self._metrics.run_seconds, ran)
-        if ready:
-            self.wake_some(ready)
+        # Stops first: a stream whose lease expired is stalled by it, and is
+        # not the one woken for the job that went back to pending.
         for reason, refs in stops.items():
             self.cancel(refs, reason)
+        if ready:
+            self.wake_some(ready)
 
     def serving(self, queue: str) -> int:
         """How many open streams of this broker lease from ``queue``."""

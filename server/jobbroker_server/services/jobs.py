@@ -83,15 +83,19 @@ class Jobs:
             yield job
             last = job.state
             while not last.terminal:
-                state: JobState | None = None
+                passed: list[JobState] = []
                 with contextlib.suppress(TimeoutError):
-                    state = await asyncio.wait_for(changes.get(), self._wait_poll)
+                    passed.append(await asyncio.wait_for(changes.get(), self._wait_poll))
+                while not changes.empty():  # progress reports pile up: read them at once
+                    passed.append(changes.get_nowait())
+                new = [s for i, s in enumerate(passed) if s is not (passed[i - 1] if i else last)]
+                if passed and not new:
+                    continue  # a progress report, or a cancel asked: no change of state
                 job = await self._store.get_job(job_id)
-                if state is None:
-                    state = job.state  # the poll: a change not published here
-                if state is not last:
-                    yield job if job.state is state else _as_of(job, state)
-                    last = state
+                for state in new or [job.state]:  # none published: the poll looks
+                    if state is not last and not last.terminal:
+                        yield job if job.state is state else _as_of(job, state)
+                        last = state
 
     async def events(self, job_id: str, after: int, limit: int) -> list[JobEvent]:
         return await self._store.job_events(job_id, after, limit)

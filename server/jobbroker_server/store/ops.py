@@ -614,14 +614,23 @@ _DETAIL_CHARS = 500  # of an error message, in its event: the job keeps it whole
 def release_many(
     conn: Connection, leases: Sequence[LeaseRef], now: datetime
 ) -> Moved[list[ReportResult]]:
+    """Hand jobs back to pending, the attempt not counted; a job whose cancel
+    was asked for while it was held ends cancelled instead."""
     back = states.check(JobState.RUNNING, JobState.PENDING)
     verdicts, row_of = _check_leases(conn, leases)
     current = [ref for ref, v in zip(leases, verdicts, strict=True) if v is None]
+    returned = [r for r in current if not row_of[r.job_id].cancel_requested]
+    cancelled = [r for r in current if row_of[r.job_id].cancel_requested]
     moved = []
-    if current:
-        _RELEASE.run(conn, {"ids": [r.job_id for r in current], "now": now})
-        _end_attempts(conn, current, AttemptOutcome.RELEASED, now)
-        moved = [_ended(row_of[r.job_id], back, Reason.RELEASED) for r in current]
+    if returned:
+        _RELEASE.run(conn, {"ids": [r.job_id for r in returned], "now": now})
+        _end_attempts(conn, returned, AttemptOutcome.RELEASED, now)
+        moved += [_ended(row_of[r.job_id], back, Reason.RELEASED) for r in returned]
+    if cancelled:
+        dst = states.check(JobState.RUNNING, JobState.CANCELLED)
+        _CANCEL_HELD.run(conn, {"ids": [r.job_id for r in cancelled], "now": now})
+        _end_attempts(conn, cancelled, AttemptOutcome.CANCELLED, now)
+        moved += [_ended(row_of[r.job_id], dst, Reason.CANCELLED) for r in cancelled]
     results = [
         v or ReportResult(ref.job_id, ReportStatus.OK)
         for ref, v in zip(leases, verdicts, strict=True)
@@ -748,23 +757,18 @@ def cancel(conn: Connection, job_id: str, now: datetime, actor: str = "client") 
     state = JobState(row.state)
     moved = []
     if state.held:
+        # Each request is told to the worker again: the one before may have
+        # found its stream reconnecting, or on another replica.
         if not row.cancel_requested:
             conn.execute(
                 jobs.update().where(jobs.c.id == job_id, _in(HELD)).values(cancel_requested=True)
             )
-            asked = Reason.CANCEL_REQUESTED
-            moved.append(
-                Transition(
-                    job_id,
-                    row.queue,
-                    state,
-                    state,
-                    asked,
-                    row.attempts,
-                    actor,
-                    token=row.fencing_token,
-                )
+        asked = Reason.CANCEL_REQUESTED
+        moved.append(
+            Transition(
+                job_id, row.queue, state, state, asked, row.attempts, actor, token=row.fencing_token
             )
+        )
     else:
         states.check(state, dst)
         conn.execute(
@@ -964,6 +968,7 @@ _LEASE_COLUMNS = (
     jobs.c.queue,
     jobs.c.attempts,
     jobs.c.leased_by,
+    jobs.c.cancel_requested,
 )
 _LOCK_LEASES = Prepared(sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update())
 _LOCK_ROWS = Prepared(sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update())
@@ -1072,6 +1077,12 @@ _RELEASE = Prepared(
         started_at=None,
         **_LEASE_CLEARED,
     )
+)
+
+_CANCEL_HELD = Prepared(
+    jobs.update()
+    .where(*_HELD_ALL)
+    .values(state=JobState.CANCELLED.value, finished_at=_instant(), **_LEASE_CLEARED)
 )
 
 
