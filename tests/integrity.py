@@ -77,9 +77,9 @@ _JOB_CHECKS: tuple[tuple[str, str], ...] = (
         f"j.state IN {_HELD} AND (j.lease_expires_at IS NULL OR j.leased_by IS NULL)",
     ),
     (
-        "running job that has not started, or leased job that has (or has a deadline)",
-        "(j.state = 'running' AND j.started_at IS NULL) OR (j.state = 'leased'"
-        " AND (j.started_at IS NOT NULL OR j.deadline_at IS NOT NULL))",
+        "running job that has not started, or leased job that has",
+        "(j.state = 'running' AND j.started_at IS NULL)"
+        " OR (j.state = 'leased' AND j.started_at IS NOT NULL)",
     ),
     (
         "job that is not held but holds a lease",

@@ -150,7 +150,7 @@ def test_every_edge_of_the_state_table_has_a_reason() -> None:
         (Reason.STARTED, JobState.LEASED, JobState.RUNNING, True),
         (Reason.SUCCEEDED, JobState.LEASED, JobState.SUCCEEDED, False),
         (Reason.FAILED, JobState.LEASED, JobState.PENDING, True),
-        (Reason.TIMED_OUT, JobState.LEASED, JobState.PENDING, False),
+        (Reason.TIMED_OUT, JobState.PENDING, JobState.SCHEDULED, False),
         (Reason.CANCEL_REQUESTED, JobState.RUNNING, JobState.RUNNING, True),
         (Reason.CANCEL_REQUESTED, JobState.PENDING, JobState.PENDING, False),
         (Reason.FAILED, JobState.RUNNING, JobState.SCHEDULED, True),

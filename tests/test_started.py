@@ -263,3 +263,32 @@ def test_start_on_an_async_raw_lease_moves_the_job_to_running(broker: BrokerThre
             return await handle.result(timeout=5)
 
     assert asyncio.run(scenario()) == "ran"
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_that_reports_no_starts_has_its_jobs_timed_out_from_the_lease(
+    client: Client,
+) -> None:
+    """A worker that never sends Start (an older SDK, another language, a raw
+    stream) cannot hold a hung job for ever: its timeout counts from the lease."""
+    one_try = {"queue": "unstarted", "timeout": timedelta(seconds=1), "max_attempts": 1}
+    hung = client.submit("raw.job", 1, **one_try)
+    told = client.submit("raw.job", 2, **one_try)
+    with client.lease_stream(["unstarted"], prefetch=1) as stream:
+        next(iter(stream))  # leased, never started, heartbeated by nobody but the lease
+        job = wait_for(
+            lambda: j if (j := client.get_job(hung.id)).state is not JobState.LEASED else None,
+            timeout=20,
+            what="the hung job to time out",
+        )
+    assert job.state is JobState.DEAD and job.history[0].outcome.value == "timed_out"
+    # A stream that says it reports starts: no deadline until the start.
+    with client.lease_stream(["unstarted"], prefetch=1, reports_starts=True) as stream:
+        lease = next(iter(stream))
+        assert lease.job.id == told.id
+        assert client.explain(told.id).deadline is None
+        lease.start()
+        running = client.explain(told.id)
+        assert running.reason == "running" and running.deadline is not None
+        lease.complete("ran")
+    assert told.result(timeout=5) == "ran"

@@ -71,11 +71,12 @@ class AsyncLeaseStream:
         report_timeout: float,
         held: Sequence[AsyncLease] = (),
         metadata: Metadata | None = None,
+        reports_starts: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self._stub = stub
         self._metadata = metadata
-        self._subscribe = subscribe_message(worker_id, queues, prefetch, held)
+        self._subscribe = subscribe_message(worker_id, queues, prefetch, held, reports_starts)
         self._report_timeout = report_timeout
         self._core = StreamCore[AsyncLease](held)
         for lease in held:

@@ -29,13 +29,18 @@ class Waiter(Protocol):
 
 
 def subscribe_message(
-    worker_id: str, queues: Sequence[str], prefetch: int, held: Sequence[Lease | AsyncLease]
+    worker_id: str,
+    queues: Sequence[str],
+    prefetch: int,
+    held: Sequence[Lease | AsyncLease],
+    reports_starts: bool,
 ) -> broker_pb2.WorkerMessage:
     subscribe = broker_pb2.Subscribe(
         worker_id=worker_id,
         queues=list(queues),
         prefetch=prefetch,
         held=[lease._ref() for lease in held],
+        reports_starts=reports_starts,
     )
     return broker_pb2.WorkerMessage(subscribe=subscribe)
 

@@ -41,6 +41,7 @@ class LeaseStream:
         report_timeout: float,
         held: Sequence[Lease] = (),
         metadata: Metadata | None = None,
+        reports_starts: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self._report_timeout = report_timeout
@@ -51,7 +52,7 @@ class LeaseStream:
         self._requests: queue.Queue[broker_pb2.WorkerMessage | None] = queue.Queue()
         self._inbox: queue.Queue[Lease | None] = queue.Queue()
         self._closing = False
-        self._requests.put(subscribe_message(worker_id, queues, prefetch, held))
+        self._requests.put(subscribe_message(worker_id, queues, prefetch, held, reports_starts))
         self._call = stub.LeaseStream(self._request_iterator(), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="jobbroker-lease-reader")
         self._reader.daemon = True

@@ -235,8 +235,14 @@ class Client:
         prefetch: int = 16,
         worker_id: str | None = None,
         held: Sequence[Lease] = (),
+        reports_starts: bool = False,
     ) -> LeaseStream:
-        """Open a LeaseStream; `held` hands leases of a broken stream over to this one."""
+        """Open a LeaseStream; `held` hands leases of a broken stream over to this one.
+
+        With `reports_starts=True` you call `lease.start()` as work on each
+        lease begins, and a job's hard timeout counts from then; otherwise
+        from its lease, so that a job whose start is never told still ends.
+        """
         return LeaseStream(
             self._stub,
             queues,
@@ -245,6 +251,7 @@ class Client:
             report_timeout=self._timeout,
             held=held,
             metadata=self._metadata,
+            reports_starts=reports_starts,
         )
 
     def create_api_key(self, name: str, role: Role, queues: Sequence[str] = ()) -> CreatedApiKey:
@@ -480,10 +487,14 @@ class AsyncClient:
         prefetch: int = 16,
         worker_id: str | None = None,
         held: Sequence[AsyncLease] = (),
+        reports_starts: bool = False,
     ) -> AsyncLeaseStream:
         """A LeaseStream, opened by `async with` or the first iteration.
 
-        `held` hands the leases of a broken stream over to this one.
+        `held` hands the leases of a broken stream over to this one. With
+        `reports_starts=True` you call `await lease.start()` as work on each
+        lease begins, and a job's hard timeout counts from then; otherwise
+        from its lease, so that a job whose start is never told still ends.
         """
         return AsyncLeaseStream(
             self._stub,
@@ -493,6 +504,7 @@ class AsyncClient:
             report_timeout=self._timeout,
             held=held,
             metadata=self._metadata,
+            reports_starts=reports_starts,
         )
 
     async def create_api_key(

@@ -258,6 +258,7 @@ class Worker:
                 prefetch=self._window.size,
                 worker_id=self.worker_id,
                 held=[running.lease for running in self._running.values()],
+                reports_starts=True,  # its hard timeouts count from each handler's start
             )
             # Resizes go to it from now on: jobs held across a reconnect go on
             # finishing while it opens, and a flow message follows its subscribe.

@@ -131,6 +131,7 @@ class LeaseAsk:
     worker_id: str
     max_bytes: int  # of payload, in all
     holder: str = ""  # the stream's API key id
+    reports_starts: bool = True  # False: hard timeouts count from the lease
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,8 @@ SHAPES: dict[Reason, frozenset[tuple[JobState | None, JobState | None]]] = {
     # An attempt the broker ended: retried, dead-lettered, or cancelled when
     # a cancel was asked for while it was held.
     Reason.LEASE_EXPIRED: _from_held(*_RETRIED, _S.DEAD, _S.CANCELLED),
-    Reason.TIMED_OUT: frozenset((_S.RUNNING, to) for to in (*_RETRIED, _S.DEAD, _S.CANCELLED)),
+    # A leased job times out only on a stream that does not report starts.
+    Reason.TIMED_OUT: _from_held(*_RETRIED, _S.DEAD, _S.CANCELLED),
     # The reasons that leave the state as it is. A cancel asked of a held job
     # ends it cancelled when its attempt ends.
     Reason.CANCEL_REQUESTED: frozenset((held, held) for held in _HELD),

@@ -115,7 +115,7 @@ class LeaseStreams:
         worker_id = limits.name(sub.worker_id, "subscribe.worker_id") if sub.worker_id else ""
         held = [convert.lease_ref(ref, caller.key_id) for ref in sub.held]
         session = self._dispatcher.open(
-            worker_id or "anonymous", queues, sub.prefetch, caller.key_id
+            worker_id or "anonymous", queues, sub.prefetch, caller.key_id, sub.reports_starts
         )
         return session, held
 

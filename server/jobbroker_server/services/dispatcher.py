@@ -89,6 +89,7 @@ class Session:
     queues: tuple[str, ...]
     prefetch: int
     holder: str = ""  # the API key id the stream presented; its leases are bound to it
+    reports_starts: bool = True  # False: its jobs' hard timeouts count from the lease
     held: dict[str, float] = field(default_factory=dict)  # job id -> leased at (monotonic)
     outbox: asyncio.Queue[Outgoing] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -142,7 +143,12 @@ class Dispatcher:
         self._checked = 0  # where the safety net's round of queues goes on
 
     def open(
-        self, worker_id: str, queues: Sequence[str], prefetch: int, holder: str = ""
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        prefetch: int,
+        holder: str = "",
+        reports_starts: bool = True,
     ) -> Session:
         """A session for a new stream. Leases it says it holds from an earlier
         stream are adopted once the store confirms them (``Reports.heartbeat``)."""
@@ -151,7 +157,7 @@ class Dispatcher:
                 f"this broker serves at most {self._max_streams} lease streams at once "
                 "(--max-lease-streams); close idle workers or raise the limit"
             )
-        session = Session(worker_id, tuple(queues), prefetch, holder)
+        session = Session(worker_id, tuple(queues), prefetch, holder, reports_starts)
         self._sessions[session] = asyncio.create_task(self._pump(session))
         self._metrics.streams.set(len(self._sessions))
         session.wake.set()
@@ -260,7 +266,12 @@ class Dispatcher:
             room = min(session.room, MAX_LEASE_BATCH)
             session.leasing = True
             claimed[session] = LeaseAsk(
-                session.queues, room, session.worker_id, self._lease_bytes, session.holder
+                session.queues,
+                room,
+                session.worker_id,
+                self._lease_bytes,
+                session.holder,
+                session.reports_starts,
             )
             for queue in session.queues:
                 taken = min(room, needed.get(queue, 0))
@@ -370,6 +381,7 @@ class Dispatcher:
             now,
             self._lease_bytes,
             session.holder,
+            session.reports_starts,
         )
         await self._hand_out(session, moved.result, now)
         self._changes.apply(moved.transitions)

@@ -72,11 +72,14 @@ class Store(abc.ABC):
         now: datetime,
         max_bytes: int = limits.MAX_LEASE_BYTES,
         holder: str = "",
+        reports_starts: bool = True,
     ) -> Moved[list[Lease]]:
         """Move up to ``limit`` pending jobs of ``queues`` to leased, highest
         priority first and FIFO within a priority, each with a new fencing token
         (larger than the last by a random step) and bound to the API key
-        ``holder``; no more than fit ``max_bytes`` of payload, but always one."""
+        ``holder``; no more than fit ``max_bytes`` of payload, but always one.
+        For a stream that does not report starts, a job's hard timeout counts
+        from now."""
 
     @abc.abstractmethod
     async def submit_and_lease(

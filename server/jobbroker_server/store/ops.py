@@ -280,6 +280,7 @@ def lease_many(
     now: datetime,
     max_bytes: int = limits.MAX_LEASE_BYTES,
     holder: str = "",
+    reports_starts: bool = True,
 ) -> Moved[list[Lease]]:
     if limit <= 0 or not queues:
         return Moved([], [])
@@ -302,6 +303,14 @@ def lease_many(
     )
     leased: list[Any] = [_LeasedRow._make((*row, *known)) for row in found]
     leased.sort(key=lambda row: (-row.priority, row.id))  # RETURNING has no order
+    if not reports_starts:  # its hard timeout cannot wait for a Start that never comes
+        timed = [
+            {"b_id": row.id, "b_deadline": now + timedelta(seconds=_timeout_s(row))}
+            for row in leased
+            if row.timeout_s
+        ]
+        if timed:
+            _SET_DEADLINE.run_many(conn, timed)
     ids = [row.id for row in leased]
     _START_ATTEMPTS.run(conn, {"ids": ids, "worker_id": worker_id, "now": now})
     pending, held = JobState.PENDING, JobState.LEASED
@@ -340,7 +349,15 @@ def submit_and_lease(
     leased = []
     for a in asks:
         taken = lease_many(
-            conn, a.queues, a.limit, a.worker_id, lease_for, now, a.max_bytes, a.holder
+            conn,
+            a.queues,
+            a.limit,
+            a.worker_id,
+            lease_for,
+            now,
+            a.max_bytes,
+            a.holder,
+            a.reports_starts,
         )
         leased.append(taken.result)
         moved += taken.transitions

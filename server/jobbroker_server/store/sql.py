@@ -123,11 +123,21 @@ class SqlStore(Store):
         now: datetime,
         max_bytes: int = limits.MAX_LEASE_BYTES,
         holder: str = "",
+        reports_starts: bool = True,
     ) -> Moved[list[Lease]]:
         if limit <= 0 or not queues:
             return Moved([], [])
-        op = ops.lease_many
-        return await self._run(op, queues, limit, worker_id, lease_for, now, max_bytes, holder)
+        return await self._run(
+            ops.lease_many,
+            queues,
+            limit,
+            worker_id,
+            lease_for,
+            now,
+            max_bytes,
+            holder,
+            reports_starts,
+        )
 
     async def submit_and_lease(
         self,
