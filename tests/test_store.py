@@ -789,7 +789,7 @@ def test_event_numbers_only_grow_even_when_the_newest_events_job_is_deleted(db: 
     [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     [lease2] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
     db(db.store.fail_many([Failure(ref([lease2], last), ErrorInfo("E", "x"))], T0))
-    newest = db(db.store.last_event_seq())
+    newest = db(db.store.job_events(last.id))[-1].seq
     db(db.store.purge_dead("q", [last.id], T0))  # takes the newest events with it
     db(db.store.complete_many([Completion(ref([lease], first), None)], T0))
     assert db(db.store.job_events(first.id))[-1].seq > newest
@@ -799,14 +799,15 @@ def test_a_tail_reads_events_in_the_order_their_transactions_committed(
     postgres_schema: str,
 ) -> None:
     """A transaction that took a lower event number but commits later is not
-    passed over: the tail holds back what committed after it began."""
+    passed over, by a tail that started before it or from the end of the log
+    while it ran: the tail holds back what committed after it began."""
     loop = asyncio.new_event_loop()
     store = open_store(postgres_schema)
     loop.run_until_complete(store.migrate())
     db = Harness(store, loop)
     slow, quick = job(), job()
     db(db.store.submit_many([slow, quick], T0, WINDOW))
-    start = db(db.store.last_event_seq())
+    start = db(db.store.tail_from(0))
     url, settings = engine_url(postgres_schema)
     dsn = url.replace("postgresql+asyncpg", "postgresql")
     open_tx = db(asyncpg.connect(dsn, server_settings=settings))
@@ -822,18 +823,33 @@ def test_a_tail_reads_events_in_the_order_their_transactions_committed(
             )
         )
         db(db.store.cancel(quick.id, T0))  # a higher number, committed first
-        assert db(db.store.tail_events(start, None, None, 100)) == []
+        assert db(db.store.tail_events(start, None, None, 100)) == ([], start)
+        from_now = db(db.store.tail_from(0))  # a tail started now, from the end
         db(tx.commit())
     finally:
         db(open_tx.close())
-    got = db(db.store.tail_events(start, None, None, 100))
-    assert [e.job_id for e in got] == [slow.id, quick.id]
-    assert got[0].seq < got[1].seq
-    # Resumed after the first, the second comes once.
-    assert [e.job_id for e in db(db.store.tail_events(got[0].seq, None, None, 100))] == [quick.id]
-    assert db(db.store.tail_events(got[1].seq, None, None, 100)) == []
+    for at in (start, from_now):
+        got, end = db(db.store.tail_events(at, None, None, 100))
+        assert [e.job_id for e in got] == [slow.id, quick.id]
+        assert got[0].seq < got[1].seq
+        assert db(db.store.tail_events(end, None, None, 100)) == ([], end)
+    # Resumed by number after the first, the second comes once.
+    resumed = db(db.store.tail_from(got[0].seq))
+    assert [e.job_id for e in db(db.store.tail_events(resumed, None, None, 100))[0]] == [quick.id]
     loop.run_until_complete(store.close())
     loop.close()
+
+
+def test_a_filtered_tail_moves_past_what_it_does_not_want(db: Harness) -> None:
+    start = db(db.store.tail_from(0))
+    db(db.store.submit_many([job("other") for _ in range(5)], T0, WINDOW))
+    found, at = db(db.store.tail_events(start, "quiet", None, 100))
+    assert found == [] and at.seq > start.seq  # read once, not again
+    db(db.store.submit_many([job("quiet")], T0, WINDOW))
+    found, at = db(db.store.tail_events(at, "quiet", None, 100))
+    assert [e.queue for e in found] == ["quiet"]
+    found, _ = db(db.store.tail_events(start, None, "t", 3))  # by task, a page at a time
+    assert len(found) == 3
 
 
 def test_a_held_job_whose_cancel_was_asked_for_ends_cancelled_when_handed_back(

@@ -106,7 +106,7 @@ class BrokerApp:
         # and one that fills its batch wakes the next.
         await store.listen(lambda queue: dispatcher.wake_some({queue: 1}))
         self._dispatcher = dispatcher
-        tails = EventTails(store, s.poll_interval, s.max_watch_streams)
+        tails = EventTails(store, s.poll_interval)
         changes.listen(tails.on_moved)
         servicer = BrokerServicer(
             jobs,

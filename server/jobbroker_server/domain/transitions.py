@@ -132,3 +132,21 @@ class JobEvent:
     attempt: int
     actor: str
     detail: Mapping[str, str | float]
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """Where a tail of the whole log stands: after the event numbered ``seq``,
+    of transaction ``txid`` (PostgreSQL; 0 on SQLite). Events are read in
+    the order they committed.
+
+    On SQLite, with its one writer, that is the order of their numbers. On
+    PostgreSQL a transaction that took a lower number can commit after one
+    that took a higher: read by number, a follower would pass over it. There
+    events are read in the order (transaction id, number), and only those of
+    transactions older than every one still running: no event can later
+    appear before the position reached. (A long transaction anywhere in the
+    database holds the tail back until it ends.)"""
+
+    txid: int
+    seq: int

@@ -33,7 +33,7 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import JobEvent, Moved
+from jobbroker_server.domain.transitions import JobEvent, LogPosition, Moved
 
 
 class Store(abc.ABC):
@@ -170,15 +170,17 @@ class Store(abc.ABC):
         report, appended in that operation's transaction. Raises NotFound."""
 
     @abc.abstractmethod
-    async def tail_events(
-        self, after: int, queue: str | None, task: str | None, limit: int
-    ) -> list[JobEvent]:
-        """Up to ``limit`` events of every job after ``after``, oldest first;
-        of ``queue``'s or ``task``'s jobs when given."""
+    async def tail_from(self, after: int) -> LogPosition:
+        """Where a tail of the whole log starts: after event ``after``, or at
+        the end of the log for 0."""
 
     @abc.abstractmethod
-    async def last_event_seq(self) -> int:
-        """The sequence number of the newest event (0 for none)."""
+    async def tail_events(
+        self, at: LogPosition, queue: str | None, task: str | None, limit: int
+    ) -> tuple[list[JobEvent], LogPosition]:
+        """Up to ``limit`` events of every job after ``at`` in the order they
+        committed, of ``queue``'s or ``task``'s jobs when given; and where
+        the next read goes on."""
 
     @abc.abstractmethod
     async def replay_dead(

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import JSONB
 
-from jobbroker_server.domain.transitions import JobEvent, Transition
+from jobbroker_server.domain.transitions import JobEvent, LogPosition, Transition
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import job_events, jobs
 
@@ -95,54 +95,77 @@ def story(conn: Connection, job_id: str, after: int, limit: int) -> list[JobEven
     return _events(found)
 
 
-def tail(
-    conn: Connection, after: int, queue: str | None, task: str | None, limit: int
-) -> list[JobEvent]:
-    """Up to ``limit`` events of every job (of ``queue``, of ``task``) that
-    follow the event numbered ``after``, in the order they committed.
-
-    On SQLite, with its one writer, that is the order of their numbers. On
-    PostgreSQL a transaction that took a lower number can commit after one
-    that took a higher: read by number, a follower would pass over it. There
-    events are read in the order of their transactions' ids, and only those
-    of transactions older than every one still running: no event can later
-    appear before the last one read. (A long transaction anywhere in the
-    database holds the tail back until it ends.)"""
-    stmt = sa.select(job_events)
-    if conn.dialect.name == "postgresql":
-        stmt = _committed_after(conn, stmt, after)
-    else:
-        stmt = stmt.where(job_events.c.seq > after).order_by(job_events.c.seq)
-    if queue:
-        stmt = stmt.where(job_events.c.queue == queue)
-    if task:
-        of_task = sa.select(jobs.c.id).where(jobs.c.task == task)
-        stmt = stmt.where(job_events.c.job_id.in_(of_task))
-    return _events(conn.execute(stmt.limit(limit)))
-
-
 _event_txid = sa.literal_column("job_events.txid", sa.BigInteger)
 _all_done_below = sa.literal_column(
     "pg_snapshot_xmin(pg_current_snapshot())::text::bigint", sa.BigInteger
 )
 
 
-def _committed_after(conn: Connection, stmt: sa.Select[Any], after: int) -> sa.Select[Any]:
-    """``stmt`` limited to the events after event ``after`` in commit order."""
-    last = (
+def tail_from(conn: Connection, after: int) -> LogPosition:
+    """The position after event ``after``; for 0, the end of the log now."""
+    if conn.dialect.name != "postgresql":
+        if after <= 0:
+            after = int(conn.execute(sa.select(sa.func.max(job_events.c.seq))).scalar() or 0)
+        return LogPosition(0, after)
+    if after <= 0:
+        return _end(conn, int(conn.execute(sa.select(_all_done_below)).scalar() or 0))
+    # The event's transaction; if its job is gone, the one of the event
+    # before it (a tail resumed there may see an event again, or miss one).
+    txid = conn.execute(
         sa.select(_event_txid)
         .select_from(job_events)
         .where(job_events.c.seq <= after)
         .order_by(job_events.c.seq.desc())
         .limit(1)
-    )
-    txid = conn.execute(last).scalar() or 0
-    later = sa.or_(_event_txid > txid, sa.and_(_event_txid == txid, job_events.c.seq > after))
-    return stmt.where(later, _event_txid < _all_done_below).order_by(_event_txid, job_events.c.seq)
+    ).scalar()
+    return LogPosition(int(txid or 0), after)
 
 
-def last_seq(conn: Connection) -> int:
-    return int(conn.execute(sa.select(sa.func.max(job_events.c.seq))).scalar() or 0)
+def _end(conn: Connection, done_below: int) -> LogPosition:
+    """The last event of the transactions that ended before ``done_below``."""
+    last = conn.execute(
+        sa.select(_event_txid, job_events.c.seq)
+        .where(_event_txid < done_below)
+        .order_by(_event_txid.desc(), job_events.c.seq.desc())
+        .limit(1)
+    ).first()
+    return LogPosition(int(last[0]), int(last[1])) if last else LogPosition(0, 0)
+
+
+def tail(
+    conn: Connection, at: LogPosition, queue: str | None, task: str | None, limit: int
+) -> tuple[list[JobEvent], LogPosition]:
+    """Up to ``limit`` events of every job (of ``queue``, of ``task``) after
+    position ``at``, in commit order, and the position after them. A filtered
+    read that finds fewer than ``limit`` moves past the events it passed over,
+    so a tail of a quiet queue does not read them again."""
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        done_below = int(conn.execute(sa.select(_all_done_below)).scalar() or 0)
+        after = sa.tuple_(_event_txid, job_events.c.seq) > sa.tuple_(
+            sa.literal(at.txid), sa.literal(at.seq)
+        )
+        stmt = (
+            sa.select(job_events, _event_txid.label("txid"))
+            .where(after, _event_txid < done_below)
+            .order_by(_event_txid, job_events.c.seq)
+        )
+    else:
+        stmt = sa.select(job_events).where(job_events.c.seq > at.seq).order_by(job_events.c.seq)
+    if queue:
+        stmt = stmt.where(job_events.c.queue == queue)
+    if task:
+        stmt = stmt.where(sa.exists().where(jobs.c.id == job_events.c.job_id, jobs.c.task == task))
+    found = conn.execute(stmt.limit(limit)).all()
+    if found:
+        last = found[-1]
+        at = LogPosition(int(last.txid) if postgres else 0, int(last.seq))
+    if len(found) < limit and (queue or task):
+        # Nothing more of these jobs up to the end: the end is where to go on.
+        end = _end(conn, done_below) if postgres else tail_from(conn, 0)
+        if (end.txid, end.seq) > (at.txid, at.seq):
+            at = end
+    return _events(found), at
 
 
 def _events(found: Iterable[Any]) -> list[JobEvent]:

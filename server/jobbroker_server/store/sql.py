@@ -34,7 +34,7 @@ from jobbroker_server.domain.models import (
     SubmitResult,
 )
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import JobEvent, Moved
+from jobbroker_server.domain.transitions import JobEvent, LogPosition, Moved
 from jobbroker_server.store import events, faults, keys, migrations, ops
 from jobbroker_server.store.base import Store
 
@@ -208,13 +208,13 @@ class SqlStore(Store):
     async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         return await self._run(ops.job_events_of, job_id, after, limit)
 
-    async def tail_events(
-        self, after: int, queue: str | None, task: str | None, limit: int
-    ) -> list[JobEvent]:
-        return await self._run(events.tail, after, queue, task, limit)
+    async def tail_from(self, after: int) -> LogPosition:
+        return await self._run(events.tail_from, after)
 
-    async def last_event_seq(self) -> int:
-        return await self._run(events.last_seq)
+    async def tail_events(
+        self, at: LogPosition, queue: str | None, task: str | None, limit: int
+    ) -> tuple[list[JobEvent], LogPosition]:
+        return await self._run(events.tail, at, queue, task, limit)
 
     async def replay_dead(
         self, queue: str | None, job_ids: Sequence[str], now: datetime, actor: str = "client"
