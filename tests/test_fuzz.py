@@ -924,7 +924,17 @@ def subscribes(draw: st.DrawFn) -> broker_pb2.WorkerMessage:
     return broker_pb2.WorkerMessage(seq=draw(UINT64), subscribe=subscribe)
 
 
-KINDS = ["heartbeat", "progress", "complete", "fail", "release", "flow", "subscribe", "empty"]
+KINDS = [
+    "heartbeat",
+    "start",
+    "progress",
+    "complete",
+    "fail",
+    "release",
+    "flow",
+    "subscribe",
+    "empty",
+]
 RefPlans = Any  # a list of REF_PLAN draws, (one plan, FLOOD), or HONEST
 HONEST: list[Any] = []  # a report on every lease the stream holds, each under its token
 
@@ -952,7 +962,7 @@ class Report:
         if not refs and self.plans:
             refs = [(broker_pb2.LeaseRef(job_id=str(uuid.uuid4()), fencing_token=1), False)]
         kind = msg.WhichOneof("kind")
-        if kind in ("heartbeat", "release"):
+        if kind in ("heartbeat", "release", "start"):
             getattr(msg, kind).leases.extend(ref for ref, _ in refs)
         elif kind == "progress":
             msg.progress.lease.CopyFrom(refs[0][0])
@@ -972,6 +982,8 @@ def completions(draw: st.DrawFn) -> broker_pb2.Completion:
     if draw(st.booleans()):
         done.result.data = draw(rare(st.binary(max_size=40), HUGE_DATA))
         done.result.content_type = draw(rare(st.just(""), TEXT))
+    if (ran := draw(maybe(rare(TAME_DURATION, DURATION)))) is not None:
+        done.run_time.CopyFrom(ran)  # how long the handler ran, by the worker's word
     return done
 
 
@@ -983,6 +995,8 @@ def failures(draw: st.DrawFn) -> broker_pb2.Failure:
     failure.error.traceback = draw(rare(TAME, TEXT))
     if (after := draw(maybe(rare(TAME_DURATION, DURATION)))) is not None:
         failure.retry_after.CopyFrom(after)
+    if (ran := draw(maybe(rare(TAME_DURATION, DURATION)))) is not None:
+        failure.run_time.CopyFrom(ran)
     return failure
 
 
@@ -991,7 +1005,7 @@ def reports(draw: st.DrawFn) -> Report:
     kind = draw(st.sampled_from(KINDS))
     report = Report(broker_pb2.WorkerMessage(seq=draw(UINT64)))
     msg = report.message
-    if kind in ("heartbeat", "release", "complete", "fail"):
+    if kind in ("heartbeat", "start", "release", "complete", "fail"):
         getattr(msg, kind).SetInParent()
         report.plans = draw(st.one_of(REF_PLANS, st.just(HONEST)))
         count = FLOOD if isinstance(report.plans, tuple) else len(report.plans) or 4
