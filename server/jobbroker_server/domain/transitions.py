@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from jobbroker_server.domain.errors import IllegalTransition
 from jobbroker_server.domain.states import JobState, allowed
@@ -77,8 +77,13 @@ SHAPES: dict[Reason, frozenset[tuple[JobState | None, JobState | None]]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
+_NO_DETAIL: dict[str, str | float] = {}  # shared by transitions without detail; never changed
+
+
+class Transition(NamedTuple):
+    """One job's move. A NamedTuple, not a frozen dataclass: three are made
+    per job at full speed, and this one is made in half the time."""
+
     job_id: str
     queue: str
     source: JobState | None  # None: the job is new
@@ -87,7 +92,7 @@ class Transition:
     attempt: int  # the attempt it concerns (0 before the first lease)
     actor: str = BROKER  # the worker id, or BROKER
     # A little of what happened: the error's type and message, the run time.
-    detail: Mapping[str, str | float] = field(default_factory=dict)
+    detail: Mapping[str, str | float] = _NO_DETAIL
     # The attempt's fencing token, for telling its worker to stop; never logged.
     token: int = 0
 
