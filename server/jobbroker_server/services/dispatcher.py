@@ -184,13 +184,11 @@ class Dispatcher:
         """Stop leasing on every stream: the broker is shutting down."""
         self._draining = True
 
-    def wake(self, queues: Iterable[str] | None = None, but: Iterable[Session] = ()) -> None:
-        wanted = None if queues is None else set(queues)
-        skipped = set(but)
+    def wake(self, queues: Iterable[str]) -> None:
+        """Wake every stream of these queues."""
+        wanted = set(queues)
         for session in self._sessions:
-            if session in skipped:
-                continue
-            if wanted is None or wanted.intersection(session.queues):
+            if wanted.intersection(session.queues):
                 session.wake.set()
 
     def wake_some(self, ready: Mapping[str, int], but: Iterable[Session] = ()) -> None:
