@@ -62,6 +62,7 @@ def test_public_api_is_pinned() -> None:
             "SubmitOptions",
             "Task",
             "Worker",
+            "configure",
             "current_job",
             "task",
         ]

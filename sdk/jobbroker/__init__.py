@@ -24,6 +24,7 @@ from ._sync_stream import LeaseStream
 from .client import AsyncClient, Client
 from .connection import ConnectionOptions, ConnectionSettings
 from .context import JobContext, current_job
+from .default import configure
 from .errors import (
     AuthenticationError,
     BrokerUnavailableError,
@@ -105,6 +106,7 @@ __all__ = [
     "SubmitOptions",
     "Task",
     "Worker",
+    "configure",
     "current_job",
     "task",
 ]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
-from datetime import timedelta
-from typing import Any, Generic, Protocol, TypeVar, overload
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack, overload
 
-from .types import RetryPolicy
+from .types import RetryPolicy, SubmitOptions
+
+if TYPE_CHECKING:
+    from .handle import JobHandle
 
 I = TypeVar("I")  # noqa: E741 - the payload type, next to R the result type
 R = TypeVar("R")
@@ -50,6 +53,33 @@ class Task(Generic[I_contra, R_co]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} queue={self.queue!r}>"
+
+    def delay(self, payload: I_contra) -> JobHandle[R_co]:
+        """Submit a job to this task through the default client (see
+        `jobbroker.configure`); returns once the broker stored it. Celery's
+        `task.delay(...)`, with one payload."""
+        from .default import default_client  # the client imports tasks: import it on use
+
+        return default_client().submit(self, payload)
+
+    def apply_async(
+        self,
+        payload: I_contra,
+        *,
+        countdown: timedelta | float | None = None,
+        eta: datetime | None = None,
+        **options: Unpack[SubmitOptions],
+    ) -> JobHandle[R_co]:
+        """`delay` with options: Celery's `countdown` (seconds, or a timedelta)
+        and `eta` (an aware datetime) are `delay` and `run_at`; the others are
+        `client.submit`'s (queue, priority, max_attempts, idempotency_key, ...)."""
+        from .default import default_client
+
+        if countdown is not None:
+            options["delay"] = countdown
+        if eta is not None:
+            options["run_at"] = eta
+        return default_client().submit(self, payload, **options)
 
 
 class SyncTask(Task[I_contra, R_co]):
