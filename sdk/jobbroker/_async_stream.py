@@ -256,7 +256,8 @@ class AsyncLeaseStream:
         seq = self._core.register(message, waiter)
         try:
             await self._write(message)
-            return await asyncio.wait_for(waiter, self._report_timeout)
+            async with asyncio.timeout(self._report_timeout):  # wait_for may lose a cancel
+                return await waiter
         except TimeoutError:
             raise DeadlineExceededError(f"no ack for report {seq}") from None
         finally:

@@ -297,7 +297,8 @@ class Worker:
         the broker was away (those jobs' leases expire and they run again)."""
         if not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
             if not self._stopping.is_set():
                 return False
         else:

@@ -87,7 +87,8 @@ class Scheduler:
                 log_failure(log, "scheduler failed; retrying")
                 sleep = self._max_sleep
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poked.wait(), sleep)
+                async with asyncio.timeout(sleep):
+                    await self._poked.wait()
 
 
 class Retention:

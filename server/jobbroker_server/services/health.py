@@ -84,7 +84,10 @@ class StoreHealth:
         self._write.add_done_callback(_retrieve)
         self._write_began = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.shield(self._write), self._timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 a cancel that meets
+            # the write's end inside wait_for is lost, and the task cannot stop.
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(self._write)
         except TimeoutError:
             return f"a write took longer than {self._timeout:g}s"
         except Exception as error:

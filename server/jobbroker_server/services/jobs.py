@@ -85,7 +85,8 @@ class Jobs:
             while not last.terminal:
                 passed: list[JobState] = []
                 with contextlib.suppress(TimeoutError):
-                    passed.append(await asyncio.wait_for(changes.get(), self._wait_poll))
+                    async with asyncio.timeout(self._wait_poll):
+                        passed.append(await changes.get())
                 while not changes.empty():  # progress reports pile up: read them at once
                     passed.append(changes.get_nowait())
                 new = [s for i, s in enumerate(passed) if s is not (passed[i - 1] if i else last)]
@@ -124,7 +125,8 @@ class Jobs:
                         return
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changes.get(), self._wait_poll)
+                    async with asyncio.timeout(self._wait_poll):
+                        await changes.get()
                 while not changes.empty():
                     changes.get_nowait()
 

@@ -70,7 +70,8 @@ class EventTails:
         self._waiting[grew] = queue
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(grew.wait(), self._poll)
+                async with asyncio.timeout(self._poll):
+                    await grew.wait()
         finally:
             del self._waiting[grew]
         await asyncio.sleep(_GATHER)
