@@ -35,6 +35,10 @@ ALLOWED = {
     ("running", "pending"),
     ("running", "scheduled"),
     ("dead", "pending"),
+    ("waiting", "pending"),
+    ("waiting", "scheduled"),
+    ("waiting", "cancelled"),
+    ("cancelled", "waiting"),
 }
 
 
@@ -50,9 +54,11 @@ def test_transition_table_is_the_documented_one(src: JobState, dst: JobState) ->
             states.check(src, dst)
 
 
-def test_terminal_states_have_no_way_out_but_replay() -> None:
+def test_terminal_states_have_no_way_out_but_replay_and_resume() -> None:
     assert {s for s in JobState if s.terminal} == {"succeeded", "dead", "cancelled"}
-    assert states.sources(JobState.PENDING) == {"scheduled", "leased", "running", "dead"}
+    assert states.sources(JobState.PENDING) == {"scheduled", "leased", "running", "dead", "waiting"}
+    assert states.TRANSITIONS[JobState.CANCELLED] == {JobState.WAITING}
+    assert states.TRANSITIONS[JobState.SUCCEEDED] == set()
 
 
 def test_backoff_grows_exponentially_up_to_the_cap() -> None:

@@ -1154,6 +1154,18 @@ TEMPLATES: dict[str, Message] = {
     "TailEvents": broker_pb2.TailEventsRequest(after_seq=1, queue=SHARED),
     "ExplainJob": broker_pb2.ExplainJobRequest(job_id=str(uuid.uuid4())),
     "RevokeApiKey": broker_pb2.RevokeApiKeyRequest(key="fz-key"),
+    "SubmitWorkflow": broker_pb2.SubmitWorkflowRequest(
+        workflow_id="fz-workflow",
+        jobs=[
+            _SPEC,
+            job_pb2.JobSpec(
+                queue=SHARED,
+                task="t",
+                needs=job_pb2.Needs(parents=[0], input="[0]", with_payload=True),
+            ),
+        ],
+    ),
+    "CancelWorkflow": broker_pb2.CancelWorkflowRequest(workflow_id="fz-workflow"),
 }
 assert set(TEMPLATES) == set(METHODS), "a Broker RPC without a fuzz template"
 

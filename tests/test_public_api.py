@@ -65,6 +65,22 @@ def test_public_api_is_pinned() -> None:
             "configure",
             "current_job",
             "task",
+            # workflows
+            "AsyncWorkflowHandle",
+            "Chain",
+            "Chord",
+            "FailureInfo",
+            "Flow",
+            "Group",
+            "Outcome",
+            "Piped",
+            "Signature",
+            "WaitsOn",
+            "WorkflowHandle",
+            "WorkflowStep",
+            "chain",
+            "chord",
+            "group",
         ]
     )
     for name in jobbroker.__all__:

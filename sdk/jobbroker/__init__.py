@@ -21,6 +21,19 @@ A broker started with `--auth` takes an API key, over TLS if it serves TLS::
 
 from ._async_stream import AsyncLeaseStream
 from ._sync_stream import LeaseStream
+from .canvas import (
+    Chain,
+    Chord,
+    FailureInfo,
+    Flow,
+    Group,
+    Outcome,
+    Piped,
+    Signature,
+    chain,
+    chord,
+    group,
+)
 from .client import AsyncClient, Client
 from .connection import ConnectionOptions, ConnectionSettings
 from .context import JobContext, current_job
@@ -60,8 +73,10 @@ from .types import (
     RetryPolicy,
     Role,
     SubmitOptions,
+    WaitsOn,
 )
 from .worker import Worker
+from .workflow import AsyncWorkflowHandle, WorkflowHandle, WorkflowStep
 
 __all__ = [
     "ApiKey",
@@ -69,11 +84,14 @@ __all__ = [
     "AsyncJobHandle",
     "AsyncLease",
     "AsyncLeaseStream",
+    "AsyncWorkflowHandle",
     "Attempt",
     "AttemptOutcome",
     "AuthenticationError",
     "BrokerUnavailableError",
     "CancelReason",
+    "Chain",
+    "Chord",
     "Client",
     "ConnectionOptions",
     "ConnectionSettings",
@@ -82,6 +100,9 @@ __all__ = [
     "ErrorInfo",
     "Explanation",
     "FailedPreconditionError",
+    "FailureInfo",
+    "Flow",
+    "Group",
     "InvalidArgumentError",
     "Job",
     "JobBrokerError",
@@ -96,17 +117,26 @@ __all__ = [
     "Lease",
     "LeaseLostError",
     "LeaseStream",
+    "Outcome",
     "Page",
     "PermanentError",
     "PermissionDeniedError",
+    "Piped",
     "ResourceExhaustedError",
     "RetryAfter",
     "RetryPolicy",
     "Role",
+    "Signature",
     "SubmitOptions",
     "Task",
+    "WaitsOn",
     "Worker",
+    "WorkflowHandle",
+    "WorkflowStep",
+    "chain",
+    "chord",
     "configure",
     "current_job",
+    "group",
     "task",
 ]

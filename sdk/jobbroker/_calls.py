@@ -255,6 +255,7 @@ def list_jobs_request(
     task: str | None,
     page_size: int,
     page_token: str | None,
+    workflow_id: str | None = None,
 ) -> broker_pb2.ListJobsRequest:
     return broker_pb2.ListJobsRequest(
         queue=queue or "",
@@ -262,6 +263,7 @@ def list_jobs_request(
         task=task or "",
         page_size=page_size,
         page_token=page_token or "",
+        workflow_id=workflow_id or "",
     )
 
 

@@ -26,6 +26,7 @@ from .types import (
     JobState,
     RetryPolicy,
     Role,
+    WaitsOn,
     is_json,
 )
 
@@ -37,6 +38,7 @@ _STATE_TO_PB = {
     JobState.DEAD: job_pb2.JOB_STATE_DEAD,
     JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
     JobState.LEASED: job_pb2.JOB_STATE_LEASED,
+    JobState.WAITING: job_pb2.JOB_STATE_WAITING,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
@@ -240,6 +242,7 @@ def job_from_pb(pb: job_pb2.Job) -> Job:
         progress=pb.progress,
         progress_message=pb.progress_message,
         cancel_requested=pb.cancel_requested,
+        workflow_id=pb.workflow_id,
     )
 
 
@@ -275,6 +278,7 @@ def explanation_from_pb(pb: broker_pb2.ExplainJobResponse) -> Explanation:
         cancel_requested=pb.cancel_requested,
         finished_at=timestamp_from_pb(pb, "finished_at"),
         last_error=error_from_pb(pb, "last_error"),
+        waits_on=tuple(WaitsOn(p.job_id, p.task, state_from_pb(p.state)) for p in pb.waits_on),
     )
 
 

@@ -22,6 +22,7 @@ from ._async_stream import AsyncLeaseStream
 from ._convert import api_key_from_pb, explanation_from_pb, job_from_pb
 from ._submit_pipe import AsyncSubmitPipe, SubmitPipe
 from ._sync_stream import LeaseStream
+from .canvas import Flow
 from .connection import DEFAULT_TARGET, ConnectionOptions, ConnectionSettings, resolve
 from .errors import from_rpc_error
 from .handle import AsyncJobHandle, JobHandle
@@ -39,6 +40,7 @@ from .types import (
     Role,
     SubmitOptions,
 )
+from .workflow import AsyncWorkflowHandle, WorkflowHandle, workflow_request
 
 I = TypeVar("I")  # noqa: E741 - payload type, as in task.py
 R = TypeVar("R")
@@ -70,6 +72,8 @@ class Client:
         return self._options
 
     @overload
+    def submit(self, task: Flow[Any, R], /) -> WorkflowHandle[R]: ...
+    @overload
     def submit(
         self, task: Task[I, R], payload: I, **options: Unpack[SubmitOptions]
     ) -> JobHandle[R]: ...
@@ -78,14 +82,36 @@ class Client:
         self, task: str, payload: Any = None, **options: Unpack[SubmitOptions]
     ) -> JobHandle[Any]: ...
     def submit(
-        self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
-    ) -> JobHandle[Any]:
-        """Store a job and return its handle once the broker committed it."""
+        self,
+        task: str | Task[Any, Any] | Flow[Any, Any],
+        payload: Any = None,
+        **options: Unpack[SubmitOptions],
+    ) -> JobHandle[Any] | WorkflowHandle[Any]:
+        """Store a job and return its handle once the broker committed it; or
+        a workflow (`chain`, `group`, `chord`), all of it in one transaction,
+        and return its handle."""
+        if isinstance(task, Flow):
+            return self._submit_workflow(task)
         spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = _calls.call(
             lambda left: self._submits.submit(spec, left), self._timeout, _calls.SUBMIT_RETRIED
         )
         return JobHandle(self, reply.job_id, reply.duplicate)
+
+    def _submit_workflow(self, flow: Flow[Any, Any]) -> WorkflowHandle[Any]:
+        request, out = workflow_request(flow)
+        reply = _calls.call(
+            lambda left: self._stub.SubmitWorkflow(request, timeout=left, metadata=self._metadata),
+            self._timeout,
+            _calls.SUBMIT_RETRIED,
+        )
+        ids = [r.job_id for r in reply.results]
+        return WorkflowHandle(self, request.workflow_id, ids, out)
+
+    def cancel_workflow(self, workflow_id: str) -> int:
+        """Cancel every job of the workflow that has not ended; how many."""
+        request = broker_pb2.CancelWorkflowRequest(workflow_id=workflow_id)
+        return self._unary(self._stub.CancelWorkflow, request).cancelled
 
     def submit_many(self, jobs: Sequence[JobRequest]) -> list[JobHandle[Any]]:
         """Store many jobs in one transaction: all or none."""
@@ -112,8 +138,9 @@ class Client:
         task: str | None = None,
         page_size: int = 100,
         page_token: str | None = None,
+        workflow_id: str | None = None,
     ) -> Page:
-        request = _calls.list_jobs_request(queue, states, task, page_size, page_token)
+        request = _calls.list_jobs_request(queue, states, task, page_size, page_token, workflow_id)
         return _calls.page_from_pb(self._unary(self._stub.ListJobs, request))
 
     def wait_job(self, job_id: str, timeout: timedelta | float | None = None) -> Iterator[Job]:
@@ -325,6 +352,8 @@ class AsyncClient:
         return self._options
 
     @overload
+    async def submit(self, task: Flow[Any, R], /) -> AsyncWorkflowHandle[R]: ...
+    @overload
     async def submit(
         self, task: Task[I, R], payload: I, **options: Unpack[SubmitOptions]
     ) -> AsyncJobHandle[R]: ...
@@ -333,14 +362,35 @@ class AsyncClient:
         self, task: str, payload: Any = None, **options: Unpack[SubmitOptions]
     ) -> AsyncJobHandle[Any]: ...
     async def submit(
-        self, task: str | Task[Any, Any], payload: Any = None, **options: Unpack[SubmitOptions]
-    ) -> AsyncJobHandle[Any]:
-        """Store a job and return its handle once the broker committed it."""
+        self,
+        task: str | Task[Any, Any] | Flow[Any, Any],
+        payload: Any = None,
+        **options: Unpack[SubmitOptions],
+    ) -> AsyncJobHandle[Any] | AsyncWorkflowHandle[Any]:
+        """Store a job and return its handle once the broker committed it; or
+        a workflow, as `Client.submit` does."""
+        if isinstance(task, Flow):
+            return await self._submit_workflow(task)
         spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = await _calls.acall(
             lambda left: self._submits.submit(spec, left), self._timeout, _calls.SUBMIT_RETRIED
         )
         return AsyncJobHandle(self, reply.job_id, reply.duplicate)
+
+    async def _submit_workflow(self, flow: Flow[Any, Any]) -> AsyncWorkflowHandle[Any]:
+        request, out = workflow_request(flow)
+        reply = await _calls.acall(
+            lambda left: self._stub.SubmitWorkflow(request, timeout=left, metadata=self._metadata),
+            self._timeout,
+            _calls.SUBMIT_RETRIED,
+        )
+        ids = [r.job_id for r in reply.results]
+        return AsyncWorkflowHandle(self, request.workflow_id, ids, out)
+
+    async def cancel_workflow(self, workflow_id: str) -> int:
+        """Cancel every job of the workflow that has not ended; how many."""
+        request = broker_pb2.CancelWorkflowRequest(workflow_id=workflow_id)
+        return (await self._unary(self._stub.CancelWorkflow, request)).cancelled
 
     async def submit_many(self, jobs: Sequence[JobRequest]) -> list[AsyncJobHandle[Any]]:
         """Store many jobs in one transaction: all or none."""
@@ -367,8 +417,9 @@ class AsyncClient:
         task: str | None = None,
         page_size: int = 100,
         page_token: str | None = None,
+        workflow_id: str | None = None,
     ) -> Page:
-        request = _calls.list_jobs_request(queue, states, task, page_size, page_token)
+        request = _calls.list_jobs_request(queue, states, task, page_size, page_token, workflow_id)
         return _calls.page_from_pb(await self._unary(self._stub.ListJobs, request))
 
     async def wait_job(

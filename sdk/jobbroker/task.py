@@ -8,11 +8,13 @@ the payload and returns a `JobHandle[R]`.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack, overload
 
+from .canvas import Piped, Signature
 from .types import RetryPolicy, SubmitOptions
 
 if TYPE_CHECKING:
@@ -22,6 +24,9 @@ I = TypeVar("I")  # noqa: E741 - the payload type, next to R the result type
 R = TypeVar("R")
 I_contra = TypeVar("I_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)
+X = TypeVar("X")
+P = TypeVar("P")
+_NONE = object()  # s() given no payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ class Task(Generic[I_contra, R_co]):
         self.timeout = options.timeout
         self.soft_timeout = options.soft_timeout
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._piped: bool | None = None  # whether its input is Piped; read on first use
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} queue={self.queue!r}>"
@@ -80,6 +86,41 @@ class Task(Generic[I_contra, R_co]):
         if eta is not None:
             options["run_at"] = eta
         return default_client().submit(self, payload, **options)
+
+    @overload
+    def s(
+        self: Task[Piped[X, P], R], payload: P, /, **options: Unpack[SubmitOptions]
+    ) -> Signature[X, R]: ...
+    @overload
+    def s(self: Task[I, R], /, **options: Unpack[SubmitOptions]) -> Signature[I, R]: ...
+    @overload
+    def s(
+        self: Task[I, R], payload: I, /, **options: Unpack[SubmitOptions]
+    ) -> Signature[object, R]: ...
+    def s(self, payload: Any = _NONE, /, **options: Unpack[SubmitOptions]) -> Signature[Any, Any]:
+        """A signature of this task for a workflow (see `jobbroker.chain`).
+        Without a payload, the step's input is the previous step's result; with
+        one, for a task whose input is `Piped[R, P]`, it is that result and the
+        payload together; for any other task, the payload alone."""
+        if payload is _NONE:
+            return Signature(self, None, "result", options)
+        if self._piped is None:
+            self._piped = _takes_piped(self.fn)
+        return Signature(self, payload, "piped" if self._piped else "own", options)
+
+
+def _takes_piped(fn: Callable[..., Any]) -> bool:
+    """Whether the handler's first parameter is annotated `Piped[...]`."""
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        return False
+    try:
+        hint: Any = typing.get_type_hints(fn).get(params[0].name)
+    except (NameError, TypeError):
+        hint = params[0].annotation
+    if isinstance(hint, str):
+        return hint.replace("jobbroker.", "").startswith("Piped[")
+    return typing.get_origin(hint) is Piped or hint is Piped
 
 
 class SyncTask(Task[I_contra, R_co]):

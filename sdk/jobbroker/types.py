@@ -17,6 +17,7 @@ BYTES_CONTENT_TYPE = "application/octet-stream"
 
 
 class JobState(StrEnum):
+    WAITING = "waiting"  # a workflow's job whose parents have not all succeeded
     PENDING = "pending"
     SCHEDULED = "scheduled"
     LEASED = "leased"  # held in a worker's prefetch window, its handler not started
@@ -106,6 +107,8 @@ class Job:
     progress_message: str
     cancel_requested: bool = False
     """A cancel of the held or running job was asked for; its worker was told to stop."""
+    workflow_id: str = ""
+    """The workflow it belongs to ("" for none)."""
 
     def json(self) -> Any:
         """The payload decoded as JSON; ValueError if it is not JSON."""
@@ -159,7 +162,9 @@ class JobEvent:
 class Explanation:
     """Why a job is where it is: a sentence a person can act on, and its facts.
 
-    `reason` is one of scheduled (delayed until `run_at`), retry_backoff (an
+    `reason` is one of waiting (a workflow's job: on the parents in
+    `waits_on`), parent_failed (cancelled because a parent in `waits_on` did
+    not succeed), scheduled (delayed until `run_at`), retry_backoff (an
     attempt failed; retried at `run_at`), pending (`jobs_ahead` of it,
     `workers_serving` streams lease its queue), no_worker (pending, and no
     worker connected to this broker leases its queue), held (leased into
@@ -185,6 +190,16 @@ class Explanation:
     cancel_requested: bool
     finished_at: datetime | None
     last_error: ErrorInfo | None
+    waits_on: tuple[WaitsOn, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitsOn:
+    """A parent job a waiting job waits on."""
+
+    job_id: str
+    task: str
+    state: JobState
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,26 @@ class SubmitBatchResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[SubmitResponse]
     def __init__(self, results: _Optional[_Iterable[_Union[SubmitResponse, _Mapping]]] = ...) -> None: ...
 
+class SubmitWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "jobs")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    jobs: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobSpec]
+    def __init__(self, workflow_id: _Optional[str] = ..., jobs: _Optional[_Iterable[_Union[_job_pb2.JobSpec, _Mapping]]] = ...) -> None: ...
+
+class CancelWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class CancelWorkflowResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: int
+    def __init__(self, cancelled: _Optional[int] = ...) -> None: ...
+
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -154,7 +174,7 @@ class ExplainJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ExplainJobResponse(_message.Message):
-    __slots__ = ("state", "summary", "reason", "attempt", "run_at", "jobs_ahead", "workers_serving", "worker_id", "since", "last_heartbeat", "lease_expires_at", "deadline", "cancel_requested", "finished_at", "last_error")
+    __slots__ = ("state", "summary", "reason", "attempt", "run_at", "jobs_ahead", "workers_serving", "worker_id", "since", "last_heartbeat", "lease_expires_at", "deadline", "cancel_requested", "finished_at", "last_error", "waits_on")
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +190,7 @@ class ExplainJobResponse(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    WAITS_ON_FIELD_NUMBER: _ClassVar[int]
     state: _job_pb2.JobState
     summary: str
     reason: str
@@ -185,7 +206,18 @@ class ExplainJobResponse(_message.Message):
     cancel_requested: bool
     finished_at: _timestamp_pb2.Timestamp
     last_error: _job_pb2.ErrorInfo
-    def __init__(self, state: _Optional[_Union[_job_pb2.JobState, str]] = ..., summary: _Optional[str] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobs_ahead: _Optional[int] = ..., workers_serving: _Optional[int] = ..., worker_id: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[_Union[_job_pb2.ErrorInfo, _Mapping]] = ...) -> None: ...
+    waits_on: _containers.RepeatedCompositeFieldContainer[WaitsOn]
+    def __init__(self, state: _Optional[_Union[_job_pb2.JobState, str]] = ..., summary: _Optional[str] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobs_ahead: _Optional[int] = ..., workers_serving: _Optional[int] = ..., worker_id: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[_Union[_job_pb2.ErrorInfo, _Mapping]] = ..., waits_on: _Optional[_Iterable[_Union[WaitsOn, _Mapping]]] = ...) -> None: ...
+
+class WaitsOn(_message.Message):
+    __slots__ = ("job_id", "task", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    task: str
+    state: _job_pb2.JobState
+    def __init__(self, job_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -200,18 +232,20 @@ class CancelJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("queue", "states", "task", "page_size", "page_token")
+    __slots__ = ("queue", "states", "task", "page_size", "page_token", "workflow_id")
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     queue: str
     states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
     task: str
     page_size: int
     page_token: str
-    def __init__(self, queue: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., task: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    workflow_id: str
+    def __init__(self, queue: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., task: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., workflow_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")

@@ -57,6 +57,16 @@ class BrokerStub:
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
+        self.SubmitWorkflow = channel.unary_unary(
+                '/jobbroker.v1.Broker/SubmitWorkflow',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitWorkflowRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
+        self.CancelWorkflow = channel.unary_unary(
+                '/jobbroker.v1.Broker/CancelWorkflow',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.CancelWorkflowRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.CancelWorkflowResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/jobbroker.v1.Broker/GetJob',
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.GetJobRequest.SerializeToString,
@@ -164,6 +174,21 @@ class BrokerServicer:
         on its own (a refused one is answered with its error and the stream goes
         on). Each message is answered by one message, in order, with a result per
         job, after the commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitWorkflow(self, request, context):
+        """Store a workflow's jobs in one transaction, all or nothing: jobs that
+        wait on earlier ones of it (JobSpec.needs) are waiting until those end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelWorkflow(self, request, context):
+        """Cancel every job of a workflow that has not ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -291,6 +316,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.SubmitGrouped,
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.FromString,
                     response_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'SubmitWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitWorkflow,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SubmitWorkflowRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'CancelWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelWorkflow,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.CancelWorkflowRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.CancelWorkflowResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -456,6 +491,60 @@ class Broker:
             '/jobbroker.v1.Broker/SubmitGrouped',
             jobbroker_dot_v1_dot_broker__pb2.SubmitBatchRequest.SerializeToString,
             jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/SubmitWorkflow',
+            jobbroker_dot_v1_dot_broker__pb2.SubmitWorkflowRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/CancelWorkflow',
+            jobbroker_dot_v1_dot_broker__pb2.CancelWorkflowRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.CancelWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,12 @@ class BrokerStub:
     on). Each message is answered by one message, in order, with a result per
     job, after the commit.
     """
+    SubmitWorkflow: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SubmitWorkflowRequest, _broker_pb2.SubmitBatchResponse]
+    """Store a workflow's jobs in one transaction, all or nothing: jobs that
+    wait on earlier ones of it (JobSpec.needs) are waiting until those end.
+    """
+    CancelWorkflow: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CancelWorkflowRequest, _broker_pb2.CancelWorkflowResponse]
+    """Cancel every job of a workflow that has not ended."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetJobRequest, _broker_pb2.GetJobResponse]
     WaitJob: _grpc.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.WaitJobResponse]
     """The job now, then every change of its state until it is terminal."""
@@ -110,6 +116,12 @@ class BrokerAsyncStub(BrokerStub):
     on). Each message is answered by one message, in order, with a result per
     job, after the commit.
     """
+    SubmitWorkflow: _aio.UnaryUnaryMultiCallable[_broker_pb2.SubmitWorkflowRequest, _broker_pb2.SubmitBatchResponse]  # type: ignore[assignment]
+    """Store a workflow's jobs in one transaction, all or nothing: jobs that
+    wait on earlier ones of it (JobSpec.needs) are waiting until those end.
+    """
+    CancelWorkflow: _aio.UnaryUnaryMultiCallable[_broker_pb2.CancelWorkflowRequest, _broker_pb2.CancelWorkflowResponse]  # type: ignore[assignment]
+    """Cancel every job of a workflow that has not ended."""
     GetJob: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetJobRequest, _broker_pb2.GetJobResponse]  # type: ignore[assignment]
     WaitJob: _aio.UnaryStreamMultiCallable[_broker_pb2.WaitJobRequest, _broker_pb2.WaitJobResponse]  # type: ignore[assignment]
     """The job now, then every change of its state until it is terminal."""
@@ -183,6 +195,24 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         on). Each message is answered by one message, in order, with a result per
         job, after the commit.
         """
+
+    @_abc_1.abstractmethod
+    def SubmitWorkflow(
+        self,
+        request: _broker_pb2.SubmitWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SubmitBatchResponse, _abc.Awaitable[_broker_pb2.SubmitBatchResponse]]:
+        """Store a workflow's jobs in one transaction, all or nothing: jobs that
+        wait on earlier ones of it (JobSpec.needs) are waiting until those end.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelWorkflow(
+        self,
+        request: _broker_pb2.CancelWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CancelWorkflowResponse, _abc.Awaitable[_broker_pb2.CancelWorkflowResponse]]:
+        """Cancel every job of a workflow that has not ended."""
 
     @_abc_1.abstractmethod
     def GetJob(

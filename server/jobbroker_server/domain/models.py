@@ -6,9 +6,13 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
+
+if TYPE_CHECKING:
+    from jobbroker_server.domain.workflows import Needs
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -62,6 +66,9 @@ class NewJob:
     metadata: dict[str, str] = field(default_factory=dict)  # stored as it is, JSON
     tags: tuple[str, ...] = ()
     submitted_by: str = "client"  # in its story: the API key's name, or "client"
+    # Of a workflow's job: the workflow, and the jobs of its batch it waits on.
+    workflow_id: str | None = None
+    needs: Needs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,7 @@ class Job:
     leased_by: str | None = None
     deadline_at: datetime | None = None
     cancel_requested: bool = False
+    workflow_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +192,17 @@ class JobFacts:
     job: Job
     ahead: int  # pending jobs of its queue leased before it (pending only)
     leased_at: datetime | None  # its last lease
+    # Waiting (or cancelled because a parent failed): the parents not done.
+    waits_on: tuple[WaitsOn, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitsOn:
+    """A parent a waiting job waits on."""
+
+    job_id: str
+    task: str
+    state: JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +210,7 @@ class JobFilter:
     queue: str | None = None
     states: tuple[JobState, ...] = ()
     task: str | None = None
+    workflow_id: str | None = None
     after_id: str | None = None  # page token: ids sort by creation time
     limit: int = 100
     max_bytes: int = 16 * 1024 * 1024  # of payloads and results, in all

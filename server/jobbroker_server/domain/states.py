@@ -8,6 +8,7 @@ from jobbroker_server.domain.errors import IllegalTransition
 
 
 class JobState(enum.StrEnum):
+    WAITING = "waiting"  # on parent jobs (a workflow's later steps); never leased
     PENDING = "pending"
     SCHEDULED = "scheduled"
     LEASED = "leased"  # held in a worker's prefetch window, its handler not started
@@ -34,6 +35,9 @@ HELD = (JobState.LEASED, JobState.RUNNING)
 _ENDED = frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.DEAD, JobState.CANCELLED})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # Released when its parents are done (scheduled if its run time is still
+    # ahead), or cancelled: asked for, or a parent failed.
+    JobState.WAITING: frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.CANCELLED}),
     JobState.SCHEDULED: frozenset({JobState.PENDING, JobState.CANCELLED}),
     JobState.PENDING: frozenset({JobState.LEASED, JobState.CANCELLED}),
     # A held job that never started can still fail (its payload does not
@@ -43,7 +47,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RUNNING: _ENDED | {JobState.SUCCEEDED},
     JobState.DEAD: frozenset({JobState.PENDING}),  # replay
     JobState.SUCCEEDED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    # Only a job cancelled because a parent failed: that parent was replayed.
+    JobState.CANCELLED: frozenset({JobState.WAITING}),
 }
 
 

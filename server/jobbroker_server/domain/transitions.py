@@ -37,6 +37,9 @@ class Reason(enum.StrEnum):
     PROGRESS = "progress"  # a progress report: not a move, but a line of the story
     PURGED = "purged"  # deleted from the dead-letter queue
     EXPIRED = "expired"  # deleted by retention
+    PARENTS_DONE = "parents_done"  # a waiting job's last parent succeeded
+    PARENT_FAILED = "parent_failed"  # a waiting job's parent ended dead or cancelled
+    RESUMED = "resumed"  # the parent that cancelled it was replayed: it waits again
 
 
 _S = JobState
@@ -51,7 +54,7 @@ def _from_held(*targets: JobState) -> frozenset[tuple[JobState | None, JobState 
 # What each reason may do: (source, target) pairs, None for a job that does
 # not exist before (a submit) or after (a deletion).
 SHAPES: dict[Reason, frozenset[tuple[JobState | None, JobState | None]]] = {
-    Reason.SUBMITTED: frozenset({(None, _S.PENDING), (None, _S.SCHEDULED)}),
+    Reason.SUBMITTED: frozenset({(None, _S.PENDING), (None, _S.SCHEDULED), (None, _S.WAITING)}),
     Reason.PROMOTED: frozenset({(_S.SCHEDULED, _S.PENDING)}),
     Reason.LEASED: frozenset({(_S.PENDING, _S.LEASED)}),
     Reason.STARTED: frozenset({(_S.LEASED, _S.RUNNING)}),
@@ -68,12 +71,15 @@ SHAPES: dict[Reason, frozenset[tuple[JobState | None, JobState | None]]] = {
     Reason.CANCEL_REQUESTED: frozenset((held, held) for held in _HELD),
     Reason.PROGRESS: frozenset((held, held) for held in _HELD),
     Reason.CANCELLED: frozenset(
-        (source, _S.CANCELLED) for source in (_S.PENDING, _S.SCHEDULED, *_HELD)
+        (source, _S.CANCELLED) for source in (_S.WAITING, _S.PENDING, _S.SCHEDULED, *_HELD)
     ),
     Reason.RELEASED: _from_held(_S.PENDING),
     Reason.REPLAYED: frozenset({(_S.DEAD, _S.PENDING)}),
     Reason.PURGED: frozenset({(_S.DEAD, None)}),
     Reason.EXPIRED: frozenset({(_S.SUCCEEDED, None), (_S.CANCELLED, None)}),
+    Reason.PARENTS_DONE: frozenset({(_S.WAITING, _S.PENDING), (_S.WAITING, _S.SCHEDULED)}),
+    Reason.PARENT_FAILED: frozenset({(_S.WAITING, _S.CANCELLED)}),
+    Reason.RESUMED: frozenset({(_S.CANCELLED, _S.WAITING)}),
 }
 
 

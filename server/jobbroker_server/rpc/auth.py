@@ -23,6 +23,8 @@ RULES: dict[str, frozenset[Role]] = {
     "Submit": _PRODUCE,
     "SubmitBatch": _PRODUCE,
     "SubmitGrouped": _PRODUCE,
+    "SubmitWorkflow": _PRODUCE,
+    "CancelWorkflow": _PRODUCE,
     "GetJob": _PRODUCE,
     "WaitJob": _PRODUCE,
     "ListJobEvents": _PRODUCE,

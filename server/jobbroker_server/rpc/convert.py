@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobbroker.v1 import broker_pb2, job_pb2
 from jobbroker_server.clock import EPOCH
-from jobbroker_server.domain import limits
+from jobbroker_server.domain import limits, workflows
 from jobbroker_server.domain.errors import InvalidArgument
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.keys import ApiKey, Role
@@ -43,6 +43,7 @@ STATE_TO_PB = {
     JobState.DEAD: job_pb2.JOB_STATE_DEAD,
     JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
     JobState.LEASED: job_pb2.JOB_STATE_LEASED,
+    JobState.WAITING: job_pb2.JOB_STATE_WAITING,
 }
 STATE_FROM_PB = {pb: state for state, pb in STATE_TO_PB.items()}
 
@@ -156,6 +157,19 @@ def new_job(spec: job_pb2.JobSpec, limit: Limits, now: datetime) -> NewJob:
     )
 
 
+def workflow_job(
+    spec: job_pb2.JobSpec, earlier: Sequence[str], limit: Limits, now: datetime
+) -> NewJob:
+    """One job of a workflow: ``new_job``, and what it waits on among the
+    ``earlier`` jobs of its workflow (their ids)."""
+    job = new_job(spec, limit, now)
+    if not spec.HasField("needs"):
+        return job
+    n = spec.needs
+    job.needs = workflows.needs(n.parents, earlier, n.input, n.with_payload, n.tolerate_failures)
+    return job
+
+
 def _content_type(value: str) -> str:
     if not value:
         return JSON_CONTENT_TYPE
@@ -254,6 +268,8 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
     msg.progress = job.progress
     msg.progress_message = job.progress_message
     msg.cancel_requested = job.cancel_requested
+    if job.workflow_id:
+        msg.workflow_id = job.workflow_id
     if job.timeout is not None:
         msg.timeout.CopyFrom(duration(job.timeout))
     if job.soft_timeout is not None:
@@ -407,6 +423,8 @@ def explanation_pb(e: Explanation) -> broker_pb2.ExplainJobResponse:
             set_timestamp(getattr(msg, name), at)
     if e.last_error is not None:
         msg.last_error.CopyFrom(error_pb(e.last_error))
+    for parent in e.waits_on:
+        msg.waits_on.add(job_id=parent.job_id, task=parent.task, state=STATE_TO_PB[parent.state])
     return msg
 
 

@@ -17,7 +17,7 @@ import grpc
 
 from jobbroker.v1 import broker_pb2, job_pb2
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain import limits
+from jobbroker_server.domain import limits, workflows
 from jobbroker_server.domain.errors import (
     BrokerError,
     Internal,
@@ -157,6 +157,42 @@ class BrokerServicer:
             _submit_pb(result, answer.results.add())
         return answer
 
+    async def SubmitWorkflow(
+        self, request: broker_pb2.SubmitWorkflowRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.SubmitBatchResponse:
+        """A workflow's jobs, stored whole with what each waits on."""
+        workflow_id = limits.name(request.workflow_id, "workflow_id")
+        if not request.jobs:
+            raise InvalidArgument("jobs must not be empty")
+        links = sum(len(spec.needs.parents) for spec in request.jobs)
+        workflows.check_workflow(links, len(request.jobs))
+        now = self._clock.now()
+        new_jobs: list[NewJob] = []
+        ids: list[str] = []
+        for i, spec in enumerate(request.jobs):
+            try:
+                job = convert.workflow_job(spec, ids, self._limits, now)
+                caller.check_queue(job.queue)
+            except (InvalidArgument, ResourceExhausted, PermissionDenied) as error:
+                raise type(error)(f"jobs[{i}]: {error}") from None
+            job.submitted_by = caller.actor
+            job.workflow_id = workflow_id
+            new_jobs.append(job)
+            ids.append(job.id)
+        results = await self._jobs.submit_many(new_jobs)
+        answer = broker_pb2.SubmitBatchResponse()
+        for result in results:
+            _submit_pb(result, answer.results.add())
+        return answer
+
+    async def CancelWorkflow(
+        self, request: broker_pb2.CancelWorkflowRequest, context: Ctx, caller: Caller
+    ) -> broker_pb2.CancelWorkflowResponse:
+        workflow_id = limits.name(request.workflow_id, "workflow_id")
+        caller.named_queue(None, "cancel a workflow")
+        cancelled = await self._jobs.cancel_workflow(workflow_id, caller.actor)
+        return broker_pb2.CancelWorkflowResponse(cancelled=cancelled)
+
     async def SubmitGrouped(
         self,
         request_iterator: AsyncIterator[broker_pb2.SubmitBatchRequest],
@@ -284,6 +320,7 @@ class BrokerServicer:
             queue=queue,
             states=tuple(states),
             task=_optional_name(request.task, "task"),
+            workflow_id=_optional_name(request.workflow_id, "workflow_id"),
             after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from jobbroker_server.domain.models import ErrorInfo, Job
+from jobbroker_server.domain.models import ErrorInfo, Job, WaitsOn
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.services.dispatcher import Dispatcher
 from jobbroker_server.store import Store
@@ -16,8 +16,8 @@ from jobbroker_server.store.ops import MAX_AHEAD
 @dataclass(frozen=True, slots=True)
 class Explanation:
     state: JobState
-    # scheduled, retry_backoff, pending, no_worker, held, running,
-    # cancel_requested, finished
+    # waiting, parent_failed, scheduled, retry_backoff, pending, no_worker,
+    # held, running, cancel_requested, finished
     reason: str
     summary: str
     attempt: int
@@ -32,6 +32,7 @@ class Explanation:
     cancel_requested: bool = False
     finished_at: datetime | None = None
     last_error: ErrorInfo | None = None
+    waits_on: tuple[WaitsOn, ...] = ()
 
 
 def _when(at: datetime | None) -> str:
@@ -50,6 +51,8 @@ class Explainer:
     async def explain(self, job_id: str) -> Explanation:
         facts = await self._store.explain_job(job_id)
         job = facts.job
+        if facts.waits_on and job.state in (JobState.WAITING, JobState.CANCELLED):
+            return _waiting(job, facts.waits_on)
         if job.state is JobState.SCHEDULED:
             return _scheduled(job)
         if job.state is JobState.PENDING:
@@ -125,6 +128,28 @@ class Explainer:
             deadline=job.deadline_at,
             cancel_requested=job.cancel_requested,
         )
+
+
+def _waiting(job: Job, parents: tuple[WaitsOn, ...]) -> Explanation:
+    named = ", ".join(f"{p.job_id} ({p.task}, {p.state.value})" for p in parents)
+    if job.state is JobState.WAITING:
+        summary = f"waiting on parent job(s) {named}: it becomes pending when they succeed"
+        reason = "waiting"
+    else:
+        summary = (
+            f"cancelled because parent job(s) {named} did not succeed; replaying the dead "
+            "one from the dead-letter queue makes it wait again"
+        )
+        reason = "parent_failed"
+    return Explanation(
+        job.state,
+        reason,
+        summary,
+        job.attempts,
+        finished_at=job.finished_at,
+        last_error=job.last_error,
+        waits_on=parents,
+    )
 
 
 def _scheduled(job: Job) -> Explanation:

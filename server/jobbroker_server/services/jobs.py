@@ -135,6 +135,11 @@ class Jobs:
         self._changes.apply(cancelled.transitions)
         return cancelled.result
 
+    async def cancel_workflow(self, workflow_id: str, actor: str) -> int:
+        cancelled = await self._store.cancel_workflow(workflow_id, self._clock.now(), actor)
+        self._changes.apply(cancelled.transitions)
+        return cancelled.result
+
     async def find(self, where: JobFilter) -> JobPage:
         return await self._store.list_jobs(where)
 

@@ -141,6 +141,11 @@ class Store(abc.ABC):
         IllegalTransition for a finished job."""
 
     @abc.abstractmethod
+    async def cancel_workflow(self, workflow_id: str, now: datetime, actor: str) -> Moved[int]:
+        """Cancel every job of a workflow that has not ended, as ``cancel``
+        does each; how many. Raises NotFound for a workflow without jobs."""
+
+    @abc.abstractmethod
     async def reap_expired(self, now: datetime) -> Moved[int]:
         """End every held attempt whose lease expired, or running one whose
         hard timeout passed, and retry or dead-letter its job; how many."""

@@ -17,6 +17,7 @@ from jobbroker_server.domain.errors import FailedPrecondition
 from jobbroker_server.store.tables import (
     api_keys,
     broker_health,
+    job_deps,
     job_events,
     jobs,
     metadata,
@@ -101,6 +102,22 @@ def _v8_event_commit_order(conn: Connection) -> None:
     )
 
 
+def _v9_dependencies(conn: Connection) -> None:
+    """Jobs that wait on other jobs: the links, each job's workflow and its
+    count of parents not yet done."""
+    found = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    added = {
+        "workflow_id": "VARCHAR(200)",
+        "waiting_on": "INTEGER NOT NULL DEFAULT 0",
+        "inputs": "JSON",
+    }
+    for name, kind in added.items():
+        if name not in found:
+            conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+    _index("ix_jobs_workflow").create(conn, checkfirst=True)
+    job_deps.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -111,6 +128,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (6, _v6_job_events),
     (7, _v7_leased_state),
     (8, _v8_event_commit_order),
+    (9, _v9_dependencies),
 )
 LATEST = STEPS[-1][0]
 

@@ -41,13 +41,21 @@ from jobbroker_server.domain.models import (
     ReportResult,
     ReportStatus,
     SubmitResult,
+    WaitsOn,
 )
 from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import HELD, JobState
 from jobbroker_server.domain.transitions import BROKER, JobEvent, Moved, Reason, Transition
-from jobbroker_server.store import events, rows
+from jobbroker_server.store import dependencies, events, rows
 from jobbroker_server.store.prepared import Prepared
-from jobbroker_server.store.tables import UTCDateTime, attempts, broker_health, job_events, jobs
+from jobbroker_server.store.tables import (
+    UTCDateTime,
+    attempts,
+    broker_health,
+    job_deps,
+    job_events,
+    jobs,
+)
 
 RUNNING = JobState.RUNNING.value
 LEASED = JobState.LEASED.value
@@ -63,8 +71,11 @@ T = TypeVar("T")
 
 
 def _moved(conn: Connection, now: datetime, result: T, transitions: list[Transition]) -> Moved[T]:
-    """Every operation that moves jobs returns through here: its transitions
-    go into the job event log in its transaction, and back to the broker."""
+    """Every operation that moves jobs returns through here: the jobs waiting
+    on those it ended follow them, and all the transitions go into the job
+    event log in its transaction, and back to the broker."""
+    if transitions:
+        transitions += dependencies.follow(conn, now, transitions)
     events.record(conn, transitions, now)
     return Moved(result, transitions)
 
@@ -86,6 +97,7 @@ def submit_many(
     values = [rows.new_job_row(job, now) for job in jobs_in]
     # The unique constraint decides between racing submits of one key.
     stored = insert_new(conn, values)
+    dependencies.link(conn, jobs_in, stored)
     if len(stored) == len(values):
         made = [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
         moved = [_submitted(v, job.submitted_by) for v, job in zip(values, jobs_in, strict=True)]
@@ -799,6 +811,53 @@ def cancel(conn: Connection, job_id: str, now: datetime, actor: str = "client") 
     return _moved(conn, now, _job(conn, job_id, history=True), moved)
 
 
+def cancel_workflow(conn: Connection, workflow_id: str, now: datetime, actor: str) -> Moved[int]:
+    """Cancel every job of a workflow that has not ended: at once where none
+    holds it, by asking its worker where one does. Returns how many."""
+    found = conn.execute(
+        sa.select(jobs.c.id, jobs.c.queue, jobs.c.state, jobs.c.attempts, jobs.c.fencing_token)
+        .where(jobs.c.workflow_id == workflow_id, jobs.c.state.in_(_UNENDED))
+        .order_by(jobs.c.id)
+        .with_for_update()
+    ).all()
+    if (
+        not found
+        and conn.execute(
+            sa.select(jobs.c.id).where(jobs.c.workflow_id == workflow_id).limit(1)
+        ).first()
+        is None
+    ):
+        raise NotFound(f"no workflow with id {workflow_id!r}")
+    held = [r.id for r in found if r.state in _HELD_STATES]
+    free = [r.id for r in found if r.state not in _HELD_STATES]
+    for start in range(0, len(free), 500):
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id.in_(free[start : start + 500]), jobs.c.state.in_(_UNENDED))
+            .values(state=JobState.CANCELLED.value, finished_at=now)
+        )
+    for start in range(0, len(held), 500):
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id.in_(held[start : start + 500]), _in(HELD))
+            .values(cancel_requested=True)
+        )
+    moved = []
+    for r in found:
+        state = JobState(r.state)
+        if state.held:
+            why, target = Reason.CANCEL_REQUESTED, state
+        else:
+            why, target = Reason.CANCELLED, JobState.CANCELLED
+        moved.append(
+            Transition(r.id, r.queue, state, target, why, r.attempts, actor, token=r.fencing_token)
+        )
+    return _moved(conn, now, len(found), moved)
+
+
+_UNENDED = [s.value for s in JobState if not s.terminal]
+
+
 def get_job(conn: Connection, job_id: str, *, history: bool = True) -> Job:
     return _job(conn, job_id, history=history)
 
@@ -837,7 +896,10 @@ def explain_job(conn: Connection, job_id: str) -> JobFacts:
             job_events.c.job_id == job_id, job_events.c.reason == Reason.LEASED.value
         )
     ).scalar()
-    return JobFacts(job, ahead, leased_at)
+    waits_on: tuple[WaitsOn, ...] = ()
+    if job.state is JobState.WAITING or job.state is JobState.CANCELLED:
+        waits_on = dependencies.waits_on(conn, job_id)
+    return JobFacts(job, ahead, leased_at, waits_on)
 
 
 def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
@@ -857,6 +919,8 @@ def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
         stmt = stmt.where(_in(where.states))
     if where.task:
         stmt = stmt.where(jobs.c.task == where.task)
+    if where.workflow_id:
+        stmt = stmt.where(jobs.c.workflow_id == where.workflow_id)
     if where.after_id:
         stmt = stmt.where(jobs.c.id > where.after_id)
     ids: list[str] = []
@@ -935,6 +999,7 @@ def delete_finished(conn: Connection, before: datetime, limit: int) -> Moved[int
 # ones are counted as they finish (the jobs_succeeded counter): counting them
 # here would read the whole history retention keeps, every few seconds.
 DEPTH_STATES = (
+    JobState.WAITING,
     JobState.PENDING,
     JobState.SCHEDULED,
     JobState.LEASED,
@@ -1187,6 +1252,7 @@ def _delete(conn: Connection, ids: list[str]) -> None:
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(attempts.delete().where(attempts.c.job_id.in_(chunk)))
+        conn.execute(job_deps.delete().where(job_deps.c.child_id.in_(chunk)))
         conn.execute(job_events.delete().where(job_events.c.job_id.in_(chunk)))
         conn.execute(jobs.delete().where(jobs.c.id.in_(chunk)))
 

@@ -68,6 +68,11 @@ NEW_JOB_VALUES: dict[str, Any] = {
 def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
     """The values of a new job's row that vary, for NEW_JOB_VALUES."""
     run_at = job.run_at if job.run_at is not None and job.run_at > now else now
+    needs = job.needs
+    if needs is not None:
+        state = JobState.WAITING
+    else:
+        state = JobState.SCHEDULED if run_at > now else JobState.PENDING
     return {
         "id": job.id,
         "queue": job.queue,
@@ -75,7 +80,7 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "payload": job.payload.data,
         "content_type": job.payload.content_type,
         "priority": job.priority,
-        "state": (JobState.SCHEDULED if run_at > now else JobState.PENDING).value,
+        "state": state.value,
         "max_attempts": job.retry.max_attempts,
         "backoff_base_s": job.retry.backoff_base.total_seconds(),
         "backoff_factor": job.retry.backoff_factor,
@@ -88,6 +93,11 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "tags": job.tags,
         "created_at": now,
         "scheduled_at": run_at,
+        "workflow_id": job.workflow_id,
+        "waiting_on": len(needs.parents) if needs else 0,
+        "inputs": None
+        if needs is None or needs.shape is None
+        else {"shape": needs.shape, "payload": needs.with_payload},
     }
 
 
@@ -147,6 +157,7 @@ def job_from_row(row: sa.Row[Any], history: Sequence[Attempt] = ()) -> Job:
         leased_by=row.leased_by,
         deadline_at=row.deadline_at,
         cancel_requested=row.cancel_requested,
+        workflow_id=row.workflow_id,
     )
 
 

@@ -187,6 +187,9 @@ class SqlStore(Store):
     async def cancel(self, job_id: str, now: datetime, actor: str = "client") -> Moved[Job]:
         return await self._run(ops.cancel, job_id, now, actor)
 
+    async def cancel_workflow(self, workflow_id: str, now: datetime, actor: str) -> Moved[int]:
+        return await self._run(ops.cancel_workflow, workflow_id, now, actor)
+
     async def reap_expired(self, now: datetime) -> Moved[int]:
         return await self._run(ops.reap_expired, self._rng, now)
 

@@ -106,6 +106,12 @@ jobs = sa.Table(
     sa.Column("deadline_at", UTCDateTime),  # hard timeout of the running attempt
     # Set when a running job is cancelled: however its attempt ends, it ends cancelled.
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    # Of a workflow's job (store/dependencies.py): its workflow, how many of
+    # its parents have not ended as it needs, and how its input is made from
+    # their results when it is released ({"shape": ..., "payload": bool}).
+    sa.Column("workflow_id", sa.String(200)),
+    sa.Column("waiting_on", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("inputs", sa.JSON),
 )
 
 _pending = jobs.c.state == "pending"
@@ -145,6 +151,14 @@ sa.Index(
 # The dead-letter queue in id order, whatever the queue (`dlq ls`, `--all`).
 sa.Index("ix_jobs_dead", jobs.c.id, sqlite_where=_dead, postgresql_where=_dead)
 sa.Index("ix_jobs_queue_state", jobs.c.queue, jobs.c.state, jobs.c.id)
+_in_workflow = jobs.c.workflow_id.is_not(None)
+sa.Index(
+    "ix_jobs_workflow",
+    jobs.c.workflow_id,
+    jobs.c.id,
+    sqlite_where=_in_workflow,
+    postgresql_where=_in_workflow,
+)
 
 attempts = sa.Table(
     "attempts",
@@ -183,6 +197,30 @@ job_events = sa.Table(
     sqlite_autoincrement=True,
 )
 sa.Index("ix_job_events_job", job_events.c.job_id, job_events.c.seq)
+
+# A workflow's links: a child waits on each of its parents. The parent's
+# outcome and result are copied here when it ends, so the child's input does
+# not depend on the parent still existing (retention may delete it first).
+# A parent's row is no foreign key for that reason; the child's is.
+job_deps = sa.Table(
+    "job_deps",
+    metadata,
+    sa.Column(
+        "child_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("position", sa.Integer, primary_key=True),  # in the child's order of parents
+    sa.Column("parent_id", sa.String(36), nullable=False),
+    # Whether the child runs whatever the parent's end (a chord's callback
+    # told to run with failures).
+    sa.Column("tolerant", sa.Boolean, nullable=False),
+    # NULL while the parent has not ended as the child needs; "blocked" when
+    # its end cancelled the child; else the state it ended in.
+    sa.Column("outcome", sa.String(16)),
+    sa.Column("result", sa.LargeBinary),
+    sa.Column("result_content_type", sa.String(100)),
+    sa.Column("error", sa.JSON),
+)
+sa.Index("ix_job_deps_parent", job_deps.c.parent_id)
 
 schema_version = sa.Table(
     "schema_version",

@@ -1,0 +1,295 @@
+"""Jobs that wait on other jobs (``domain/workflows.py``), in the store.
+
+A waiting job counts its parents that have not ended as it needs
+(``jobs.waiting_on``). Every operation that ends jobs passes its transitions
+through ``follow``, in its own transaction: a parent's success (or any end,
+for a child that tolerates failures) is copied to its links and counted down
+on each child, and the child whose count reaches zero is released, its input
+made from the links; a parent that ends dead or cancelled cancels the
+children that need it, and theirs in turn. Replaying that parent resumes
+them: they wait again.
+
+On PostgreSQL, parents of one child that end in different transactions (on
+different replicas) count down the same row: the row lock orders them, and
+the one that reaches zero releases the child, exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from jobbroker_server.domain.errors import FailedPrecondition
+from jobbroker_server.domain.models import ErrorInfo, NewJob, Payload, WaitsOn
+from jobbroker_server.domain.states import JobState
+from jobbroker_server.domain.transitions import BROKER, Reason, Transition
+from jobbroker_server.domain.workflows import ParentOutcome, released_input
+from jobbroker_server.store import rows
+from jobbroker_server.store.tables import job_deps, jobs
+
+_S = JobState
+_ENDS = frozenset({_S.SUCCEEDED, _S.DEAD, _S.CANCELLED})
+_WAITS_AGAIN = (Reason.REPLAYED, Reason.RESUMED)  # its cancelled children may wait again
+BLOCKED = "blocked"  # a link whose parent's end cancelled its child
+_CHUNK = 500  # ids per IN list
+
+
+def link(conn: Connection, new: Sequence[NewJob], stored: set[str]) -> None:
+    """Store the links of the new jobs that wait on others. A workflow is
+    stored whole or, when its jobs' idempotency keys name jobs that exist, not
+    at all; part of one is refused."""
+    waiting = [job for job in new if job.needs is not None]
+    if not waiting:
+        return
+    by_workflow = Counter(job.workflow_id for job in new if job.workflow_id)
+    kept = Counter(job.workflow_id for job in new if job.workflow_id and job.id in stored)
+    for workflow, n in by_workflow.items():
+        if 0 < kept[workflow] < n:
+            raise FailedPrecondition(
+                f"workflow {workflow}: {n - kept[workflow]} of its {n} jobs have idempotency "
+                "keys of jobs that exist; submit it with new keys, or all of the old ones"
+            )
+    values = [
+        {
+            "child_id": job.id,
+            "position": i,
+            "parent_id": parent,
+            "tolerant": needs.tolerate_failures,
+        }
+        for job in waiting
+        if job.id in stored and (needs := job.needs) is not None
+        for i, parent in enumerate(needs.parents)
+    ]
+    for start in range(0, len(values), _CHUNK * 10):
+        conn.execute(job_deps.insert(), values[start : start + _CHUNK * 10])
+
+
+_UNDONE = (
+    sa.select(job_deps.c.child_id, job_deps.c.parent_id, job_deps.c.tolerant)
+    .where(job_deps.c.parent_id.in_(sa.bindparam("ids", expanding=True)))
+    .where(job_deps.c.outcome.is_(None))
+)
+
+
+def follow(conn: Connection, now: datetime, transitions: Sequence[Transition]) -> list[Transition]:
+    """The transitions that ``transitions`` cause through links: children
+    released, cancelled or resumed, and theirs in turn."""
+    made: list[Transition] = []
+    step = list(transitions)
+    while step:
+        ended = {t.job_id: t.target for t in step if t.target is not None and t.target in _ENDS}
+        replayed = [t.job_id for t in step if t.reason in _WAITS_AGAIN]
+        step = []
+        if ended:
+            step += _ended(conn, now, ended)
+        if replayed:
+            step += _resume(conn, replayed)
+        made += step
+    return made
+
+
+def _ended(conn: Connection, now: datetime, ended: dict[str, JobState]) -> list[Transition]:
+    links = [row for ids in _chunks(ended) for row in conn.execute(_UNDONE, {"ids": ids})]
+    if not links:
+        return []
+    done: Counter[str] = Counter()  # links of each child that its parents' ends satisfy
+    failed: dict[str, str] = {}  # child: a parent whose end cancels it
+    for child, parent, tolerant in links:
+        if ended[parent] is _S.SUCCEEDED or tolerant:
+            done[child] += 1
+        else:
+            failed.setdefault(child, parent)
+    for state in {ended[parent] for _, parent, _ in links}:
+        parents = [p for p, s in ended.items() if s is state]
+        _record_outcome(conn, parents, state)
+    moved = _cancel(conn, now, failed, ended) if failed else []
+    moved += _count_down(conn, now, done, set(failed))
+    return moved
+
+
+def _record_outcome(conn: Connection, parents: list[str], state: JobState) -> None:
+    """Copy how the parents ended to the links it satisfies."""
+    parent = jobs.alias("parent")
+    own = parent.c.id == job_deps.c.parent_id
+    values: dict[str, Any] = {"outcome": state.value}
+    if state is _S.SUCCEEDED:
+        values["result"] = sa.select(parent.c.result).where(own).scalar_subquery()
+        values["result_content_type"] = (
+            sa.select(parent.c.result_content_type).where(own).scalar_subquery()
+        )
+    else:
+        values["error"] = sa.select(parent.c.last_error).where(own).scalar_subquery()
+    for ids in _chunks(parents):
+        where: list[sa.ColumnElement[bool]] = [
+            job_deps.c.parent_id.in_(ids),
+            job_deps.c.outcome.is_(None),
+        ]
+        if state is not _S.SUCCEEDED:
+            where.append(job_deps.c.tolerant)
+        conn.execute(job_deps.update().where(*where).values(values))
+
+
+def _cancel(
+    conn: Connection, now: datetime, failed: dict[str, str], ended: dict[str, JobState]
+) -> list[Transition]:
+    """Cancel the waiting children whose parent failed; mark the links that
+    did it, which a replay of that parent undoes."""
+    moved = []
+    failing = [p for p, s in ended.items() if s is not _S.SUCCEEDED]
+    for child in sorted(failed):
+        parent = failed[child]
+        state = ended[parent]
+        error = ErrorInfo("ParentFailed", f"parent job {parent} ended {state.value}")
+        row = conn.execute(
+            jobs.update()
+            .where(jobs.c.id == child, jobs.c.state == _S.WAITING.value)
+            .values(state=_S.CANCELLED.value, finished_at=now, last_error=rows.error_to_json(error))
+            .returning(jobs.c.queue, jobs.c.attempts)
+        ).first()
+        if row is None:
+            continue  # cancelled already
+        for ids in _chunks(failing):
+            conn.execute(
+                job_deps.update()
+                .where(
+                    job_deps.c.child_id == child,
+                    job_deps.c.parent_id.in_(ids),
+                    job_deps.c.outcome.is_(None),
+                    sa.not_(job_deps.c.tolerant),
+                )
+                .values(outcome=BLOCKED)
+            )
+        detail = {"parent": parent, "parent_state": state.value}
+        moved.append(
+            Transition(
+                child,
+                row.queue,
+                _S.WAITING,
+                _S.CANCELLED,
+                Reason.PARENT_FAILED,
+                row.attempts,
+                BROKER,
+                detail,
+            )
+        )
+    return moved
+
+
+def _count_down(
+    conn: Connection, now: datetime, done: Counter[str], cancelled: set[str]
+) -> list[Transition]:
+    """Count the satisfied links down on each child (in id order: two
+    transactions lock shared children in one order) and release those at zero."""
+    moved = []
+    for child in sorted(done):
+        row = conn.execute(
+            jobs.update()
+            .where(jobs.c.id == child)
+            .values(waiting_on=jobs.c.waiting_on - done[child])
+            .returning(jobs.c.state, jobs.c.waiting_on)
+        ).first()
+        if row and row.waiting_on <= 0 and row.state == _S.WAITING.value and child not in cancelled:
+            moved.append(_release(conn, now, child))
+    return moved
+
+
+_LINKS = (
+    sa.select(
+        job_deps.c.outcome,
+        job_deps.c.result,
+        job_deps.c.result_content_type,
+        job_deps.c.error,
+        job_deps.c.tolerant,
+    )
+    .where(job_deps.c.child_id == sa.bindparam("child"))
+    .order_by(job_deps.c.position)
+)
+
+
+def _release(conn: Connection, now: datetime, child: str) -> Transition:
+    row = conn.execute(
+        sa.select(
+            jobs.c.queue,
+            jobs.c.attempts,
+            jobs.c.payload,
+            jobs.c.content_type,
+            jobs.c.inputs,
+            jobs.c.scheduled_at,
+        ).where(jobs.c.id == child)
+    ).one()
+    values: dict[str, Any] = {}
+    if row.inputs:
+        links = conn.execute(_LINKS, {"child": child}).all()
+        parents = [
+            ParentOutcome(
+                link.outcome,
+                Payload(link.result, link.result_content_type or "") if link.result else None,
+                rows.error_from_json(link.error),
+            )
+            for link in links
+        ]
+        tolerant = any(link.tolerant for link in links)
+        made = released_input(
+            row.inputs["shape"],
+            row.inputs["payload"],
+            tolerant,
+            Payload(row.payload, row.content_type),
+            parents,
+        )
+        values = {"payload": made.data, "content_type": made.content_type}
+    target = _S.SCHEDULED if row.scheduled_at > now else _S.PENDING
+    conn.execute(jobs.update().where(jobs.c.id == child).values(state=target.value, **values))
+    return Transition(child, row.queue, _S.WAITING, target, Reason.PARENTS_DONE, row.attempts)
+
+
+def _resume(conn: Connection, replayed: list[str]) -> list[Transition]:
+    """The children a replayed parent cancelled wait again, unless another
+    parent's failure still holds them."""
+    children: set[str] = set()
+    for ids in _chunks(replayed):
+        found = conn.execute(
+            job_deps.update()
+            .where(job_deps.c.parent_id.in_(ids), job_deps.c.outcome == BLOCKED)
+            .values(outcome=None)
+            .returning(job_deps.c.child_id)
+        ).scalars()
+        children.update(found)
+    other = sa.exists().where(job_deps.c.child_id == jobs.c.id, job_deps.c.outcome == BLOCKED)
+    moved = []
+    for ids in _chunks(sorted(children)):
+        resumed = conn.execute(
+            jobs.update()
+            .where(jobs.c.id.in_(ids), jobs.c.state == _S.CANCELLED.value, ~other)
+            .values(state=_S.WAITING.value, finished_at=None, last_error=None)
+            .returning(jobs.c.id, jobs.c.queue, jobs.c.attempts)
+        ).all()
+        moved += [
+            Transition(r.id, r.queue, _S.CANCELLED, _S.WAITING, Reason.RESUMED, r.attempts)
+            for r in resumed
+        ]
+    return moved
+
+
+def waits_on(conn: Connection, job_id: str, limit: int = 10) -> tuple[WaitsOn, ...]:
+    """The parents of a job that have not ended as it needs, first ones first."""
+    parent = jobs.alias("parent")
+    found = conn.execute(
+        sa.select(job_deps.c.parent_id, parent.c.task, parent.c.state)
+        .join(parent, parent.c.id == job_deps.c.parent_id, isouter=True)
+        .where(job_deps.c.child_id == job_id)
+        .where(sa.or_(job_deps.c.outcome.is_(None), job_deps.c.outcome == BLOCKED))
+        .order_by(job_deps.c.position)
+        .limit(limit)
+    ).all()
+    return tuple(WaitsOn(r.parent_id, r.task, JobState(r.state)) for r in found if r.state)
+
+
+def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
+    listed = list(ids)
+    for start in range(0, len(listed), _CHUNK):
+        yield listed[start : start + _CHUNK]

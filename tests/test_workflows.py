@@ -1,0 +1,188 @@
+"""Workflows: chain, group and chord stored whole, released by the broker as
+their parents succeed, on a real broker with a real worker, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from jobbroker import (
+    Client,
+    JobFailedError,
+    JobState,
+    Worker,
+    chain,
+    chord,
+    group,
+)
+from jobbroker.errors import InvalidArgumentError
+from jobbroker_server.testing import BrokerThread
+from tests import workflow_tasks as t
+
+pytestmark = pytest.mark.timeout(90)
+
+TASKS = [
+    t.extract_data,
+    t.transform_data,
+    t.load_data,
+    t.send_email,
+    t.send_sms,
+    t.update_analytics,
+    t.process_item,
+    t.send_completion_notification,
+    t.fragile,
+    t.total,
+    t.describe,
+]
+
+
+@pytest.fixture
+def worker(broker: BrokerThread) -> Iterator[Worker]:
+    running = Worker(TASKS, target=broker.target, concurrency=8)
+    thread = threading.Thread(target=lambda: asyncio.run(running.run_async()), daemon=True)
+    thread.start()
+    yield running
+    running.stop()
+    thread.join(15)
+
+
+def test_the_seeds_chain_passes_each_result_on(client: Client, worker: Worker) -> None:
+    flow = chain(t.extract_data.s(4), t.transform_data.s(), t.load_data.s("warehouse"))
+    handle = client.submit(flow)
+    assert handle.result(timeout=30) == "loaded 3 rows (123) into warehouse"
+    steps = handle.status()
+    assert [s.task for s in steps] == [t.extract_data.name, t.transform_data.name, t.load_data.name]
+    assert {s.state for s in steps} == {JobState.SUCCEEDED}
+    assert [s.job_id for s in steps] == handle.job_ids
+
+
+def test_the_seeds_group_runs_side_by_side_and_returns_results_in_order(
+    client: Client, worker: Worker
+) -> None:
+    flow = group(
+        t.send_email.s("ada@example.com"), t.send_sms.s("+1555"), t.update_analytics.s("signup")
+    )
+    handle = client.submit(flow)
+    assert handle.result(timeout=30) == ["email to ada@example.com", "sms to +1555", 6]
+
+
+def test_the_seeds_chord_gives_its_callback_every_result_in_order(
+    client: Client, worker: Worker
+) -> None:
+    item_ids = list(range(1, 21))
+    flow = chord([t.process_item.s(i) for i in item_ids], t.send_completion_notification.s("b-7"))
+    handle = client.submit(flow)
+    expected = sum(i * i for i in item_ids)
+    assert handle.result(timeout=30) == f"batch b-7: 20 items, sum {expected}"
+    callback = client.get_job(handle.job_ids[-1])
+    assert callback.json() == {"result": [i * i for i in item_ids], "payload": "b-7"}
+
+
+def test_flows_nest(client: Client, worker: Worker) -> None:
+    # A chain whose middle step is a group, then a chord inside a chain.
+    fan = chain(t.extract_data.s(1), group(t.transform_data.s(), t.transform_data.s()))
+    assert client.submit(fan).result(timeout=30) == [{"count": 3, "total": 33}] * 2
+    inner = chord([t.process_item.s(i) for i in (1, 2, 3)], t.total.s())
+    flow = chain(inner, t.process_item.s())
+    assert client.submit(flow).result(timeout=30) == 14 * 14
+
+
+def test_a_waiting_job_is_never_leased_and_explain_names_its_parent(
+    broker: BrokerThread, client: Client
+) -> None:
+    handle = client.submit(chain(t.process_item.s(3), t.process_item.s()))
+    first, second = handle.job_ids
+    assert client.get_job(second).state is JobState.WAITING
+    explained = client.explain(second)
+    assert explained.reason == "waiting"
+    assert [p.job_id for p in explained.waits_on] == [first]
+    assert first in explained.summary
+    with client.lease_stream(["items"]) as stream:
+        lease = next(iter(stream))
+        assert lease.job.id == first  # the waiting one is not offered
+        lease.complete(9)
+        nxt = next(iter(stream))
+        assert nxt.job.id == second
+        assert nxt.payload() == 9
+        nxt.complete(81)
+    assert handle.result(timeout=10) == 81
+    events = [e.reason for e in client.job_events(second)]
+    assert events[:2] == ["submitted", "parents_done"]
+
+
+def test_a_dead_step_cancels_the_rest_and_its_replay_resumes_them(
+    client: Client, worker: Worker
+) -> None:
+    t.MENDED.clear()
+    flow = chain(t.process_item.s(2), t.fragile.s(-5), t.process_item.s(), t.process_item.s())
+    handle = client.submit(flow)
+    with pytest.raises(JobFailedError) as raised:
+        handle.result(timeout=30)
+    failing = handle.job_ids[1]
+    assert raised.value.job.id == failing
+    after = [client.get_job(i) for i in handle.job_ids[2:]]
+    assert [j.state for j in after] == [JobState.CANCELLED, JobState.CANCELLED]
+    story = client.job_events(handle.job_ids[2])
+    assert story[-1].reason == "parent_failed"
+    assert story[-1].detail["parent"] == failing
+    explained = client.explain(handle.job_ids[2])
+    assert explained.reason == "parent_failed"
+    assert explained.waits_on[0].job_id == failing
+    t.MENDED.append(True)
+    assert client.dlq_replay(job_ids=[failing]) == [failing]
+    assert handle.result(timeout=30) == 625
+    reasons = [e.reason for e in client.job_events(handle.job_ids[3])]
+    assert reasons == [
+        "submitted",
+        "parent_failed",
+        "resumed",
+        "parents_done",
+        "leased",
+        "started",
+        "succeeded",
+    ] or reasons == ["submitted", "parent_failed", "resumed", "parents_done", "leased", "succeeded"]
+
+
+def test_a_chord_told_to_run_on_failure_gets_each_members_outcome(
+    client: Client, worker: Worker
+) -> None:
+    t.MENDED.clear()
+    flow = chord([t.fragile.s(1), t.fragile.s(-1)], t.describe.s(), on_failure="run")
+    outcomes = client.submit(flow).result(timeout=30)
+    assert outcomes == [
+        {"state": "succeeded", "result": 1},
+        {"state": "dead", "error": {"type": "PermanentError", "message": "cannot take -1"}},
+    ]
+
+
+def test_cancel_cancels_every_job_not_ended(broker: BrokerThread, client: Client) -> None:
+    handle = client.submit(chord([t.process_item.s(i) for i in range(5)], t.total.s()))
+    assert handle.cancel() == 6
+    assert {s.state for s in handle.status()} == {JobState.CANCELLED}
+    assert handle.cancel() == 0
+
+
+def test_malformed_workflows_are_refused_and_store_nothing(client: Client) -> None:
+    from jobbroker.v1 import broker_pb2, job_pb2
+
+    stub = client._stub  # the raw wire, for what the SDK would never send
+    spec = job_pb2.JobSpec(queue="q", task="x")
+    ahead = job_pb2.JobSpec(queue="q", task="x", needs=job_pb2.Needs(parents=[1]))
+    bad_shape = job_pb2.JobSpec(
+        queue="q", task="x", needs=job_pb2.Needs(parents=[0], input="[0,5]")
+    )
+    for jobs, message in [
+        ([spec, ahead], "a job waits only on jobs before it"),
+        ([spec, bad_shape], "only lists and numbers of parents"),
+        ([job_pb2.JobSpec(queue="q", task="x", needs=job_pb2.Needs(input="0"))], "need parents"),
+    ]:
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.SubmitWorkflow(broker_pb2.SubmitWorkflowRequest(workflow_id="w1", jobs=jobs))
+        assert message in str(raised.value)
+    assert client.list_jobs(queue="q").jobs == ()
+    with pytest.raises(InvalidArgumentError):
+        chain()
