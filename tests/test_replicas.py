@@ -28,9 +28,10 @@ import asyncpg
 import grpc
 import pytest
 
-from jobbroker import BrokerUnavailableError, Client, DeadlineExceededError, JobRequest
+from jobbroker import BrokerUnavailableError, Client, DeadlineExceededError, JobRequest, chord
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests import replica_tasks
+from tests import workflow_tasks as wf
 from tests.processes import BROKER, Process, start_broker
 from tests.waiting import wait_for
 
@@ -125,8 +126,8 @@ class Cluster:
         ports = self.ports[first:] + self.ports[:first]
         return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
 
-    def start_worker(self, first: int) -> Process:
-        args = ["worker", "tests.replica_tasks", "--target", self.target(first)]
+    def start_worker(self, first: int, tasks: str = "tests.replica_tasks") -> Process:
+        args = ["worker", tasks, "--target", self.target(first)]
         proc = Process([*BROKER, *args, "--concurrency", str(CONCURRENCY)], cwd=ROOT)
         self.procs.append(proc)
         self.names.append(f"worker {len(self.workers)} to {self.target(first)}")
@@ -410,3 +411,39 @@ def test_a_watch_and_a_tail_on_one_replica_see_what_another_wrote(cluster: Clust
         tail.cancel()
     assert second.id in seen and "submitted" in seen[second.id]
     assert seen[first.id][-1] == "succeeded"
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_parents_ending_on_different_replicas_release_their_child_once(
+    cluster: Cluster, db: Database
+) -> None:
+    """Chords whose members are completed by workers on different replicas:
+    each body is released exactly once, by whichever transaction counted its
+    last parent down, and runs once."""
+    cluster.start_replicas(REPLICAS)
+    for i in range(WORKERS):
+        cluster.start_worker(i % REPLICAS, tasks="tests.workflow_tasks")
+    with Client(cluster.target(0), timeout=30) as client:
+        flows = [chord([wf.process_item.s(i) for i in range(10)], wf.total.s()) for _ in range(60)]
+        handles = [client.submit(flow) for flow in flows]
+        for handle in handles:
+            assert handle.result(timeout=120) == 285
+    bodies = {handle.job_ids[-1] for handle in handles}
+    released = db.fetch(
+        "SELECT job_id, count(*) FROM job_events WHERE reason = 'parents_done' GROUP BY job_id"
+    )
+    assert dict(released) == dict.fromkeys(bodies, 1)
+    once = db.fetch(
+        """SELECT a.job_id FROM attempts a WHERE a.outcome = 'succeeded'
+           GROUP BY a.job_id HAVING count(*) <> 1"""
+    )
+    assert not once, once[:5]
+    spread = db.value(
+        """SELECT count(*) FROM (
+             SELECT j.workflow_id FROM jobs j JOIN attempts a ON a.job_id = j.id
+             WHERE a.outcome = 'succeeded' AND j.id <> ALL($1::text[])
+             GROUP BY j.workflow_id HAVING count(DISTINCT a.worker_id) > 1) s""",
+        list(bodies),
+    )
+    assert spread > 0, "no chord had members completed through two replicas"

@@ -4,8 +4,13 @@ their parents succeed, on a real broker with a real worker, on both backends."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +27,8 @@ from jobbroker import (
 from jobbroker.errors import InvalidArgumentError
 from jobbroker_server.testing import BrokerThread
 from tests import workflow_tasks as t
+from tests.processes import BROKER, Process, start_broker
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -186,3 +193,112 @@ def test_malformed_workflows_are_refused_and_store_nothing(client: Client) -> No
     assert client.list_jobs(queue="q").jobs == ()
     with pytest.raises(InvalidArgumentError):
         chain()
+
+
+def test_a_chord_of_a_thousand_runs_its_body_once_after_the_last_member(
+    client: Client, worker: Worker
+) -> None:
+    members = [t.process_item.s(i) for i in range(1000)]
+    handle = client.submit(chord(members, t.total.s()))
+    assert handle.result(timeout=60) == sum(i * i for i in range(1000))
+    *member_ids, body_id = handle.job_ids
+    body = client.get_job(body_id)
+    assert body.json() == [i * i for i in range(1000)]  # every result, in order
+    assert [a.outcome.value for a in body.history] == ["succeeded"]
+    last_member_end = max(_finished(client, job_id) for job_id in member_ids)
+    assert body.started_at is not None and body.started_at >= last_member_end
+    assert [e.reason for e in client.job_events(body_id)].count("parents_done") == 1
+
+
+def _finished(client: Client, job_id: str) -> datetime:
+    at = client.get_job(job_id).finished_at
+    assert at is not None
+    return at
+
+
+@pytest.mark.timeout(120)
+def test_a_chain_whose_worker_is_killed_mid_step_finishes_each_step_once(
+    tmp_path: Path,
+) -> None:
+    broker, target = start_broker(str(tmp_path / "broker.db"), "--lease-seconds", "2")
+    log = tmp_path / "steps.log"
+    worker_args = [*BROKER, "worker", "tests.workflow_tasks", "--target", target]
+    first = Process([*worker_args, "--queue", "wf-crash"])
+    try:
+        with Client(target, timeout=30) as client:
+            flow = chain(*[t.crash_step.s(str(log)) for _ in range(3)])
+            handle = client.submit(flow)
+            middle = handle.job_ids[1]
+            wait_for(lambda: log.exists() and f"start {middle}" in log.read_text(), 30, "step 2")
+            first.kill()  # SIGKILL, mid step
+            second = Process([*worker_args, "--queue", "wf-crash"])
+            try:
+                assert handle.result(timeout=60) == 3
+            finally:
+                second.kill()
+            for job_id in handle.job_ids:
+                outcomes = [a.outcome.value for a in client.get_job(job_id).history]
+                assert outcomes.count("succeeded") == 1, (job_id, outcomes)
+            assert "lease_expired" in [a.outcome.value for a in client.get_job(middle).history]
+            done = [line for line in log.read_text().splitlines() if line.startswith("done")]
+            assert sorted(done) == sorted(f"done {job_id}" for job_id in handle.job_ids)
+    finally:
+        first.kill()
+        broker.kill()
+
+
+SAMPLE = """
+from jobbroker import Piped, chain, chord, task
+
+
+@task
+def extract(source_id: int) -> list[int]:
+    return [source_id]
+
+
+@task
+def transform(rows: list[int]) -> dict[str, int]:
+    return {"n": len(rows)}
+
+
+@task
+def load(job: Piped[dict[str, int], str]) -> bool:
+    return job["result"]["n"] > 0 and bool(job["payload"])
+
+
+@task
+def item(i: int) -> float:
+    return i / 2
+
+
+@task
+def notify(job: Piped[list[float], str]) -> str:
+    return job["payload"]
+
+
+ok = chain(extract.s(1), transform.s(), load.s("warehouse"))
+ok_chord = chord([item.s(i) for i in range(3)], notify.s("batch"))
+"""
+
+MISMATCHED = """
+bad = chain(extract.s(1), load.s("warehouse"))  # load wants transform's dict
+bad_chord = chord([item.s(i) for i in range(3)], transform.s())  # list[float] is not list[int]
+"""
+
+
+@pytest.mark.timeout(120)
+def test_mypy_accepts_a_typed_chain_and_rejects_mismatched_steps(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text(SAMPLE)
+    bad.write_text(SAMPLE + MISMATCHED)
+    sdk = Path(__file__).resolve().parent.parent / "sdk"
+    args = [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent"]
+    env = {**os.environ, "MYPYPATH": str(sdk)}
+    passed = subprocess.run([*args, str(good)], capture_output=True, text=True, env=env)
+    assert passed.returncode == 0, passed.stdout
+    failed = subprocess.run([*args, str(bad)], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1, failed.stdout
+    lines = [line for line in failed.stdout.splitlines() if "error:" in line]
+    source = bad.read_text().splitlines()
+    expected = [str(source.index(line) + 1) for line in source if line.startswith("bad")]
+    assert [line.split(":")[1] for line in lines] == expected, failed.stdout

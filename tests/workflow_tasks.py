@@ -3,7 +3,12 @@ for worker processes started with them)."""
 
 from __future__ import annotations
 
-from jobbroker import Outcome, PermanentError, Piped, task
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+from jobbroker import Outcome, PermanentError, Piped, RetryPolicy, current_job, task
 
 
 @task(queue="etl")
@@ -70,3 +75,24 @@ def total(results: list[int]) -> int:
 @task(queue="items")
 def describe(outcomes: list[Outcome[int]]) -> list[Outcome[int]]:
     return outcomes
+
+
+@task(
+    queue="wf-crash", retry=RetryPolicy(max_attempts=20, backoff_base=timedelta(milliseconds=100))
+)
+def crash_step(job: Piped[int | None, str]) -> int:
+    """Count one step on: log its start, take a second (long enough to be
+    killed in), log its end. The payload names the log."""
+    log = Path(job["payload"])
+    _append(log, f"start {current_job().id}")
+    threading.Event().wait(1.0)
+    _append(log, f"done {current_job().id}")
+    return (job["result"] or 0) + 1
+
+
+def _append(log: Path, line: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
