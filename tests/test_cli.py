@@ -201,3 +201,31 @@ def test_submit_wait_prints_the_result(broker: BrokerThread, client: Client) -> 
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert json.loads(out.splitlines()[-1]) == 3
+
+
+def test_workflow_get_explain_and_cancel(broker: BrokerThread, client: Client) -> None:
+    from jobbroker import chain
+    from tests.workflow_tasks import process_item
+
+    handle = client.submit(chain(process_item.s(2), process_item.s(), process_item.s()))
+    first, second, _ = handle.job_ids
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*BROKER, *args, "--target", broker.target], capture_output=True, text=True, timeout=30
+        )
+
+    shown = run("workflow", "get", handle.id)
+    assert shown.returncode == 0, shown.stderr
+    assert [line.split()[3] for line in shown.stdout.splitlines()[1:]] == [
+        "pending",
+        "waiting",
+        "waiting",
+    ]
+    explained = run("job", "explain", second)
+    assert f"waits on:         {first}  {process_item.name}  pending" in explained.stdout
+    assert f"workflow:    {handle.id}" in run("job", "get", second).stdout
+    cancelled = run("workflow", "cancel", handle.id)
+    assert cancelled.stdout.strip() == "cancelled 3 job(s)"
+    assert {step.state for step in handle.status()} == {JobState.CANCELLED}
+    _one_line_error(run("workflow", "get", "no-such-workflow"), "no workflow with id")

@@ -222,6 +222,8 @@ def _show_job(job: Job) -> None:
     print(f"queue/task:  {job.queue} / {job.task}")
     print(f"state:       {job.state.value}   attempts: {job.attempts}/{job.retry.max_attempts}")
     print(f"priority:    {job.priority}")
+    if job.workflow_id:
+        print(f"workflow:    {job.workflow_id}")
     print(f"created:     {_when(job.created_at)}   scheduled: {_when(job.scheduled_at)}")
     print(f"started:     {_when(job.started_at)}   finished:  {_when(job.finished_at)}")
     print(f"payload:     {job.payload.decode(errors='replace')[:200]}")
@@ -255,7 +257,7 @@ def _quoted(value: str) -> str:
     return value if plain else json.dumps(value)
 
 
-_DETAIL_ORDER = ("error_type", "error", "progress", "message", "run_at")
+_DETAIL_ORDER = ("error_type", "error", "progress", "message", "run_at", "parent", "parent_state")
 
 
 def _detail(detail: Mapping[str, str]) -> str:
@@ -332,6 +334,8 @@ def _show_explanation(e: Explanation) -> None:
         print(f"{label + ':':18}{shown}")
     if e.last_error is not None:
         print(f"{'last error:':18}{e.last_error.type}: {e.last_error.message}")
+    for parent in e.waits_on:
+        print(f"{'waits on:':18}{parent.job_id}  {parent.task}  {parent.state.value}")
 
 
 def cmd_job_explain(args: argparse.Namespace) -> int:
@@ -351,8 +355,28 @@ def cmd_events_tail(args: argparse.Namespace) -> int:
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
     states = [JobState(s) for s in args.state] if args.state else None
     with _client(args) as client:
-        page = client.list_jobs(queue=args.queue, states=states, page_size=args.limit)
+        page = client.list_jobs(
+            queue=args.queue, states=states, page_size=args.limit, workflow_id=args.workflow
+        )
     _table(page.jobs)
+    return 0
+
+
+def cmd_workflow(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "cancel":
+            print(f"cancelled {client.cancel_workflow(args.id)} job(s)")
+            return 0
+        jobs: list[Job] = []
+        token = None
+        while True:
+            page = client.list_jobs(workflow_id=args.id, page_size=1000, page_token=token)
+            jobs += page.jobs
+            if not (token := page.next_page_token):
+                break
+    if not jobs:
+        raise SystemExit(f"broker: error: no workflow with id {args.id!r}")
+    _table(jobs)
     return 0
 
 
@@ -581,8 +605,19 @@ def _parser() -> argparse.ArgumentParser:
     p = jobs.add_parser("ls", parents=[target], help="list jobs")
     p.add_argument("--queue")
     p.add_argument("--state", action="append", choices=[s.value for s in JobState])
+    p.add_argument("--workflow", metavar="ID", help="only the jobs of this workflow")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(run=cmd_jobs_ls)
+
+    flows = sub.add_parser("workflow", help="one workflow (chain, group, chord)")
+    flows_sub = flows.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("get", "its jobs and their states"),
+        ("cancel", "cancel what has not ended"),
+    ):
+        p = flows_sub.add_parser(action, parents=[target], help=text)
+        p.add_argument("id")
+        p.set_defaults(run=cmd_workflow)
 
     keys = sub.add_parser("keys", help="API keys (for a broker started with --auth)")
     keys_sub = keys.add_subparsers(dest="action", required=True)
