@@ -47,7 +47,8 @@ from typing import Any
 
 import grpc
 
-from jobbroker import Client, Job, JobRequest
+import bench_tasks
+from jobbroker import Client, Job, JobRequest, chord
 
 HERE = Path(__file__).resolve().parent
 BROKER = [sys.executable, "-m", "jobbroker_server"]
@@ -71,6 +72,7 @@ class Sizes:
     w3_rate: float = 50.0
     w3_seconds: float = 10.0
     w4_seconds: float = 60.0
+    wf_members: int = 10_000
     memory_jobs: int = 1_000_000
     memory_seconds: float = 90.0
     wall_calls: int = 3_000
@@ -84,6 +86,7 @@ QUICK = Sizes(
     w2_jobs=300,
     w3_seconds=2.0,
     w4_seconds=3.0,
+    wf_members=300,
     memory_jobs=3_000,
     memory_seconds=10.0,
     wall_calls=300,
@@ -118,6 +121,9 @@ SPECS = (
     Spec("W3.p99", "W3  submit->start p99 @50/s", "ms", 5.0, False, RTT),
     Spec("W4", "W4  steady completed", "jobs/s", 5_000, wall="wall.pipelined"),
     Spec("W4.p99", "W4  submit->start p99", "ms", 50.0, False, RTT),
+    # Half of W1b's target: a workflow's jobs carry their links.
+    Spec("WF", "WF  chord of 10,000 submitted", "jobs/s", 25_000),
+    Spec("WF.start", "WF  body start after last member", "ms", 50.0, False),
     Spec("MEM.growth", "MEM broker RSS growth", "%", 10.0, False),
     Spec("MEM.max", "MEM broker RSS max", "MB", 200.0, False),
 )
@@ -521,6 +527,28 @@ def run_w2(results: Results, dbs: Databases, sizes: Sizes) -> None:
     results.add("W2", len(jobs) / (last - first), f"{len(jobs):,} of {sizes.w2_jobs:,} jobs")
 
 
+def run_wf(results: Results, dbs: Databases, sizes: Sizes) -> None:
+    """A chord of no-op members: its submit in one call, and how soon its
+    body starts after the last member's end."""
+    members = [bench_tasks.noop.s(None) for _ in range(sizes.wf_members)]
+    flow = chord(members, bench_tasks.gather.s())
+    with broker(dbs) as b, connect(b.target) as client:
+        client.submit_many(noop_requests(1))  # connect before timing
+        began = time.perf_counter()
+        handle = client.submit(flow)
+        elapsed = time.perf_counter() - began
+        results.add("WF", len(handle.job_ids) / elapsed, f"{sizes.wf_members:,} members")
+        with worker(b):
+            if handle.result(timeout=sizes.budget + 30) != sizes.wf_members:
+                raise RuntimeError("WF: the body did not get every member's result")
+        body = client.get_job(handle.job_ids[-1])
+        ends = [j.finished_at for j in list_all(client, NOOP) if j.finished_at]
+    if body.started_at is None or not ends:
+        raise RuntimeError("WF: no start or end recorded")
+    after = (body.started_at - max(ends)).total_seconds() * 1000
+    results.add("WF.start", after, "body start - last member end")
+
+
 def stamp_latencies(jobs: list[Job], since: float = 0.0) -> tuple[list[float], int]:
     """Submit -> handler start in ms of stamp jobs submitted at or after `since`.
 
@@ -754,6 +782,7 @@ def run_all(
         ("W2", run_w2),
         ("W3", run_w3),
         ("W4", run_w4),
+        ("WF", run_wf),
     ]
     for run in range(1, runs + 1):
         attempt(results, f"run {run} walls", lambda: measure_walls(results, sizes))

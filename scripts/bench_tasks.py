@@ -18,3 +18,9 @@ def noop(payload: None) -> None:
 def stamp(payload: float) -> float:
     """Return the wall clock at the handler's start; the payload is the submit time."""
     return time.time()
+
+
+@task(queue=QUEUE)
+def gather(results: list[None]) -> int:
+    """A chord's body: how many results it was given."""
+    return len(results)

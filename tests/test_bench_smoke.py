@@ -24,6 +24,8 @@ FIGURES = (
     "W3.p99",
     "W4",
     "W4.p99",
+    "WF",
+    "WF.start",
     "MEM.max",
 )
 SIGNED = ("MEM.growth",)  # RSS may shrink between the two samples

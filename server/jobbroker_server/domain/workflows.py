@@ -42,15 +42,6 @@ class Needs:
     tolerate_failures: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ParentOutcome:
-    """How one parent ended, as its child's input shows it."""
-
-    state: str  # succeeded, dead or cancelled
-    result: Payload | None
-    error: ErrorInfo | None
-
-
 def needs(
     parents: Sequence[int],
     earlier: Sequence[str],
@@ -119,43 +110,47 @@ def check_workflow(links: int, jobs: int) -> None:
 
 
 def released_input(
-    shape: Shape | None,
-    with_payload: bool,
-    tolerant: bool,
-    own: Payload,
-    parents: Sequence[ParentOutcome],
+    shape: Shape | None, with_payload: bool, own: Payload, slots: Sequence[bytes]
 ) -> Payload:
-    """A released job's input, from its parents' outcomes (in its order of
-    parents). The results' JSON is spliced in as it is, never parsed."""
+    """A released job's input: its shape over ``slots``, one per parent in
+    its order of parents (``result_slot`` or ``outcome_slot``). The results'
+    JSON is spliced in as it is, never parsed."""
     if shape is None:
         return own
-    slots = [_slot(p) if tolerant else _json(p.result) for p in parents]
     built = _build(shape, slots)
     if with_payload:
-        built = b'{"result":' + built + b',"payload":' + _json(own) + b"}"
+        built = b'{"result":' + built + b',"payload":' + _json(own.data, own.content_type) + b"}"
     return Payload(built, JSON_CONTENT_TYPE)
 
 
 def _build(shape: Shape, slots: Sequence[bytes]) -> bytes:
     if isinstance(shape, int):
         return slots[shape]
-    return b"[" + b",".join(_build(item, slots) for item in shape) + b"]"
+    return b"[" + b",".join([_build(item, slots) for item in shape]) + b"]"
 
 
-def _json(value: Payload | None) -> bytes:
-    """A result or payload as JSON: as it is, or (not JSON) its bytes in base64."""
-    if value is None or not value.data:
+def result_slot(data: bytes | None, content_type: str | None) -> bytes:
+    """A parent's result as JSON: as it is, or (not JSON) its bytes in base64."""
+    return _json(data, content_type)
+
+
+def _json(data: bytes | None, content_type: str | None) -> bytes:
+    if not data:
         return b"null"
-    if value.content_type == JSON_CONTENT_TYPE:
-        return value.data
-    wrapped = {"content_type": value.content_type, "base64": base64.b64encode(value.data).decode()}
+    if content_type == JSON_CONTENT_TYPE:
+        return data
+    wrapped = {"content_type": content_type, "base64": base64.b64encode(data).decode()}
     return json.dumps(wrapped).encode()
 
 
-def _slot(parent: ParentOutcome) -> bytes:
-    state = json.dumps(parent.state).encode()
-    if parent.state == "succeeded":
-        return b'{"state":' + state + b',"result":' + _json(parent.result) + b"}"
-    error = parent.error or ErrorInfo("", "")
+def outcome_slot(
+    state: str, data: bytes | None, content_type: str | None, error: ErrorInfo | None
+) -> bytes:
+    """A parent's place for a job that tolerates failures: its state, and its
+    result or its error."""
+    named = json.dumps(state).encode()
+    if state == "succeeded":
+        return b'{"state":' + named + b',"result":' + _json(data, content_type) + b"}"
+    error = error or ErrorInfo("", "")
     described = json.dumps({"type": error.type, "message": error.message}).encode()
-    return b'{"state":' + state + b',"error":' + described + b"}"
+    return b'{"state":' + named + b',"error":' + described + b"}"

@@ -28,7 +28,7 @@ from jobbroker_server.domain.errors import FailedPrecondition
 from jobbroker_server.domain.models import ErrorInfo, NewJob, Payload, WaitsOn
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import BROKER, Reason, Transition
-from jobbroker_server.domain.workflows import ParentOutcome, released_input
+from jobbroker_server.domain.workflows import outcome_slot, released_input, result_slot
 from jobbroker_server.store import rows
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import job_deps, jobs
@@ -66,9 +66,18 @@ def link(conn: Connection, new: Sequence[NewJob], stored: set[str]) -> None:
         if job.id in stored and (needs := job.needs) is not None
         for i, parent in enumerate(needs.parents)
     ]
-    for start in range(0, len(values), _CHUNK * 10):
-        conn.execute(job_deps.insert(), values[start : start + _CHUNK * 10])
+    _LINK.run_many(conn, values)
 
+
+_LINK = Prepared(
+    job_deps.insert().values(
+        {
+            c.key: sa.bindparam(c.key, type_=c.type)
+            for c in job_deps.c
+            if c.key in ("child_id", "position", "parent_id", "tolerant")
+        }
+    )
+)
 
 # Asked after every operation that ends jobs, most of which have no
 # children: prepared, so that asking costs the hot path next to nothing.
@@ -201,49 +210,46 @@ def _count_down(
     return moved
 
 
-_LINKS = (
+# A released job's links, for its input: their results (all succeeded), or
+# their outcomes (a job that tolerates failures). Prepared: a chord's body
+# reads one row per member.
+_RESULTS = Prepared(
+    sa.select(job_deps.c.result, job_deps.c.result_content_type)
+    .where(job_deps.c.child_id == sa.bindparam("child"))
+    .order_by(job_deps.c.position)
+)
+_OUTCOMES = Prepared(
     sa.select(
-        job_deps.c.outcome,
-        job_deps.c.result,
-        job_deps.c.result_content_type,
-        job_deps.c.error,
-        job_deps.c.tolerant,
+        job_deps.c.outcome, job_deps.c.result, job_deps.c.result_content_type, job_deps.c.error
     )
     .where(job_deps.c.child_id == sa.bindparam("child"))
     .order_by(job_deps.c.position)
 )
+_RELEASED = Prepared(
+    sa.select(
+        jobs.c.queue,
+        jobs.c.attempts,
+        jobs.c.payload,
+        jobs.c.content_type,
+        jobs.c.inputs,
+        jobs.c.scheduled_at,
+    ).where(jobs.c.id == sa.bindparam("child"))
+)
 
 
 def _release(conn: Connection, now: datetime, child: str) -> Transition:
-    row = conn.execute(
-        sa.select(
-            jobs.c.queue,
-            jobs.c.attempts,
-            jobs.c.payload,
-            jobs.c.content_type,
-            jobs.c.inputs,
-            jobs.c.scheduled_at,
-        ).where(jobs.c.id == child)
-    ).one()
+    [row] = _RELEASED.rows(conn, {"child": child})
     values: dict[str, Any] = {}
     if row.inputs:
-        links = conn.execute(_LINKS, {"child": child}).all()
-        parents = [
-            ParentOutcome(
-                link.outcome,
-                Payload(link.result, link.result_content_type or "") if link.result else None,
-                rows.error_from_json(link.error),
-            )
-            for link in links
-        ]
-        tolerant = any(link.tolerant for link in links)
-        made = released_input(
-            row.inputs["shape"],
-            row.inputs["payload"],
-            tolerant,
-            Payload(row.payload, row.content_type),
-            parents,
-        )
+        if row.inputs.get("tolerant"):
+            slots = [
+                outcome_slot(outcome, result, kind, rows.error_from_json(error))
+                for outcome, result, kind, error in _OUTCOMES.rows(conn, {"child": child})
+            ]
+        else:
+            slots = [result_slot(r, kind) for r, kind in _RESULTS.tuples(conn, {"child": child})]
+        own = Payload(row.payload, row.content_type)
+        made = released_input(row.inputs["shape"], row.inputs["payload"], own, slots)
         values = {"payload": made.data, "content_type": made.content_type}
     target = _S.SCHEDULED if row.scheduled_at > now else _S.PENDING
     conn.execute(jobs.update().where(jobs.c.id == child).values(state=target.value, **values))

@@ -65,6 +65,20 @@ class Prepared:
             found.append(make(values))
         return found
 
+    def tuples(self, conn: Connection, params: Params) -> list[tuple[Any, ...]]:
+        """The rows as plain tuples, for a SELECT of many rows whose columns
+        need no result processing (a namedtuple per row is the cost there)."""
+        if conn.dialect.name != "sqlite":
+            return [tuple(r) for r in conn.execute(self.statement, params)]
+        self._compile(conn)
+        assert not self._results, "tuples() is for columns without result processors"
+        cursor = self._execute(conn, params)
+        try:
+            fetched: list[tuple[Any, ...]] = cursor.fetchall()
+        finally:
+            cursor.close()
+        return fetched
+
     def run(self, conn: Connection, params: Params) -> int:
         """Run a write; how many rows it changed."""
         if conn.dialect.name != "sqlite":

@@ -97,7 +97,11 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "waiting_on": len(needs.parents) if needs else 0,
         "inputs": None
         if needs is None or needs.shape is None
-        else {"shape": needs.shape, "payload": needs.with_payload},
+        else {
+            "shape": needs.shape,
+            "payload": needs.with_payload,
+            "tolerant": needs.tolerate_failures,
+        },
     }
 
 
