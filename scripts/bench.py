@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import bench_tasks
 import grpc
 
-import bench_tasks
 from jobbroker import Client, Job, JobRequest, chord
 
 HERE = Path(__file__).resolve().parent
