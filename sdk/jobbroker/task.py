@@ -8,10 +8,12 @@ the payload and returns a `JobHandle[R]`.
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack, overload
 
 from .canvas import Piped, Signature
@@ -47,7 +49,7 @@ class Task(Generic[I_contra, R_co]):
 
     def __init__(self, fn: Callable[[I_contra], Any], options: TaskOptions) -> None:
         self.fn = fn
-        self.name = options.name or f"{fn.__module__}.{fn.__qualname__}"
+        self.name = options.name or f"{_module_name(fn)}.{fn.__qualname__}"
         self.queue = options.queue
         self.priority = options.priority
         self.max_attempts = options.max_attempts
@@ -107,6 +109,21 @@ class Task(Generic[I_contra, R_co]):
         if self._piped is None:
             self._piped = _takes_piped(self.fn)
         return Signature(self, payload, "piped" if self._piped else "own", options)
+
+
+def _module_name(fn: Callable[..., Any]) -> str:
+    """The module a task is declared in, by the name a worker imports it by:
+    a script run as `python app.py` (or `-m app`) declares its tasks in
+    `__main__`, which a worker serving `app` knows as `app`."""
+    module = fn.__module__
+    if module != "__main__":
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    return Path(path).stem if path else module
 
 
 def _takes_piped(fn: Callable[..., Any]) -> bool:
