@@ -17,6 +17,7 @@ import pytest
 
 from jobbroker import (
     Client,
+    JobCancelledError,
     JobFailedError,
     JobState,
     Worker,
@@ -25,6 +26,7 @@ from jobbroker import (
     group,
 )
 from jobbroker.errors import InvalidArgumentError
+from jobbroker_server.domain import workflows
 from jobbroker_server.testing import BrokerThread
 from tests import workflow_tasks as t
 from tests.processes import BROKER, Process, start_broker
@@ -302,3 +304,15 @@ def test_mypy_accepts_a_typed_chain_and_rejects_mismatched_steps(tmp_path: Path)
     source = bad.read_text().splitlines()
     expected = [str(source.index(line) + 1) for line in source if line.startswith("bad")]
     assert [line.split(":")[1] for line in lines] == expected, failed.stdout
+
+
+def test_a_body_whose_input_would_be_too_large_is_cancelled_saying_so(
+    client: Client, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workflows, "MAX_INPUT_BYTES", 20)  # the broker runs in this process
+    handle = client.submit(chord([t.process_item.s(i) for i in range(10, 30)], t.total.s()))
+    with pytest.raises(JobCancelledError):
+        handle.result(timeout=30)
+    body = client.get_job(handle.job_ids[-1])
+    assert body.last_error is not None and body.last_error.type == "InputTooLarge"
+    assert "a job's input holds at most 20" in body.last_error.message

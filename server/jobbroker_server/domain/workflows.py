@@ -22,10 +22,15 @@ from typing import Any
 from jobbroker_server.domain.errors import InvalidArgument, ResourceExhausted
 from jobbroker_server.domain.models import JSON_CONTENT_TYPE, ErrorInfo, Payload
 
-MAX_WORKFLOW_JOBS = 100_000
+# One workflow is one transaction: these keep one from holding the store
+# (SQLite's one writer) for more than about a second.
+MAX_WORKFLOW_JOBS = 20_000
 # Parent links in one workflow, in all: a group of n followed by a group of m
 # makes n * m of them.
-MAX_WORKFLOW_LINKS = 1_000_000
+MAX_WORKFLOW_LINKS = 100_000
+# A released job's input, made from its parents' results: what a worker
+# accepts in one message.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
 MAX_SHAPE_CHARS = 1024 * 1024
 MAX_SHAPE_DEPTH = 32
 
@@ -106,6 +111,18 @@ def check_workflow(links: int, jobs: int) -> None:
     if links > MAX_WORKFLOW_LINKS:
         raise ResourceExhausted(
             f"a workflow's jobs wait on {links} parents in all; the limit is {MAX_WORKFLOW_LINKS}"
+        )
+
+
+class InputTooLarge(Exception):
+    pass
+
+
+def check_input_size(size: int) -> None:
+    if size > MAX_INPUT_BYTES:
+        raise InputTooLarge(
+            f"its parents' results come to {size} bytes; a job's input holds at most "
+            f"{MAX_INPUT_BYTES} (store large results elsewhere and pass references)"
         )
 
 

@@ -28,7 +28,13 @@ from jobbroker_server.domain.errors import FailedPrecondition
 from jobbroker_server.domain.models import ErrorInfo, NewJob, Payload, WaitsOn
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import BROKER, Reason, Transition
-from jobbroker_server.domain.workflows import outcome_slot, released_input, result_slot
+from jobbroker_server.domain.workflows import (
+    InputTooLarge,
+    check_input_size,
+    outcome_slot,
+    released_input,
+    result_slot,
+)
 from jobbroker_server.store import rows
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import job_deps, jobs
@@ -237,10 +243,22 @@ _RELEASED = Prepared(
 )
 
 
+_INPUT_SIZE = Prepared(
+    sa.select(
+        sa.func.coalesce(sa.func.sum(sa.func.length(job_deps.c.result)), 0).label("size")
+    ).where(job_deps.c.child_id == sa.bindparam("child"))
+)
+
+
 def _release(conn: Connection, now: datetime, child: str) -> Transition:
     [row] = _RELEASED.rows(conn, {"child": child})
     values: dict[str, Any] = {}
     if row.inputs:
+        [(size,)] = _INPUT_SIZE.tuples(conn, {"child": child})
+        try:
+            check_input_size(int(size))
+        except InputTooLarge as error:
+            return _refuse(conn, now, child, row, str(error))
         if row.inputs.get("tolerant"):
             slots = [
                 outcome_slot(outcome, result, kind, rows.error_from_json(error))
@@ -254,6 +272,20 @@ def _release(conn: Connection, now: datetime, child: str) -> Transition:
     target = _S.SCHEDULED if row.scheduled_at > now else _S.PENDING
     conn.execute(jobs.update().where(jobs.c.id == child).values(state=target.value, **values))
     return Transition(child, row.queue, _S.WAITING, target, Reason.PARENTS_DONE, row.attempts)
+
+
+def _refuse(conn: Connection, now: datetime, child: str, row: Any, why: str) -> Transition:
+    """Cancel a job whose input cannot be made; its error says why."""
+    error = ErrorInfo("InputTooLarge", why)
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.id == child)
+        .values(state=_S.CANCELLED.value, finished_at=now, last_error=rows.error_to_json(error))
+    )
+    detail = {"error_type": error.type, "error": why}
+    return Transition(
+        child, row.queue, _S.WAITING, _S.CANCELLED, Reason.CANCELLED, row.attempts, BROKER, detail
+    )
 
 
 def _resume(conn: Connection, replayed: list[str]) -> list[Transition]:
