@@ -20,6 +20,7 @@ from jobbroker_server.store.tables import (
     job_events,
     jobs,
     metadata,
+    schedules,
     schema_version,
 )
 
@@ -101,7 +102,14 @@ def _v8_event_commit_order(conn: Connection) -> None:
     )
 
 
-# (version, step); append new steps, never edit old ones.
+def _v10_schedules(conn: Connection) -> None:
+    """Schedules: the job templates the cron service submits at each tick."""
+    schedules.create(conn, checkfirst=True)
+
+
+# (version, step); append new steps, never edit old ones. Versions may leave
+# gaps (a step numbered for a branch not yet merged): a database gets each
+# step above the version it records, in order.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
     (2, _v2_partial_finished_index),
@@ -111,6 +119,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (6, _v6_job_events),
     (7, _v7_leased_state),
     (8, _v8_event_commit_order),
+    (10, _v10_schedules),
 )
 LATEST = STEPS[-1][0]
 
