@@ -34,6 +34,7 @@ def test_public_api_is_pinned() -> None:
             "ConnectionOptions",
             "ConnectionSettings",
             "CreatedApiKey",
+            "CreatedSchedule",
             "DeadlineExceededError",
             "ErrorInfo",
             "Explanation",
@@ -59,11 +60,15 @@ def test_public_api_is_pinned() -> None:
             "RetryAfter",
             "RetryPolicy",
             "Role",
+            "Schedule",
+            "ScheduleOptions",
+            "ScheduleSpec",
             "SubmitOptions",
             "Task",
             "Worker",
             "configure",
             "current_job",
+            "schedule",
             "task",
         ]
     )

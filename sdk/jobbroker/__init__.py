@@ -43,6 +43,7 @@ from .errors import (
 )
 from .handle import AsyncJobHandle, JobHandle
 from .lease import AsyncLease, Lease
+from .schedules import schedule
 from .task import Task, task
 from .types import (
     ApiKey,
@@ -50,6 +51,7 @@ from .types import (
     AttemptOutcome,
     CancelReason,
     CreatedApiKey,
+    CreatedSchedule,
     ErrorInfo,
     Explanation,
     Job,
@@ -59,6 +61,9 @@ from .types import (
     Page,
     RetryPolicy,
     Role,
+    Schedule,
+    ScheduleOptions,
+    ScheduleSpec,
     SubmitOptions,
 )
 from .worker import Worker
@@ -78,6 +83,7 @@ __all__ = [
     "ConnectionOptions",
     "ConnectionSettings",
     "CreatedApiKey",
+    "CreatedSchedule",
     "DeadlineExceededError",
     "ErrorInfo",
     "Explanation",
@@ -103,10 +109,14 @@ __all__ = [
     "RetryAfter",
     "RetryPolicy",
     "Role",
+    "Schedule",
+    "ScheduleOptions",
+    "ScheduleSpec",
     "SubmitOptions",
     "Task",
     "Worker",
     "configure",
     "current_job",
+    "schedule",
     "task",
 ]
