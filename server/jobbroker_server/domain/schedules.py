@@ -141,7 +141,12 @@ def template(job: NewJob, name: str) -> JobTemplate:
         raise InvalidArgument("a schedule's job takes no run_at or delay: its ticks time it")
     if job.idempotency_key is not None:
         raise InvalidArgument("a schedule's job takes no idempotency_key: each tick has its own")
-    limits.metadata({**job.metadata, SCHEDULE_KEY: name, TICK_KEY: _LONGEST_TICK})
+    try:
+        limits.metadata({**job.metadata, SCHEDULE_KEY: name, TICK_KEY: _LONGEST_TICK})
+    except InvalidArgument as error:
+        raise InvalidArgument(
+            f"{error}, with the {SCHEDULE_KEY!r} and {TICK_KEY!r} entries each tick adds"
+        ) from None
     return JobTemplate(
         job.queue,
         job.task,
