@@ -39,7 +39,6 @@ class Cron:
         self._dedup_window = dedup_window
         self._max_sleep = max_sleep.total_seconds()
         self._poked = asyncio.Event()
-        self._failed = False
 
     def poke(self) -> None:
         """A schedule was registered or resumed here: it may be due before
@@ -48,18 +47,24 @@ class Cron:
 
     async def run_once(self, now: datetime | None = None) -> list[Fired]:
         """Take every tick due at ``now`` (the clock's, unless given): the jobs made."""
-        now = now or self._clock.now()
-        self._failed = False
+        fired, _failed = await self._turn(now or self._clock.now())
+        return fired
+
+    async def _turn(self, now: datetime) -> tuple[list[Fired], bool]:
+        """The jobs made, and whether a tick failed (it stays due: the next turn
+        tries it again)."""
         fired: list[Fired] = []
         while True:
             due = await self._store.due_schedules(now, BATCH)
-            made = await asyncio.gather(*(self._take(s, now) for s in due))
-            fired.extend(f for f in made if f is not None)
-            # A tick that failed stays due: leave it to the next turn.
-            if len(due) < BATCH or self._failed:
-                return fired
+            taken = await asyncio.gather(*(self._take(s, now) for s in due), return_exceptions=True)
+            fired.extend(f for f in taken if isinstance(f, Fired))
+            failed = any(isinstance(f, Exception) for f in taken)
+            if len(due) < BATCH or failed:
+                return fired, failed
 
     async def _take(self, schedule: Schedule, now: datetime) -> Fired | None:
+        """The job the schedule's due tick made; None if it made none (skipped,
+        or taken by another replica)."""
         assert schedule.next_run_at is not None
         try:
             tick = plan(schedule, now)
@@ -68,9 +73,8 @@ class Cron:
                 schedule.name, schedule.next_run_at, tick, job, now, self._dedup_window
             )
         except Exception:
-            self._failed = True
             log_failure(log, "schedule %r failed to tick; retrying", schedule.name)
-            return None
+            raise
         self._changes.apply(moved.transitions)
         if moved.result is None or tick.run is None:
             return None
@@ -78,8 +82,6 @@ class Cron:
 
     async def _sleep(self) -> float:
         """Seconds until the next tick is due, at most ``max_sleep``."""
-        if self._failed:
-            return self._max_sleep
         due = await self._store.next_tick_at()
         if due is None:
             return self._max_sleep
@@ -90,8 +92,8 @@ class Cron:
         while True:
             self._poked.clear()
             try:
-                await self.run_once()
-                sleep = await self._sleep()
+                _fired, failed = await self._turn(self._clock.now())
+                sleep = self._max_sleep if failed else await self._sleep()
             except Exception:
                 log_failure(log, "the cron service failed; retrying")
                 sleep = self._max_sleep
