@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from urllib.request import urlopen
 
+import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobbroker import (
     AsyncClient,
@@ -32,9 +35,15 @@ from jobbroker import (
 )
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 from jobbroker_server.config import Settings
-from jobbroker_server.domain.schedules import TICK_KEY, Fired, timing
+from jobbroker_server.domain.errors import ResourceExhausted
+from jobbroker_server.domain.models import Payload
+from jobbroker_server.domain.retry import RetryPolicy
+from jobbroker_server.domain.schedules import TICK_KEY, Fired, JobTemplate, Schedule, timing
+from jobbroker_server.store.open import open_migrated
 from jobbroker_server.testing import BrokerThread
 from tests.conftest import FAST
+from tests.processes import start_broker
+from tests.test_crash import free_port
 from tests.waiting import wait_for
 
 MINUTE = timedelta(minutes=1)
@@ -198,8 +207,6 @@ def test_bad_schedules_are_refused_up_front(client: Client) -> None:
 
 
 def test_a_template_with_its_own_timing_or_key_is_refused(broker: BrokerThread) -> None:
-    import grpc
-
     with grpc.insecure_channel(broker.target) as channel:
         stub = broker_pb2_grpc.BrokerStub(channel)
         for field, value in (("delay", "delay"), ("idempotency_key", "idempotency_key")):
@@ -223,11 +230,6 @@ def test_a_template_with_its_own_timing_or_key_is_refused(broker: BrokerThread) 
 
 
 def test_the_number_of_schedules_is_capped(database: str) -> None:
-    from jobbroker_server.domain.errors import ResourceExhausted
-    from jobbroker_server.domain.models import Payload
-    from jobbroker_server.domain.retry import RetryPolicy
-    from jobbroker_server.domain.schedules import JobTemplate, Schedule
-    from jobbroker_server.store.open import open_migrated
 
     async def scenario() -> None:
         store, _ = await open_migrated(database)
@@ -378,31 +380,53 @@ def test_ticks_every_second_in_real_time(client: Client) -> None:
 REPLICA_SECONDS = 20
 
 
+def submitted(metrics_port: int, queue: str) -> int:
+    """Jobs this broker stored in ``queue``, by its /metrics."""
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "jobbroker_jobs_submitted_total" and sample.labels == {
+                "queue": queue
+            }:
+                return int(sample.value)
+    return 0
+
+
 @pytest.mark.postgres
 @pytest.mark.timeout(120)
 def test_two_replicas_make_one_job_per_tick(postgres_schema: str) -> None:
-    settings = replace(FAST, database=postgres_schema)
-    with (
-        BrokerThread(settings) as one,
-        BrokerThread(settings) as two,
-        Client(one.target, timeout=10) as a,
-        Client(two.target, timeout=10) as b,
-    ):
-        a.create_schedule("every-second", "ping", every=1, queue="replicated")
-        assert not b.create_schedule("every-second", "ping", every=1, queue="replicated").changed
-        wait_for(
-            lambda: len(jobs_of(a, "replicated")) >= REPLICA_SECONDS,
-            timeout=REPLICA_SECONDS + 15,
-            what=f"{REPLICA_SECONDS} ticks",
-        )
-        b.pause_schedule("every-second")
-        made = jobs_of(b, "replicated")
+    """Two ``broker serve`` processes on one PostgreSQL schema, in real time."""
+    ports = [free_port(), free_port()]
+    replicas = [start_broker(postgres_schema, metrics_port=port) for port in ports]
+    try:
+        with (
+            Client(replicas[0][1], timeout=10) as a,
+            Client(replicas[1][1], timeout=10) as b,
+        ):
+            a.create_schedule("every-second", "ping", every=1, queue="replicated")
+            again = b.create_schedule("every-second", "ping", every=1, queue="replicated")
+            assert not again.changed
+            wait_for(
+                lambda: len(jobs_of(a, "replicated")) >= REPLICA_SECONDS,
+                timeout=REPLICA_SECONDS + 15,
+                what=f"{REPLICA_SECONDS} ticks",
+            )
+            b.pause_schedule("every-second")
+            made = jobs_of(b, "replicated")
+            shares = [submitted(port, "replicated") for port in ports]
+    finally:
+        for proc, _ in replicas:
+            proc.signal(signal.SIGTERM)
+        for proc, _ in replicas:
+            proc.wait(30)
     counts = Counter(t for t, _ in made)
     assert max(counts.values()) == 1, f"ticks made twice: {counts.most_common(3)}"
     ticks = [datetime.fromisoformat(t) for t, _ in made]
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert set(gaps) == {timedelta(seconds=1)}, f"ticks missed: {gaps}"
-    print(f"\ntwo replicas: {len(ticks)} ticks, {len(ticks)} jobs, none twice, none missed")
+    assert sum(shares) == len(made), shares
+    print(f"\ntwo replicas: {len(ticks)} ticks, {len(made)} jobs (made {shares[0]} + {shares[1]})")
 
 
 # --- in code ---
