@@ -142,20 +142,20 @@ class ScheduleMethods:
     async def GetSchedule(
         self, request: broker_pb2.GetScheduleRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.ScheduleResponse:
-        found = await self._visible(caller, _name(request.name))
+        found = await self._visible(caller, domain.schedule_name(request.name))
         return broker_pb2.ScheduleResponse(schedule=schedule_pb(found))
 
     async def PauseSchedule(
         self, request: broker_pb2.PauseScheduleRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.ScheduleResponse:
-        name = _name(request.name)
+        name = domain.schedule_name(request.name)
         await self._visible(caller, name)
         return broker_pb2.ScheduleResponse(schedule=schedule_pb(await self._schedules.pause(name)))
 
     async def ResumeSchedule(
         self, request: broker_pb2.ResumeScheduleRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.ScheduleResponse:
-        name = _name(request.name)
+        name = domain.schedule_name(request.name)
         await self._visible(caller, name)
         resumed = await self._schedules.resume(name)
         return broker_pb2.ScheduleResponse(schedule=schedule_pb(resumed))
@@ -163,7 +163,7 @@ class ScheduleMethods:
     async def DeleteSchedule(
         self, request: broker_pb2.DeleteScheduleRequest, context: Ctx, caller: Caller
     ) -> broker_pb2.DeleteScheduleResponse:
-        name = _name(request.name)
+        name = domain.schedule_name(request.name)
         await self._visible(caller, name)
         await self._schedules.delete(name)
         return broker_pb2.DeleteScheduleResponse()
@@ -181,6 +181,3 @@ class ScheduleMethods:
             return
         with contextlib.suppress(NotFound):
             caller.check_queue((await self._schedules.get(name)).template.queue)
-
-
-_name = domain.schedule_name
