@@ -75,6 +75,12 @@ def _subscribe(queue: str = "q") -> broker_pb2.WorkerMessage:
 
 MISSING = "01a00000-0000-7000-8000-000000000000"
 
+
+def _by_name(method: str, kind: Any) -> Callable[[broker_pb2_grpc.BrokerStub, Any], object]:
+    """A call of a schedule method that names a schedule that does not exist."""
+    return lambda s, m: getattr(s, method)(kind(name="no-such-schedule"), metadata=m)
+
+
 # Each method: the roles that may call it, and one call of it (stub, metadata).
 Call = Callable[[broker_pb2_grpc.BrokerStub, Any], object]
 _PRODUCE = {"producer", "admin"}
@@ -150,6 +156,28 @@ TABLE: dict[str, tuple[set[str], Call]] = {
         {"admin"},
         lambda s, m: s.RevokeApiKey(broker_pb2.RevokeApiKeyRequest(key="nobody"), metadata=m),
     ),
+    "CreateSchedule": (
+        _PRODUCE,
+        lambda s, m: s.CreateSchedule(
+            broker_pb2.CreateScheduleRequest(
+                schedule=broker_pb2.Schedule(name="nightly", cron="0 3 * * *", job=_spec())
+            ),
+            metadata=m,
+        ),
+    ),
+    "ListSchedules": (
+        _PRODUCE,
+        lambda s, m: s.ListSchedules(broker_pb2.ListSchedulesRequest(), metadata=m),
+    ),
+    **{
+        name: (_PRODUCE, _by_name(name, kind))
+        for name, kind in (
+            ("GetSchedule", broker_pb2.GetScheduleRequest),
+            ("PauseSchedule", broker_pb2.PauseScheduleRequest),
+            ("ResumeSchedule", broker_pb2.ResumeScheduleRequest),
+            ("DeleteSchedule", broker_pb2.DeleteScheduleRequest),
+        )
+    },
 }
 
 
@@ -511,3 +539,36 @@ def test_a_jobs_story_names_the_key_that_submitted_and_cancelled_it(
         ("submitted", "producer"),
         ("cancelled", "admin"),
     ]
+
+
+def test_a_key_limited_to_a_queue_manages_only_its_queues_schedules(
+    keys: Keys, stub: broker_pb2_grpc.BrokerStub
+) -> None:
+    team_a = (("authorization", f"Bearer {keys.make('sched-a', Role.PRODUCER, ('a',))}"),)
+
+    def create(name: str, queue: str, metadata: Any) -> broker_pb2.CreateScheduleResponse:
+        schedule = broker_pb2.Schedule(name=name, cron="0 3 * * *", job=_spec(queue))
+        request = broker_pb2.CreateScheduleRequest(schedule=schedule)
+        reply: broker_pb2.CreateScheduleResponse = stub.CreateSchedule(request, metadata=metadata)
+        return reply
+
+    create("of-b", "b", keys.metadata("admin"))
+    assert create("of-a", "a", team_a).changed
+    with pytest.raises(grpc.RpcError) as refused:
+        create("elsewhere", "b", team_a)
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as taken:
+        create("of-b", "a", team_a)  # another queue's schedule, taken over
+    assert taken.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    listed = stub.ListSchedules(broker_pb2.ListSchedulesRequest(), metadata=team_a)
+    assert [s.name for s in listed.schedules] == ["of-a"]
+    for method, kind in (
+        ("GetSchedule", broker_pb2.GetScheduleRequest),
+        ("PauseSchedule", broker_pb2.PauseScheduleRequest),
+        ("DeleteSchedule", broker_pb2.DeleteScheduleRequest),
+    ):
+        with pytest.raises(grpc.RpcError) as hidden:
+            getattr(stub, method)(kind(name="of-b"), metadata=team_a)
+        assert hidden.value.code() is grpc.StatusCode.NOT_FOUND, method
+    admin = stub.ListSchedules(broker_pb2.ListSchedulesRequest(), metadata=keys.metadata("admin"))
+    assert [s.name for s in admin.schedules] == ["of-a", "of-b"]

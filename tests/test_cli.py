@@ -15,6 +15,7 @@ import pytest
 from jobbroker import Client, JobRequest, JobState, RetryPolicy
 from jobbroker_server.testing import BrokerThread
 from tests.processes import BROKER
+from tests.waiting import wait_for
 
 
 def _one_line_error(done: subprocess.CompletedProcess[str], text: str) -> None:
@@ -229,3 +230,151 @@ def test_workflow_get_explain_and_cancel(broker: BrokerThread, client: Client) -
     assert cancelled.stdout.strip() == "cancelled 3 job(s)"
     assert {step.state for step in handle.status()} == {JobState.CANCELLED}
     _one_line_error(run("workflow", "get", "no-such-workflow"), "no workflow with id")
+
+
+def _broker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BROKER, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_schedules_create_ls_get_pause_resume_delete(broker: BrokerThread, client: Client) -> None:
+    t = broker.target
+    made = _broker(
+        "schedules",
+        "create",
+        "--target",
+        t,
+        "beat",
+        "--task",
+        "ping",
+        "--queue",
+        "beats",
+        "--payload",
+        '{"n": 1}',
+        "--every",
+        "1",
+        "--catch-up",
+        "latest",
+    )
+    assert made.returncode == 0, made.stderr
+    assert "schedule 'beat' registered" in made.stdout and "every 1s" in made.stdout
+    again = _broker(
+        "schedules",
+        "create",
+        "--target",
+        t,
+        "beat",
+        "--task",
+        "ping",
+        "--queue",
+        "beats",
+        "--payload",
+        '{"n": 1}',
+        "--every",
+        "1",
+        "--catch-up",
+        "latest",
+    )
+    assert "schedule 'beat' unchanged" in again.stdout, again.stderr
+    nightly = _broker(
+        "schedules",
+        "create",
+        "--target",
+        t,
+        "nightly",
+        "--task",
+        "report",
+        "--cron",
+        "0 3 * * *",
+        "--timezone",
+        "Europe/Berlin",
+        "--paused",
+    )
+    assert nightly.returncode == 0, nightly.stderr
+
+    wait_for(lambda: client.get_schedule("beat").last_job_id, what="the first tick")
+    client.pause_schedule("beat")  # so that the listing and the reading below agree
+    last = client.get_schedule("beat")
+    assert last.next_run_at is not None and last.last_run_at is not None
+    listed = _broker("schedules", "ls", "--target", t)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:5] == ["NAME", "SCHEDULE", "ZONE", "NEXT", "RUN"]
+    assert "LAST JOB (STATE)" in header and header.endswith("PAUSED")
+    beat = next(row for row in rows if row.startswith("beat "))
+    # Its next and last run, and its last job with that job's state.
+    assert "every 1s" in beat and "UTC" in beat and beat.endswith("yes")
+    assert last.next_run_at.isoformat(timespec="seconds") in beat
+    assert last.last_run_at.isoformat(timespec="seconds") in beat
+    assert f"{last.last_job_id} (pending)" in beat, beat
+    night = next(row for row in rows if row.startswith("nightly "))
+    assert "0 3 * * *" in night and "Europe/Berlin" in night and night.endswith("yes")
+    assert " - " in night  # never run
+
+    shown = _broker("schedules", "get", "--target", t, "nightly")
+    assert "zone: Europe/Berlin" in shown.stdout and "paused:     yes" in shown.stdout
+    resumed = _broker("schedules", "resume", "--target", t, "nightly")
+    assert "paused:     no" in resumed.stdout, resumed.stderr
+    paused = _broker("schedules", "pause", "--target", t, "nightly")
+    assert "paused:     yes" in paused.stdout, paused.stderr
+    deleted = _broker("schedules", "delete", "--target", t, "beat")
+    assert "deleted schedule 'beat'" in deleted.stdout
+    assert [s.name for s in client.list_schedules()] == ["nightly"]
+
+
+def test_schedule_errors_are_one_line(broker: BrokerThread) -> None:
+    t = broker.target
+    _one_line_error(
+        _broker("schedules", "create", "--target", t, "s", "--task", "x", "--cron", "61 * * * *"),
+        "bad cron expression '61 * * * *': Bad minute",
+    )
+    _one_line_error(
+        _broker(
+            "schedules",
+            "create",
+            "--target",
+            t,
+            "s",
+            "--task",
+            "x",
+            "--cron",
+            "* * * * *",
+            "--timezone",
+            "Nowhere/City",
+        ),
+        "unknown time zone 'Nowhere/City'",
+    )
+    _one_line_error(_broker("schedules", "get", "--target", t, "nope"), "no schedule named 'nope'")
+    _one_line_error(
+        _broker("schedules", "delete", "--target", t, "nope"), "no schedule named 'nope'"
+    )
+    _one_line_error(
+        _broker(
+            "schedules",
+            "create",
+            "--target",
+            t,
+            "s",
+            "--task",
+            "x",
+            "--every",
+            "1",
+            "--payload",
+            "{oops",
+        ),
+        "payload is not valid JSON",
+    )
+    both = _broker(
+        "schedules",
+        "create",
+        "--target",
+        t,
+        "s",
+        "--task",
+        "x",
+        "--every",
+        "1",
+        "--cron",
+        "* * * * *",
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    assert "Traceback" not in both.stderr

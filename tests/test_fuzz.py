@@ -751,7 +751,63 @@ def read_requests() -> st.SearchStrategy[tuple[str, Message]]:
             ),
         ),
     ]
-    return st.one_of(*by_id, *events, *dead, *listings)
+    return st.one_of(*by_id, *events, *dead, *listings, *schedule_requests())
+
+
+CRON = st.one_of(
+    st.sampled_from(
+        ["* * * * *", "0 3 * * *", "*/5 * * * * *", "0 0 30 2 *", "61 * * * *", "L L L L L", ""]
+    ),
+    TEXT,
+)
+ZONE = st.one_of(
+    st.sampled_from(["", "UTC", "Europe/Berlin", "Nope/Zone", "../etc/passwd", "/etc/localtime"]),
+    TEXT,
+)
+SCHEDULE_NAME = st.one_of(st.sampled_from(["fz-schedule", ""]), TAME, TEXT)
+
+
+@st.composite
+def schedules(draw: st.DrawFn) -> broker_pb2.Schedule:
+    """A registration tame but for what was drawn hostile: its name, timing,
+    zone, catch-up or job (of the queues the hostile streams lease)."""
+    msg = broker_pb2.Schedule(
+        name=draw(SCHEDULE_NAME),
+        timezone=draw(ZONE),
+        catch_up=draw(st.one_of(st.sampled_from([0, 1, 2]), INT32)),
+        paused=draw(st.booleans()),
+    )
+    timing = draw(st.sampled_from(["cron", "every", "both", "none"]))
+    if timing in ("cron", "both"):
+        msg.cron = draw(CRON)
+    if timing in ("every", "both"):
+        msg.every.CopyFrom(draw(st.one_of(DURATION, TAME_DURATION)))
+    if draw(st.integers(0, 9)):
+        msg.job.CopyFrom(draw(job_specs(queue=SHARED)))
+    return msg
+
+
+def schedule_requests() -> list[st.SearchStrategy[tuple[str, Message]]]:
+    name = SCHEDULE_NAME
+    return [
+        st.tuples(
+            st.just("CreateSchedule"),
+            st.builds(broker_pb2.CreateScheduleRequest, schedule=schedules()),
+        ),
+        st.tuples(
+            st.just("ListSchedules"),
+            st.builds(broker_pb2.ListSchedulesRequest, page_size=UINT32, page_token=TEXT),
+        ),
+        *(
+            st.tuples(st.just(rpc), st.builds(kind, name=name))
+            for rpc, kind in (
+                ("GetSchedule", broker_pb2.GetScheduleRequest),
+                ("PauseSchedule", broker_pb2.PauseScheduleRequest),
+                ("ResumeSchedule", broker_pb2.ResumeScheduleRequest),
+                ("DeleteSchedule", broker_pb2.DeleteScheduleRequest),
+            )
+        ),
+    ]
 
 
 # A stream that may have nothing to send yet (a tail from now, a quiet job)
@@ -1166,6 +1222,14 @@ TEMPLATES: dict[str, Message] = {
         ],
     ),
     "CancelWorkflow": broker_pb2.CancelWorkflowRequest(workflow_id="fz-workflow"),
+    "CreateSchedule": broker_pb2.CreateScheduleRequest(
+        schedule=broker_pb2.Schedule(name="fz-raw", cron="0 3 * * *", job=_SPEC)
+    ),
+    "ListSchedules": broker_pb2.ListSchedulesRequest(page_size=5),
+    "GetSchedule": broker_pb2.GetScheduleRequest(name="fz-raw"),
+    "PauseSchedule": broker_pb2.PauseScheduleRequest(name="fz-raw"),
+    "ResumeSchedule": broker_pb2.ResumeScheduleRequest(name="fz-raw"),
+    "DeleteSchedule": broker_pb2.DeleteScheduleRequest(name="fz-raw"),
 }
 assert set(TEMPLATES) == set(METHODS), "a Broker RPC without a fuzz template"
 

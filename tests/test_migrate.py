@@ -118,3 +118,39 @@ def test_a_version_1_database_is_migrated_to_the_partial_indexes(database: str) 
     assert "ix_jobs_state_finished" not in found
     kept = asyncio.run(in_store(lambda store: store.get_job(new.id)))
     assert (kept.queue, kept.state) == ("old", JobState.PENDING)
+
+
+def test_a_version_8_database_gains_the_schedules_table(database: str) -> None:
+    """Step 10 on a database that a broker of schema version 8 left, with a job in it
+    (9 is left for a step of its own)."""
+
+    def as_version_8(conn: sa.Connection) -> None:
+        conn.execute(sa.text("DROP TABLE schedules"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version > 8"))
+
+    def found(conn: sa.Connection) -> tuple[set[str], list[int]]:
+        indexes = {str(index["name"]) for index in sa.inspect(conn).get_indexes("schedules")}
+        rows = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version"))
+        return indexes, [int(v) for (v,) in rows]
+
+    async def in_store(step: Callable[[SqlStore], Awaitable[T]]) -> T:
+        store = open_store(database)
+        assert isinstance(store, SqlStore)
+        try:
+            return await step(store)
+        finally:
+            await store.close()
+
+    assert _run("migrate", "--database", database).returncode == 0
+    new = NewJob(new_job_id(), "old", "t", Payload(b"{}"), 0, None, RetryPolicy(), None, None, None)
+    now = datetime.now(UTC)
+    asyncio.run(in_store(lambda store: store.submit_many([new], now, timedelta(hours=1))))
+    asyncio.run(in_store(lambda store: store._run(as_version_8)))  # a test reaching in
+    done = _run("migrate", "--database", database)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"schema is at version {migrations.LATEST}"
+    indexes, versions = asyncio.run(in_store(lambda store: store._run(found)))
+    assert "ix_schedules_due" in indexes
+    assert versions == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert asyncio.run(in_store(lambda store: store.list_schedules(None, 10))) == []
+    assert asyncio.run(in_store(lambda store: store.get_job(new.id))).queue == "old"

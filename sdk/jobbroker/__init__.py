@@ -56,6 +56,7 @@ from .errors import (
 )
 from .handle import AsyncJobHandle, JobHandle
 from .lease import AsyncLease, Lease
+from .schedules import schedule
 from .task import Task, task
 from .types import (
     ApiKey,
@@ -63,6 +64,7 @@ from .types import (
     AttemptOutcome,
     CancelReason,
     CreatedApiKey,
+    CreatedSchedule,
     ErrorInfo,
     Explanation,
     Job,
@@ -72,6 +74,9 @@ from .types import (
     Page,
     RetryPolicy,
     Role,
+    Schedule,
+    ScheduleOptions,
+    ScheduleSpec,
     SubmitOptions,
     WaitsOn,
 )
@@ -96,6 +101,7 @@ __all__ = [
     "ConnectionOptions",
     "ConnectionSettings",
     "CreatedApiKey",
+    "CreatedSchedule",
     "DeadlineExceededError",
     "ErrorInfo",
     "Explanation",
@@ -126,6 +132,9 @@ __all__ = [
     "RetryAfter",
     "RetryPolicy",
     "Role",
+    "Schedule",
+    "ScheduleOptions",
+    "ScheduleSpec",
     "Signature",
     "SubmitOptions",
     "Task",
@@ -138,5 +147,6 @@ __all__ = [
     "configure",
     "current_job",
     "group",
+    "schedule",
     "task",
 ]

@@ -11,13 +11,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, TypeVar, Unpack, cast, overload
+from typing import Any, Literal, TypeVar, Unpack, cast, overload
 
 import grpc
 
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 
-from . import _calls
+from . import _calls, schedules
 from ._async_stream import AsyncLeaseStream
 from ._convert import api_key_from_pb, explanation_from_pb, job_from_pb
 from ._submit_pipe import AsyncSubmitPipe, SubmitPipe
@@ -31,6 +31,7 @@ from .task import Task
 from .types import (
     ApiKey,
     CreatedApiKey,
+    CreatedSchedule,
     Explanation,
     Job,
     JobEvent,
@@ -38,6 +39,9 @@ from .types import (
     JobState,
     Page,
     Role,
+    Schedule,
+    ScheduleOptions,
+    ScheduleSpec,
     SubmitOptions,
 )
 from .workflow import AsyncWorkflowHandle, WorkflowHandle, workflow_request
@@ -299,6 +303,59 @@ class Client:
         request = broker_pb2.RevokeApiKeyRequest(key=key)
         reply = self._unary(self._stub.RevokeApiKey, request, _calls.NOT_RETRIED)
         return api_key_from_pb(reply.key)
+
+    def create_schedule(
+        self,
+        name: str,
+        task: str | Task[Any, Any],
+        payload: Any = None,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        timezone: str = "UTC",
+        catch_up: Literal["skip", "latest"] = "skip",
+        paused: bool = False,
+        **options: Unpack[ScheduleOptions],
+    ) -> CreatedSchedule:
+        """Register a schedule by name: at each tick of `cron` (in `timezone`)
+        or of `every` (a timedelta or seconds), the broker submits `task` with
+        `payload` and these job options. Idempotent: registering the same
+        definition again changes nothing; a changed one replaces it, keeping
+        its paused state (`paused` applies to a new schedule) and its runs.
+        `catch_up` is what missed ticks do: "skip" them, or run the "latest"."""
+        spec = ScheduleSpec(name, task, payload, cron, every, timezone, catch_up, paused, options)
+        reply = self._unary(self._stub.CreateSchedule, schedules.create_request(spec))
+        return CreatedSchedule(schedules.from_pb(reply.schedule), reply.changed)
+
+    def list_schedules(self) -> list[Schedule]:
+        """Every schedule, in name order."""
+        found: list[Schedule] = []
+        token = ""
+        while True:
+            reply = self._unary(self._stub.ListSchedules, schedules.page_request(token))
+            found.extend(map(schedules.from_pb, reply.schedules))
+            if not (token := reply.next_page_token):
+                return found
+
+    def get_schedule(self, name: str) -> Schedule:
+        request = broker_pb2.GetScheduleRequest(name=name)
+        return schedules.from_pb(self._unary(self._stub.GetSchedule, request).schedule)
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """No tick runs until it is resumed."""
+        request = broker_pb2.PauseScheduleRequest(name=name)
+        return schedules.from_pb(self._unary(self._stub.PauseSchedule, request).schedule)
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Ticks run again; one that passed while paused is a missed tick,
+        which the schedule's catch-up policy skips or runs once."""
+        request = broker_pb2.ResumeScheduleRequest(name=name)
+        return schedules.from_pb(self._unary(self._stub.ResumeSchedule, request).schedule)
+
+    def delete_schedule(self, name: str) -> None:
+        """The jobs it made stay."""
+        request = broker_pb2.DeleteScheduleRequest(name=name)
+        self._unary(self._stub.DeleteSchedule, request, _calls.NOT_RETRIED)
 
     def close(self) -> None:
         self._submits.close()
@@ -579,6 +636,54 @@ class AsyncClient:
         request = broker_pb2.RevokeApiKeyRequest(key=key)
         reply = await self._unary(self._stub.RevokeApiKey, request, _calls.NOT_RETRIED)
         return api_key_from_pb(reply.key)
+
+    async def create_schedule(
+        self,
+        name: str,
+        task: str | Task[Any, Any],
+        payload: Any = None,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        timezone: str = "UTC",
+        catch_up: Literal["skip", "latest"] = "skip",
+        paused: bool = False,
+        **options: Unpack[ScheduleOptions],
+    ) -> CreatedSchedule:
+        """Register a schedule by name, idempotently (see Client.create_schedule)."""
+        spec = ScheduleSpec(name, task, payload, cron, every, timezone, catch_up, paused, options)
+        reply = await self._unary(self._stub.CreateSchedule, schedules.create_request(spec))
+        return CreatedSchedule(schedules.from_pb(reply.schedule), reply.changed)
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every schedule, in name order."""
+        found: list[Schedule] = []
+        token = ""
+        while True:
+            reply = await self._unary(self._stub.ListSchedules, schedules.page_request(token))
+            found.extend(map(schedules.from_pb, reply.schedules))
+            if not (token := reply.next_page_token):
+                return found
+
+    async def get_schedule(self, name: str) -> Schedule:
+        request = broker_pb2.GetScheduleRequest(name=name)
+        return schedules.from_pb((await self._unary(self._stub.GetSchedule, request)).schedule)
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        """No tick runs until it is resumed."""
+        request = broker_pb2.PauseScheduleRequest(name=name)
+        return schedules.from_pb((await self._unary(self._stub.PauseSchedule, request)).schedule)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        """Ticks run again; a missed one follows the catch-up policy (see Client)."""
+        request = broker_pb2.ResumeScheduleRequest(name=name)
+        reply = await self._unary(self._stub.ResumeSchedule, request)
+        return schedules.from_pb(reply.schedule)
+
+    async def delete_schedule(self, name: str) -> None:
+        """The jobs it made stay."""
+        request = broker_pb2.DeleteScheduleRequest(name=name)
+        await self._unary(self._stub.DeleteSchedule, request, _calls.NOT_RETRIED)
 
     async def close(self) -> None:
         await self._submits.close()

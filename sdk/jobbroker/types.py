@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 if TYPE_CHECKING:
     from .task import Task
@@ -283,3 +283,78 @@ class CreatedApiKey:
 
     key: ApiKey
     secret: str = field(repr=False)
+
+
+class ScheduleOptions(TypedDict, total=False):
+    """The job options of a schedule's ticks: `submit`'s, less its timing and key
+    (each tick sets run time and idempotency key itself)."""
+
+    queue: str | None
+    priority: int | None
+    max_attempts: int | None
+    retry: RetryPolicy | None
+    timeout: timedelta | None
+    soft_timeout: timedelta | None
+    metadata: Mapping[str, str]
+    tags: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A schedule as the broker holds it: at each tick of `cron` (in
+    `timezone`) or of `every`, it submits `task` with `payload` to `queue`.
+
+    `catch_up` says what happens to ticks missed while the broker was down or
+    the schedule paused: "skip" runs none of them, "latest" runs the most
+    recent one once. `last_job_state` is None once that job was deleted.
+    """
+
+    name: str
+    cron: str | None
+    every: timedelta | None
+    timezone: str
+    task: str
+    queue: str
+    payload: bytes
+    content_type: str
+    catch_up: Literal["skip", "latest"]
+    paused: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_job_id: str | None
+    last_job_state: JobState | None
+    priority: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: timedelta | None = None
+    soft_timeout: timedelta | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+    def json(self) -> Any:
+        """The payload decoded as JSON; ValueError if it is not JSON."""
+        return _json_loads(self.payload, self.content_type)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedSchedule:
+    """The schedule registered, and whether that changed anything: False when
+    one of that name had this definition already."""
+
+    schedule: Schedule
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    """A schedule declared in code (`jobbroker.schedule(...)`), which
+    `Worker(schedules=[...])` registers when it starts."""
+
+    name: str
+    task: str | Task[Any, Any]
+    payload: Any = None
+    cron: str | None = None
+    every: timedelta | float | None = None
+    timezone: str = "UTC"
+    catch_up: Literal["skip", "latest"] = "skip"
+    paused: bool = False
+    options: ScheduleOptions = field(default_factory=lambda: ScheduleOptions())

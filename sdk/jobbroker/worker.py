@@ -43,8 +43,9 @@ from .errors import (
     PermissionDeniedError,
 )
 from .lease import AsyncLease, release_message
+from .schedules import register
 from .task import AsyncTask, SyncTask, Task, TaskDecorator, TaskOptions, make_decorator
-from .types import ErrorInfo, RetryPolicy
+from .types import ErrorInfo, RetryPolicy, ScheduleSpec
 
 I = TypeVar("I")  # noqa: E741 - payload type, as in task.py
 R = TypeVar("R")
@@ -111,6 +112,11 @@ class Worker:
 
     `target` is a "host:port" or ConnectionOptions; the connection keywords
     (api_key=, tls=, ...) are ConnectionOptions' fields, as in Client.
+
+    `schedules` (from `jobbroker.schedule(...)`) are registered when the worker
+    starts, idempotently by name; one the broker refuses stops the start. With
+    API keys, registering takes a producer's rights: give such a worker an
+    admin key, or register the schedules in a deploy step instead.
     """
 
     def __init__(
@@ -123,9 +129,11 @@ class Worker:
         prefetch: int | None = None,
         worker_id: str | None = None,
         shutdown_grace: timedelta = timedelta(seconds=30),
+        schedules: Sequence[ScheduleSpec] = (),
         **connection: Unpack[ConnectionSettings],
     ) -> None:
         self._options = resolve(target, connection)
+        self._schedules = list(schedules)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._tasks: dict[str, Task[Any, Any]] = {}
@@ -229,6 +237,7 @@ class Worker:
         threads = HandlerThreads(self._concurrency, self._loop)
         client = AsyncClient(self._options)
         try:
+            await register(client, self._schedules)
             await self._serve(client, threads)
         finally:
             threads.shutdown()

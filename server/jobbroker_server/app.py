@@ -25,12 +25,14 @@ from jobbroker_server.rpc.lease_stream import LeaseStreams
 from jobbroker_server.rpc.servicer import BrokerServicer
 from jobbroker_server.services.background import DepthSampler, Reaper, Retention, Scheduler
 from jobbroker_server.services.changes import Changes
+from jobbroker_server.services.cron import Cron
 from jobbroker_server.services.dispatcher import Dispatcher
 from jobbroker_server.services.explain import Explainer
 from jobbroker_server.services.health import StoreHealth
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.keys import ApiKeys
 from jobbroker_server.services.reports import Reports
+from jobbroker_server.services.schedules import Schedules
 from jobbroker_server.services.tail import EventTails
 from jobbroker_server.services.watch import JobWatch
 from jobbroker_server.store import Store
@@ -88,6 +90,7 @@ class BrokerApp:
         reaper = Reaper(store, self.clock, changes, s.reap_interval)
         retention = Retention(store, self.clock, changes, s.retention, s.retention_interval)
         depths = DepthSampler(store, self.metrics, interval=s.poll_interval * 5)
+        self.cron = Cron(store, self.clock, changes, s.dedup_window, s.poll_interval)
         jobs = Jobs(
             store,
             dispatcher,
@@ -117,6 +120,7 @@ class BrokerApp:
             s.max_batch,
             tails,
             Explainer(store, dispatcher),
+            Schedules(store, self.clock, self.cron),
         )
         message_limit = limits.MAX_MESSAGE_BYTES  # what the SDK accepts, too
         server = grpc.aio.server(
@@ -146,7 +150,8 @@ class BrokerApp:
         self._server = server
         await self._set_serving(True)
         health_probe = StoreHealth(store, self.clock, self._set_serving)
-        for loop in (scheduler, reaper, retention, depths, dispatcher, health_probe, keys):
+        loops = (scheduler, reaper, retention, depths, dispatcher, health_probe, keys, self.cron)
+        for loop in loops:
             self._tasks.append(asyncio.create_task(loop.run()))
         log.info(
             "jobbroker listening on %s:%d (%s, %s), database %s",

@@ -38,6 +38,7 @@ from jobbroker import (
     Task,
     Worker,
 )
+from jobbroker_server import cli_schedules
 from jobbroker_server.app import serve
 from jobbroker_server.clock import SystemClock
 from jobbroker_server.config import ENV, Settings, flag_of, from_text
@@ -656,6 +657,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--queue")
         p.add_argument("--all", action="store_true", help="every dead job (of --queue)")
         p.set_defaults(run=cmd_dlq)
+
+    cli_schedules.add_commands(sub, target, _client, _seconds)
     return parser
 
 

@@ -14,15 +14,16 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from jobbroker_server.app import BrokerApp
+from jobbroker_server.clock import Clock
 from jobbroker_server.config import Settings
 
 T = TypeVar("T")
 
 
 class BrokerThread:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = replace(settings, host="127.0.0.1")
-        self.app = BrokerApp(self.settings)
+        self.app = BrokerApp(self.settings, clock)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 

@@ -142,6 +142,36 @@ class BrokerStub:
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/jobbroker.v1.Broker/CreateSchedule',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/jobbroker.v1.Broker/ListSchedules',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/jobbroker.v1.Broker/GetSchedule',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/jobbroker.v1.Broker/PauseSchedule',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/jobbroker.v1.Broker/ResumeSchedule',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/jobbroker.v1.Broker/DeleteSchedule',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -299,6 +329,50 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Schedules: the broker submits a schedule's job at each tick of its cron
+        expression or interval, one job per tick however many replicas run.
+        CreateSchedule registers by name and is idempotent: registering the same
+        definition again changes nothing; a changed one replaces the definition
+        (its paused state and runs are kept). A key limited to queues sees and
+        manages only the schedules of its queues.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """A tick that passed while paused is a missed tick: the catch-up policy decides.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """The jobs it made stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -401,6 +475,36 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.GetScheduleRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -950,6 +1054,168 @@ class Broker:
             '/jobbroker.v1.Broker/RevokeApiKey',
             jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyRequest.SerializeToString,
             jobbroker_dot_v1_dot_broker__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/CreateSchedule',
+            jobbroker_dot_v1_dot_broker__pb2.CreateScheduleRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ListSchedules',
+            jobbroker_dot_v1_dot_broker__pb2.ListSchedulesRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/GetSchedule',
+            jobbroker_dot_v1_dot_broker__pb2.GetScheduleRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/PauseSchedule',
+            jobbroker_dot_v1_dot_broker__pb2.PauseScheduleRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ResumeSchedule',
+            jobbroker_dot_v1_dot_broker__pb2.ResumeScheduleRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/DeleteSchedule',
+            jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -92,6 +92,21 @@ class BrokerStub:
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListApiKeysRequest, _broker_pb2.ListApiKeysResponse]
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RevokeApiKeyRequest, _broker_pb2.RevokeApiKeyResponse]
     """Revoked at once: calls with it are refused, its open streams end."""
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateScheduleRequest, _broker_pb2.CreateScheduleResponse]
+    """Schedules: the broker submits a schedule's job at each tick of its cron
+    expression or interval, one job per tick however many replicas run.
+    CreateSchedule registers by name and is idempotent: registering the same
+    definition again changes nothing; a changed one replaces the definition
+    (its paused state and runs are kept). A key limited to queues sees and
+    manages only the schedules of its queues.
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListSchedulesRequest, _broker_pb2.ListSchedulesResponse]
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetScheduleRequest, _broker_pb2.ScheduleResponse]
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PauseScheduleRequest, _broker_pb2.ScheduleResponse]
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ResumeScheduleRequest, _broker_pb2.ScheduleResponse]
+    """A tick that passed while paused is a missed tick: the catch-up policy decides."""
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DeleteScheduleRequest, _broker_pb2.DeleteScheduleResponse]
+    """The jobs it made stay."""
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -156,6 +171,21 @@ class BrokerAsyncStub(BrokerStub):
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListApiKeysRequest, _broker_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_broker_pb2.RevokeApiKeyRequest, _broker_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revoked at once: calls with it are refused, its open streams end."""
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateScheduleRequest, _broker_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """Schedules: the broker submits a schedule's job at each tick of its cron
+    expression or interval, one job per tick however many replicas run.
+    CreateSchedule registers by name and is idempotent: registering the same
+    definition again changes nothing; a changed one replaces the definition
+    (its paused state and runs are kept). A key limited to queues sees and
+    manages only the schedules of its queues.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListSchedulesRequest, _broker_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetScheduleRequest, _broker_pb2.ScheduleResponse]  # type: ignore[assignment]
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_broker_pb2.PauseScheduleRequest, _broker_pb2.ScheduleResponse]  # type: ignore[assignment]
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_broker_pb2.ResumeScheduleRequest, _broker_pb2.ScheduleResponse]  # type: ignore[assignment]
+    """A tick that passed while paused is a missed tick: the catch-up policy decides."""
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_broker_pb2.DeleteScheduleRequest, _broker_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """The jobs it made stay."""
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
@@ -337,5 +367,56 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.RevokeApiKeyResponse, _abc.Awaitable[_broker_pb2.RevokeApiKeyResponse]]:
         """Revoked at once: calls with it are refused, its open streams end."""
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _broker_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CreateScheduleResponse, _abc.Awaitable[_broker_pb2.CreateScheduleResponse]]:
+        """Schedules: the broker submits a schedule's job at each tick of its cron
+        expression or interval, one job per tick however many replicas run.
+        CreateSchedule registers by name and is idempotent: registering the same
+        definition again changes nothing; a changed one replaces the definition
+        (its paused state and runs are kept). A key limited to queues sees and
+        manages only the schedules of its queues.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _broker_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListSchedulesResponse, _abc.Awaitable[_broker_pb2.ListSchedulesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetSchedule(
+        self,
+        request: _broker_pb2.GetScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ScheduleResponse, _abc.Awaitable[_broker_pb2.ScheduleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _broker_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ScheduleResponse, _abc.Awaitable[_broker_pb2.ScheduleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _broker_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ScheduleResponse, _abc.Awaitable[_broker_pb2.ScheduleResponse]]:
+        """A tick that passed while paused is a missed tick: the catch-up policy decides."""
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _broker_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.DeleteScheduleResponse, _abc.Awaitable[_broker_pb2.DeleteScheduleResponse]]:
+        """The jobs it made stay."""
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

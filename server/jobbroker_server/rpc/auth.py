@@ -40,6 +40,12 @@ RULES: dict[str, frozenset[Role]] = {
     "CreateApiKey": _ADMIN,
     "ListApiKeys": _ADMIN,
     "RevokeApiKey": _ADMIN,
+    "CreateSchedule": _PRODUCE,
+    "ListSchedules": _PRODUCE,
+    "GetSchedule": _PRODUCE,
+    "PauseSchedule": _PRODUCE,
+    "ResumeSchedule": _PRODUCE,
+    "DeleteSchedule": _PRODUCE,
 }
 
 AUTHORIZATION = "authorization"

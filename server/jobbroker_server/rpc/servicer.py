@@ -32,9 +32,11 @@ from jobbroker_server.domain.states import JobState
 from jobbroker_server.rpc import convert
 from jobbroker_server.rpc.errors import error_pb
 from jobbroker_server.rpc.lease_stream import LeaseStreams
+from jobbroker_server.rpc.schedules import ScheduleMethods
 from jobbroker_server.services.explain import Explainer
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.keys import ApiKeys
+from jobbroker_server.services.schedules import Schedules
 from jobbroker_server.services.tail import EventTails
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def _page(page: JobPage) -> broker_pb2.ListJobsResponse:
     )
 
 
-class BrokerServicer:
+class BrokerServicer(ScheduleMethods):
     def __init__(
         self,
         jobs: Jobs,
@@ -112,8 +114,10 @@ class BrokerServicer:
         max_batch: int,
         tails: EventTails,
         explainer: Explainer,
+        schedules: Schedules,
     ) -> None:
         self._jobs = jobs
+        self._schedules = schedules
         self._tails = tails
         self._explainer = explainer
         self._keys = keys

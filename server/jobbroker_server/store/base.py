@@ -32,6 +32,7 @@ from jobbroker_server.domain.models import (
     ReportResult,
     SubmitResult,
 )
+from jobbroker_server.domain.schedules import Schedule, Tick
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import JobEvent, LogPosition, Moved
 
@@ -229,3 +230,49 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoke_key(self, id_or_name: str, now: datetime) -> ApiKey:
         """Revoke the valid key of that id, else of that name; raises NotFound."""
+
+    # --- schedules (store/schedules.py) ---
+
+    @abc.abstractmethod
+    async def put_schedule(
+        self, schedule: Schedule, now: datetime, max_schedules: int
+    ) -> tuple[Schedule, bool]:
+        """Register by name: store it, or change the definition of the one of
+        that name (its paused state, runs and, for the same timing, next tick
+        kept); whether anything changed. ResourceExhausted past ``max_schedules``."""
+
+    @abc.abstractmethod
+    async def get_schedule(self, name: str) -> Schedule:
+        """Raises NotFound."""
+
+    @abc.abstractmethod
+    async def list_schedules(self, after: str | None, limit: int) -> list[Schedule]:
+        """In name order, after ``after``."""
+
+    @abc.abstractmethod
+    async def set_schedule_paused(self, name: str, paused: bool, now: datetime) -> Schedule:
+        """Raises NotFound."""
+
+    @abc.abstractmethod
+    async def delete_schedule(self, name: str) -> None:
+        """Raises NotFound."""
+
+    @abc.abstractmethod
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]: ...
+
+    @abc.abstractmethod
+    async def next_tick_at(self) -> datetime | None: ...
+
+    @abc.abstractmethod
+    async def take_tick(
+        self,
+        name: str,
+        due: datetime,
+        tick: Tick,
+        job: NewJob | None,
+        now: datetime,
+        dedup_window: timedelta,
+    ) -> Moved[str | None]:
+        """If ``due`` is still the schedule's next tick, move it on to
+        ``tick.next_run_at`` and store ``job`` in the same transaction; the
+        id of the job stored, or None (skipped, or taken already)."""

@@ -21,6 +21,7 @@ from jobbroker_server.store.tables import (
     job_events,
     jobs,
     metadata,
+    schedules,
     schema_version,
 )
 
@@ -118,6 +119,11 @@ def _v9_dependencies(conn: Connection) -> None:
     job_deps.create(conn, checkfirst=True)
 
 
+def _v10_schedules(conn: Connection) -> None:
+    """Schedules: the job templates the cron service submits at each tick."""
+    schedules.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -129,6 +135,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (7, _v7_leased_state),
     (8, _v8_event_commit_order),
     (9, _v9_dependencies),
+    (10, _v10_schedules),
 )
 LATEST = STEPS[-1][0]
 

@@ -33,9 +33,10 @@ from jobbroker_server.domain.models import (
     ReportResult,
     SubmitResult,
 )
+from jobbroker_server.domain.schedules import Schedule, Tick
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import JobEvent, LogPosition, Moved
-from jobbroker_server.store import events, faults, keys, migrations, ops
+from jobbroker_server.store import events, faults, keys, migrations, ops, schedules
 from jobbroker_server.store.base import Store
 
 P = ParamSpec("P")
@@ -252,3 +253,41 @@ class SqlStore(Store):
 
     async def revoke_key(self, id_or_name: str, now: datetime) -> ApiKey:
         return await self._run(keys.revoke_key, id_or_name, now)
+
+    async def put_schedule(
+        self, schedule: Schedule, now: datetime, max_schedules: int
+    ) -> tuple[Schedule, bool]:
+        try:
+            return await self._run(schedules.put_schedule, schedule, now, max_schedules)
+        except sa.exc.IntegrityError:  # another registered that name meanwhile
+            return await self._run(schedules.put_schedule, schedule, now, max_schedules)
+
+    async def get_schedule(self, name: str) -> Schedule:
+        return await self._run(schedules.get_schedule, name)
+
+    async def list_schedules(self, after: str | None, limit: int) -> list[Schedule]:
+        return await self._run(schedules.list_schedules, after, limit)
+
+    async def set_schedule_paused(self, name: str, paused: bool, now: datetime) -> Schedule:
+        return await self._run(schedules.set_paused, name, paused, now)
+
+    async def delete_schedule(self, name: str) -> None:
+        await self._run(schedules.delete_schedule, name)
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        return await self._run(schedules.due_schedules, now, limit)
+
+    async def next_tick_at(self) -> datetime | None:
+        return await self._run(schedules.next_tick_at)
+
+    async def take_tick(
+        self,
+        name: str,
+        due: datetime,
+        tick: Tick,
+        job: NewJob | None,
+        now: datetime,
+        dedup_window: timedelta,
+    ) -> Moved[str | None]:
+        op = schedules.take_tick
+        return await self._run(op, self._insert_new, name, due, tick, job, now, dedup_window)

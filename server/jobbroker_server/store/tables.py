@@ -259,3 +259,34 @@ sa.Index(
     sqlite_where=_valid_key,
     postgresql_where=_valid_key,
 )
+
+# Schedules (domain/schedules.py): a job template the cron service submits at
+# each tick. A tick is taken by moving next_run_at on from it (store/schedules.py).
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("cron", sa.String(200)),
+    sa.Column("every_us", sa.BigInteger),  # exact: ticks are multiples of it
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("queue", sa.String(200), nullable=False),
+    sa.Column("task", sa.String(200), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("content_type", sa.String(100), nullable=False),
+    # priority, retry, timeouts (in microseconds), metadata, tags
+    sa.Column("options", sa.JSON, nullable=False),
+    sa.Column("catch_up", sa.String(8), nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("next_run_at", UTCDateTime),
+    sa.Column("last_run_at", UTCDateTime),
+    sa.Column("last_job_id", sa.String(36)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+_running_schedule = schedules.c.paused.is_(False)
+sa.Index(
+    "ix_schedules_due",
+    schedules.c.next_run_at,
+    sqlite_where=_running_schedule,
+    postgresql_where=_running_schedule,
+)
