@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -163,6 +164,19 @@ TABLE: dict[str, tuple[set[str], Call]] = {
                 schedule=broker_pb2.Schedule(name="nightly", cron="0 3 * * *", job=_spec())
             ),
             metadata=m,
+        ),
+    ),
+    "SubmitWorkflow": (
+        _PRODUCE,
+        lambda s, m: s.SubmitWorkflow(
+            broker_pb2.SubmitWorkflowRequest(workflow_id=str(uuid.uuid4()), jobs=[_spec()]),
+            metadata=m,
+        ),
+    ),
+    "CancelWorkflow": (
+        _PRODUCE,
+        lambda s, m: s.CancelWorkflow(
+            broker_pb2.CancelWorkflowRequest(workflow_id="none"), metadata=m
         ),
     ),
     "ListSchedules": (

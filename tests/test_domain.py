@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -180,3 +181,20 @@ def test_a_transition_is_checked_against_its_reason(
     else:
         with pytest.raises(IllegalTransition, match=f"job j1: {reason} cannot take it"):
             check_transition(moved)
+
+
+def test_a_released_input_splices_json_results_and_wraps_anything_else() -> None:
+    from jobbroker_server.domain.models import Payload
+    from jobbroker_server.domain.workflows import released_input, result_slot
+
+    own = Payload(b'"b-1"', "application/json")
+    slots = [
+        result_slot(b"[1,2]", "application/json"),
+        result_slot(b"1,2", "application/json"),  # not JSON, whatever it says
+        result_slot(None, None),
+    ]
+    made = released_input([0, [1, 2]], True, own, slots)
+    assert json.loads(made.data) == {
+        "result": [[1, 2], [{"content_type": "application/json", "base64": "MSwy"}, None]],
+        "payload": "b-1",
+    }

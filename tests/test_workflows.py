@@ -316,3 +316,66 @@ def test_a_body_whose_input_would_be_too_large_is_cancelled_saying_so(
     body = client.get_job(handle.job_ids[-1])
     assert body.last_error is not None and body.last_error.type == "InputTooLarge"
     assert "a job's input holds at most 20" in body.last_error.message
+
+
+def test_a_body_two_dead_members_cancelled_waits_again_only_when_both_are_replayed(
+    client: Client, worker: Worker
+) -> None:
+    t.MENDED.clear()
+    handle = client.submit(chord([t.fragile.s(-1), t.fragile.s(-2), t.fragile.s(3)], t.total.s()))
+    with pytest.raises(JobFailedError):
+        handle.result(timeout=30)
+    first, second, _, body = handle.job_ids
+    wait_for(lambda: client.get_job(second).state is JobState.DEAD, 10, "both members dead")
+    assert client.get_job(body).state is JobState.CANCELLED
+    t.MENDED.append(True)
+    client.dlq_replay(job_ids=[first])
+    wait_for(lambda: client.get_job(first).state is JobState.SUCCEEDED, 10, "the replayed one")
+    assert client.get_job(body).state is JobState.CANCELLED  # the other still holds it
+    assert client.explain(body).waits_on[0].job_id == second
+    client.dlq_replay(job_ids=[second])
+    assert handle.result(timeout=30) == 6
+
+
+def test_a_cancelled_workflow_stays_cancelled_when_its_dead_step_is_replayed(
+    client: Client, worker: Worker
+) -> None:
+    t.MENDED.clear()
+    handle = client.submit(chain(t.fragile.s(-7), t.process_item.s()))
+    with pytest.raises(JobFailedError):
+        handle.result(timeout=30)
+    assert handle.cancel() == 0  # nothing left to cancel, but the workflow is given up
+    t.MENDED.append(True)
+    client.dlq_replay(job_ids=[handle.job_ids[0]])
+    wait_for(lambda: client.get_job(handle.job_ids[0]).state is JobState.SUCCEEDED, 10, "replay")
+    assert client.get_job(handle.job_ids[1]).state is JobState.CANCELLED
+
+
+def test_a_user_cancel_of_a_waiting_job_is_not_a_parents_failure(client: Client) -> None:
+    handle = client.submit(chain(t.process_item.s(1), t.process_item.s()))
+    client.cancel(handle.job_ids[1])
+    explained = client.explain(handle.job_ids[1])
+    assert (explained.reason, explained.waits_on) == ("finished", ())
+
+
+def test_workflow_refusals(client: Client) -> None:
+    from jobbroker.v1 import broker_pb2, job_pb2
+
+    stub = client._stub
+    spec = job_pb2.JobSpec(queue="q", task="x")
+    twice = job_pb2.JobSpec(queue="q", task="x", needs=job_pb2.Needs(parents=[0], input="[0,0]"))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SubmitWorkflow(broker_pb2.SubmitWorkflowRequest(workflow_id="w", jobs=[spec, twice]))
+    assert "names parent 0 twice" in str(raised.value.details())
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Submit(broker_pb2.SubmitRequest(job=twice))
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "SubmitWorkflow" in str(raised.value.details())
+    stub.SubmitWorkflow(broker_pb2.SubmitWorkflowRequest(workflow_id="taken", jobs=[spec]))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.SubmitWorkflow(broker_pb2.SubmitWorkflowRequest(workflow_id="taken", jobs=[spec]))
+    assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "taken by another workflow" in str(raised.value.details())
+    assert len(client.list_jobs(workflow_id="taken").jobs) == 1
+    with pytest.raises(InvalidArgumentError, match="takes the workflow alone"):
+        client.submit(chain(t.process_item.s(1)), queue="elsewhere")  # type: ignore[call-overload]

@@ -8,7 +8,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -236,6 +236,15 @@ def build_spec(request: JobRequest, spec: job_pb2.JobSpec | None = None) -> job_
     if soft_timeout is not None:
         spec.soft_timeout.CopyFrom(duration_to_pb(soft_timeout))
     return spec
+
+
+def check_flow_alone(payload: Any, options: Mapping[str, Any]) -> None:
+    """A workflow carries its payloads and options in its signatures."""
+    if payload is not None or options:
+        raise InvalidArgumentError(
+            "submit(flow) takes the workflow alone: give payloads and options to each "
+            "signature (task.s(payload, queue=...))"
+        )
 
 
 def batch_request(jobs: Sequence[JobRequest]) -> broker_pb2.SubmitBatchRequest:

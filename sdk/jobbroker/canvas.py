@@ -268,7 +268,7 @@ def _add(sig: Signature[Any, Any], feed: Shape | None, tolerant: bool, steps: li
     shape = ""
     if feed is not None:
         position: dict[int, int] = {}
-        for leaf in _leaves(feed):
+        for leaf in leaves(feed):
             position.setdefault(leaf, len(position))
         parents = list(position)
         if sig.takes != "own":
@@ -277,12 +277,11 @@ def _add(sig: Signature[Any, Any], feed: Shape | None, tolerant: bool, steps: li
     return len(steps) - 1
 
 
-def _leaves(shape: Shape) -> Iterable[int]:
+def leaves(shape: Shape) -> list[int]:
+    """The jobs a shape names, in order."""
     if isinstance(shape, int):
-        yield shape
-        return
-    for item in shape:
-        yield from _leaves(item)
+        return [shape]
+    return [leaf for item in shape for leaf in leaves(item)]
 
 
 def _shape_text(shape: Shape, position: Mapping[int, int]) -> str:

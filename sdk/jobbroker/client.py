@@ -76,7 +76,7 @@ class Client:
         return self._options
 
     @overload
-    def submit(self, task: Flow[Any, R], /) -> WorkflowHandle[R]: ...
+    def submit(self, task: Flow[None, R], /) -> WorkflowHandle[R]: ...
     @overload
     def submit(
         self, task: Task[I, R], payload: I, **options: Unpack[SubmitOptions]
@@ -95,6 +95,7 @@ class Client:
         a workflow (`chain`, `group`, `chord`), all of it in one transaction,
         and return its handle."""
         if isinstance(task, Flow):
+            _calls.check_flow_alone(payload, options)
             return self._submit_workflow(task)
         spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = _calls.call(
@@ -409,7 +410,7 @@ class AsyncClient:
         return self._options
 
     @overload
-    async def submit(self, task: Flow[Any, R], /) -> AsyncWorkflowHandle[R]: ...
+    async def submit(self, task: Flow[None, R], /) -> AsyncWorkflowHandle[R]: ...
     @overload
     async def submit(
         self, task: Task[I, R], payload: I, **options: Unpack[SubmitOptions]
@@ -427,6 +428,7 @@ class AsyncClient:
         """Store a job and return its handle once the broker committed it; or
         a workflow, as `Client.submit` does."""
         if isinstance(task, Flow):
+            _calls.check_flow_alone(payload, options)
             return await self._submit_workflow(task)
         spec = _calls.build_spec(JobRequest(task, payload, **options))
         reply = await _calls.acall(

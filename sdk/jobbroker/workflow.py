@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _calls
 from ._uuid7 import uuid7
-from .canvas import Flow, Shape, compile_flow
+from .canvas import Flow, Shape, compile_flow, leaves
 from .errors import JobCancelledError, JobFailedError
 from .handle import outcome
 from .types import Job, JobRequest, JobState
@@ -50,10 +50,10 @@ def workflow_request(flow: Flow[Any, Any]) -> tuple[broker_pb2.SubmitWorkflowReq
     return request, out
 
 
-def _leaves(shape: Shape) -> list[int]:
-    if isinstance(shape, int):
-        return [shape]
-    return [leaf for item in shape for leaf in _leaves(item)]
+def _cause(cancelled: Job, dead: Sequence[Job]) -> JobFailedError | JobCancelledError:
+    """What a cancelled last step raises: the error of the step whose failure
+    cancelled it, or (nothing dead) the cancel itself."""
+    return JobFailedError(dead[0]) if dead else JobCancelledError(cancelled)
 
 
 def _assemble(shape: Shape, results: dict[int, Any]) -> Any:
@@ -96,7 +96,7 @@ class WorkflowHandle(Generic[R]):
         `timeout` passes first."""
         deadline = _calls.deadline_after(timeout)
         results: dict[int, Any] = {}
-        for index in _leaves(self._out):
+        for index in leaves(self._out):
             job = None
             for job in self._client.wait_job(self.job_ids[index], _calls.remaining(deadline)):
                 if job.state.terminal:
@@ -108,10 +108,8 @@ class WorkflowHandle(Generic[R]):
         return cast(R, _assemble(self._out, results))
 
     def _raise_cause(self, cancelled: Job) -> None:
-        page = self._client.list_jobs(workflow_id=self.id, states=[JobState.DEAD], page_size=1)
-        if page.jobs:
-            raise JobFailedError(page.jobs[0])
-        raise JobCancelledError(cancelled)
+        dead = self._client.list_jobs(workflow_id=self.id, states=[JobState.DEAD], page_size=1)
+        raise _cause(cancelled, dead.jobs)
 
     def cancel(self) -> int:
         """Cancel every job of the workflow that has not ended; how many."""
@@ -150,19 +148,17 @@ class AsyncWorkflowHandle(Generic[R]):
     ) -> R:
         deadline = _calls.deadline_after(timeout)
         results: dict[int, Any] = {}
-        for index in _leaves(self._out):
+        for index in leaves(self._out):
             job = None
             async for job in self._client.wait_job(self.job_ids[index], _calls.remaining(deadline)):
                 if job.state.terminal:
                     break
             assert job is not None
             if job.state is JobState.CANCELLED:
-                page = await self._client.list_jobs(
+                dead = await self._client.list_jobs(
                     workflow_id=self.id, states=[JobState.DEAD], page_size=1
                 )
-                if page.jobs:
-                    raise JobFailedError(page.jobs[0])
-                raise JobCancelledError(job)
+                raise _cause(job, dead.jobs)
             results[index] = outcome(job)
         return cast(R, _assemble(self._out, results))
 

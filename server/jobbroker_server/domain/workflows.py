@@ -86,23 +86,28 @@ def _shape(text: str, parents: int) -> Shape:
         value = json.loads(text)
     except (ValueError, RecursionError):
         raise InvalidArgument("needs.input is not JSON") from None
-    _check_shape(value, parents, 0)
+    _check_shape(value, parents, 0, set())
     shape: Shape = value
     return shape
 
 
-def _check_shape(value: Any, parents: int, depth: int) -> None:
+def _check_shape(value: Any, parents: int, depth: int, seen: set[int]) -> None:
+    """Lists and numbers of parents, each parent at most once: a result
+    named many times would make an input many times its size."""
     if depth > MAX_SHAPE_DEPTH:
         raise InvalidArgument(f"needs.input nests deeper than {MAX_SHAPE_DEPTH} lists")
     if isinstance(value, list):
         for item in value:
-            _check_shape(item, parents, depth + 1)
+            _check_shape(item, parents, depth + 1, seen)
         return
     if type(value) is not int or not 0 <= value < parents:
         raise InvalidArgument(
             f"needs.input holds {json.dumps(value)[:40]}: only lists and numbers of parents "
             f"(0 to {parents - 1})"
         )
+    if value in seen:
+        raise InvalidArgument(f"needs.input names parent {value} twice")
+    seen.add(value)
 
 
 def check_workflow(links: int, jobs: int) -> None:
@@ -152,12 +157,22 @@ def result_slot(data: bytes | None, content_type: str | None) -> bytes:
 
 
 def _json(data: bytes | None, content_type: str | None) -> bytes:
+    """Spliced as it is only when it is JSON: a worker's word for it is not
+    enough, since a result such as ``1,2`` would forge its siblings' places."""
     if not data:
         return b"null"
-    if content_type == JSON_CONTENT_TYPE:
+    if content_type == JSON_CONTENT_TYPE and _is_json(data):
         return data
     wrapped = {"content_type": content_type, "base64": base64.b64encode(data).decode()}
     return json.dumps(wrapped).encode()
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def outcome_slot(

@@ -127,6 +127,8 @@ class BrokerServicer(ScheduleMethods):
         self._max_batch = max_batch
 
     def _new_job(self, spec: job_pb2.JobSpec, caller: Caller, now: datetime) -> NewJob:
+        if spec.HasField("needs"):
+            raise InvalidArgument("needs names jobs of a workflow: submit it with SubmitWorkflow")
         job = convert.new_job(spec, self._limits, now)
         caller.check_queue(job.queue)
         job.submitted_by = caller.actor

@@ -51,7 +51,11 @@ class Jobs:
         """One group's transaction, which also fills the worker streams with room
         for these jobs' queues; for the rest, the others are woken to lease."""
         now = self._clock.now()
-        ready = Counter(job.queue for job in jobs if job.run_at is None or job.run_at <= now)
+        ready = Counter(
+            job.queue
+            for job in jobs
+            if job.needs is None and (job.run_at is None or job.run_at <= now)
+        )
         claimed = self._dispatcher.claim(ready)
         asks, lease_for = list(claimed.values()), self._dispatcher.lease_duration
         leased = None

@@ -50,10 +50,9 @@ def link(conn: Connection, new: Sequence[NewJob], stored: set[str]) -> None:
     """Store the links of the new jobs that wait on others. A workflow is
     stored whole or, when its jobs' idempotency keys name jobs that exist, not
     at all; part of one is refused."""
-    waiting = [job for job in new if job.needs is not None]
-    if not waiting:
-        return
     by_workflow = Counter(job.workflow_id for job in new if job.workflow_id)
+    if not by_workflow:
+        return
     kept = Counter(job.workflow_id for job in new if job.workflow_id and job.id in stored)
     for workflow, n in by_workflow.items():
         if 0 < kept[workflow] < n:
@@ -61,18 +60,25 @@ def link(conn: Connection, new: Sequence[NewJob], stored: set[str]) -> None:
                 f"workflow {workflow}: {n - kept[workflow]} of its {n} jobs have idempotency "
                 "keys of jobs that exist; submit it with new keys, or all of the old ones"
             )
+        if kept[workflow] and _taken(conn, workflow, n):
+            raise FailedPrecondition(
+                f"workflow id {workflow!r} is taken by another workflow's jobs; "
+                "give each workflow a new id"
+            )
     values = [
         {
             "child_id": job.id,
             "position": i,
             "parent_id": parent,
             "tolerant": needs.tolerate_failures,
+            "feeds": needs.shape is not None,
         }
-        for job in waiting
+        for job in new
         if job.id in stored and (needs := job.needs) is not None
         for i, parent in enumerate(needs.parents)
     ]
-    _LINK.run_many(conn, values)
+    if values:
+        _LINK.run_many(conn, values)
 
 
 _LINK = Prepared(
@@ -80,10 +86,35 @@ _LINK = Prepared(
         {
             c.key: sa.bindparam(c.key, type_=c.type)
             for c in job_deps.c
-            if c.key in ("child_id", "position", "parent_id", "tolerant")
+            if c.key in ("child_id", "position", "parent_id", "tolerant", "feeds")
         }
     )
 )
+
+
+def _taken(conn: Connection, workflow: str, mine: int) -> bool:
+    """Whether jobs other than the ``mine`` just stored carry this workflow id."""
+    found = conn.execute(
+        sa.select(sa.func.count()).select_from(
+            sa.select(jobs.c.id).where(jobs.c.workflow_id == workflow).limit(mine + 1).subquery()
+        )
+    ).scalar()
+    return bool(found and found > mine)
+
+
+def abandon(conn: Connection, workflow: str) -> None:
+    """A cancelled workflow stays cancelled: replaying a dead step of it no
+    longer resumes the jobs that step cancelled."""
+    of_workflow = sa.select(jobs.c.id).where(jobs.c.workflow_id == workflow)
+    conn.execute(
+        job_deps.update()
+        .where(job_deps.c.outcome == BLOCKED, job_deps.c.child_id.in_(of_workflow))
+        .values(outcome=_S.CANCELLED.value)
+    )
+
+
+# A job a dead parent cancelled, which a replay of that parent resumes.
+BLOCKED_CHILD = sa.exists().where(job_deps.c.child_id == jobs.c.id, job_deps.c.outcome == BLOCKED)
 
 # Asked after every operation that ends jobs, most of which have no
 # children: prepared, so that asking costs the hot path next to nothing.
@@ -100,15 +131,30 @@ def follow(conn: Connection, now: datetime, transitions: Sequence[Transition]) -
     made: list[Transition] = []
     step = list(transitions)
     while step:
+        # Each turn follows the last turn's transitions one level down.
         ended = {t.job_id: t.target for t in step if t.target is not None and t.target in _ENDS}
         replayed = [t.job_id for t in step if t.reason in _WAITS_AGAIN]
+        purged = [t.job_id for t in step if t.reason is Reason.PURGED]
         step = []
         if ended:
             step += _ended(conn, now, ended)
         if replayed:
             step += _resume(conn, replayed)
+        if purged:
+            _unblock(conn, purged)
         made += step
     return made
+
+
+def _unblock(conn: Connection, parents: list[str]) -> None:
+    """A purged parent will not be replayed: the jobs it cancelled stay so,
+    and retention may delete them."""
+    for ids in _chunks(parents):
+        conn.execute(
+            job_deps.update()
+            .where(job_deps.c.parent_id.in_(ids), job_deps.c.outcome == BLOCKED)
+            .values(outcome=_S.CANCELLED.value)
+        )
 
 
 def _ended(conn: Connection, now: datetime, ended: dict[str, JobState]) -> list[Transition]:
@@ -125,8 +171,16 @@ def _ended(conn: Connection, now: datetime, ended: dict[str, JobState]) -> list[
     for state in {ended[parent] for _, parent, _ in links}:
         parents = [p for p, s in ended.items() if s is state]
         _record_outcome(conn, parents, state)
-    moved = _cancel(conn, now, failed, ended) if failed else []
-    moved += _count_down(conn, now, done, set(failed))
+    failing = [p for p, s in ended.items() if s is not _S.SUCCEEDED]
+    moved = []
+    # One pass in id order: two transactions lock the children they share in
+    # the same order, and never wait for each other in a circle.
+    for child in sorted(failed.keys() | done.keys()):
+        cancelled = child in failed and _cancel(conn, now, child, failed[child], ended, failing)
+        if cancelled:
+            moved.append(cancelled)
+        if child in done and (released := _count_down(conn, now, child, done[child])):
+            moved.append(released)
     return moved
 
 
@@ -149,71 +203,75 @@ def _record_outcome(conn: Connection, parents: list[str], state: JobState) -> No
         ]
         if state is not _S.SUCCEEDED:
             where.append(job_deps.c.tolerant)
-        conn.execute(job_deps.update().where(*where).values(values))
+        feeding = [*where, job_deps.c.feeds]
+        conn.execute(job_deps.update().where(*feeding).values(values))
+        # A child that takes its own payload needs to know only that it ended.
+        conn.execute(job_deps.update().where(*where, ~job_deps.c.feeds).values(outcome=state.value))
 
 
 def _cancel(
-    conn: Connection, now: datetime, failed: dict[str, str], ended: dict[str, JobState]
-) -> list[Transition]:
-    """Cancel the waiting children whose parent failed; mark the links that
-    did it, which a replay of that parent undoes."""
-    moved = []
-    failing = [p for p, s in ended.items() if s is not _S.SUCCEEDED]
-    for child in sorted(failed):
-        parent = failed[child]
-        state = ended[parent]
-        error = ErrorInfo("ParentFailed", f"parent job {parent} ended {state.value}")
-        row = conn.execute(
-            jobs.update()
-            .where(jobs.c.id == child, jobs.c.state == _S.WAITING.value)
-            .values(state=_S.CANCELLED.value, finished_at=now, last_error=rows.error_to_json(error))
-            .returning(jobs.c.queue, jobs.c.attempts)
-        ).first()
-        if row is None:
-            continue  # cancelled already
-        for ids in _chunks(failing):
-            conn.execute(
-                job_deps.update()
-                .where(
-                    job_deps.c.child_id == child,
-                    job_deps.c.parent_id.in_(ids),
-                    job_deps.c.outcome.is_(None),
-                    sa.not_(job_deps.c.tolerant),
-                )
-                .values(outcome=BLOCKED)
+    conn: Connection,
+    now: datetime,
+    child: str,
+    parent: str,
+    ended: dict[str, JobState],
+    failing: list[str],
+) -> Transition | None:
+    """Cancel a waiting child whose parent failed, and mark the links that
+    did it, which a replay of that parent undoes. A child a failed parent
+    cancelled before is marked too, so that replaying only one of them does
+    not resume it."""
+    row = conn.execute(
+        sa.select(jobs.c.state, jobs.c.queue, jobs.c.attempts, BLOCKED_CHILD.label("blocked"))
+        .where(jobs.c.id == child)
+        .with_for_update(of=jobs)
+    ).first()
+    if row is None or not (row.state == _S.WAITING.value or row.blocked):
+        return None  # ended otherwise, or cancelled by someone
+    for ids in _chunks(failing):
+        conn.execute(
+            job_deps.update()
+            .where(
+                job_deps.c.child_id == child,
+                job_deps.c.parent_id.in_(ids),
+                job_deps.c.outcome.is_(None),
+                sa.not_(job_deps.c.tolerant),
             )
-        detail = {"parent": parent, "parent_state": state.value}
-        moved.append(
-            Transition(
-                child,
-                row.queue,
-                _S.WAITING,
-                _S.CANCELLED,
-                Reason.PARENT_FAILED,
-                row.attempts,
-                BROKER,
-                detail,
-            )
+            .values(outcome=BLOCKED)
         )
-    return moved
+    if row.state != _S.WAITING.value:
+        return None
+    state = ended[parent]
+    error = ErrorInfo("ParentFailed", f"parent job {parent} ended {state.value}")
+    conn.execute(
+        jobs.update()
+        .where(jobs.c.id == child)
+        .values(state=_S.CANCELLED.value, finished_at=now, last_error=rows.error_to_json(error))
+    )
+    detail = {"parent": parent, "parent_state": state.value}
+    return Transition(
+        child,
+        row.queue,
+        _S.WAITING,
+        _S.CANCELLED,
+        Reason.PARENT_FAILED,
+        row.attempts,
+        BROKER,
+        detail,
+    )
 
 
-def _count_down(
-    conn: Connection, now: datetime, done: Counter[str], cancelled: set[str]
-) -> list[Transition]:
-    """Count the satisfied links down on each child (in id order: two
-    transactions lock shared children in one order) and release those at zero."""
-    moved = []
-    for child in sorted(done):
-        row = conn.execute(
-            jobs.update()
-            .where(jobs.c.id == child)
-            .values(waiting_on=jobs.c.waiting_on - done[child])
-            .returning(jobs.c.state, jobs.c.waiting_on)
-        ).first()
-        if row and row.waiting_on <= 0 and row.state == _S.WAITING.value and child not in cancelled:
-            moved.append(_release(conn, now, child))
-    return moved
+def _count_down(conn: Connection, now: datetime, child: str, n: int) -> Transition | None:
+    """Count ``n`` satisfied links down on a child; release it at zero."""
+    row = conn.execute(
+        jobs.update()
+        .where(jobs.c.id == child)
+        .values(waiting_on=jobs.c.waiting_on - n)
+        .returning(jobs.c.state, jobs.c.waiting_on)
+    ).first()
+    if row and row.waiting_on <= 0 and row.state == _S.WAITING.value:
+        return _release(conn, now, child)
+    return None
 
 
 # A released job's links, for its input: their results (all succeeded), or
@@ -256,7 +314,8 @@ def _release(conn: Connection, now: datetime, child: str) -> Transition:
     if row.inputs:
         [(size,)] = _INPUT_SIZE.tuples(conn, {"child": child})
         try:
-            check_input_size(int(size))
+            # A result that is not JSON grows by a third in base64.
+            check_input_size(int(size) * 4 // 3 + len(row.payload))
         except InputTooLarge as error:
             return _refuse(conn, now, child, row, str(error))
         if row.inputs.get("tolerant"):
@@ -300,30 +359,44 @@ def _resume(conn: Connection, replayed: list[str]) -> list[Transition]:
             .returning(job_deps.c.child_id)
         ).scalars()
         children.update(found)
-    other = sa.exists().where(job_deps.c.child_id == jobs.c.id, job_deps.c.outcome == BLOCKED)
     moved = []
-    for ids in _chunks(sorted(children)):
-        resumed = conn.execute(
+    for child in sorted(children):
+        # Locked first, then looked at: a parent failing now in another
+        # transaction either marked its link before, or sees the child waiting.
+        row = conn.execute(
+            sa.select(jobs.c.state, jobs.c.queue, jobs.c.attempts)
+            .where(jobs.c.id == child)
+            .with_for_update()
+        ).first()
+        if row is None or row.state != _S.CANCELLED.value:
+            continue
+        if conn.execute(sa.select(BLOCKED_CHILD).where(jobs.c.id == child)).scalar():
+            continue
+        conn.execute(
             jobs.update()
-            .where(jobs.c.id.in_(ids), jobs.c.state == _S.CANCELLED.value, ~other)
+            .where(jobs.c.id == child)
             .values(state=_S.WAITING.value, finished_at=None, last_error=None)
-            .returning(jobs.c.id, jobs.c.queue, jobs.c.attempts)
-        ).all()
-        moved += [
-            Transition(r.id, r.queue, _S.CANCELLED, _S.WAITING, Reason.RESUMED, r.attempts)
-            for r in resumed
-        ]
+        )
+        moved.append(
+            Transition(child, row.queue, _S.CANCELLED, _S.WAITING, Reason.RESUMED, row.attempts)
+        )
     return moved
 
 
-def waits_on(conn: Connection, job_id: str, limit: int = 10) -> tuple[WaitsOn, ...]:
-    """The parents of a job that have not ended as it needs, first ones first."""
+def waits_on(
+    conn: Connection, job_id: str, *, blocked_only: bool, limit: int = 10
+) -> tuple[WaitsOn, ...]:
+    """The parents of a job that have not ended as it needs (or only those
+    whose failure cancelled it), first ones first."""
     parent = jobs.alias("parent")
+    unsatisfied = job_deps.c.outcome == BLOCKED
+    if not blocked_only:
+        unsatisfied = sa.or_(job_deps.c.outcome.is_(None), unsatisfied)
     found = conn.execute(
         sa.select(job_deps.c.parent_id, parent.c.task, parent.c.state)
         .join(parent, parent.c.id == job_deps.c.parent_id, isouter=True)
         .where(job_deps.c.child_id == job_id)
-        .where(sa.or_(job_deps.c.outcome.is_(None), job_deps.c.outcome == BLOCKED))
+        .where(unsatisfied)
         .order_by(job_deps.c.position)
         .limit(limit)
     ).all()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -97,8 +97,8 @@ def submit_many(
     values = [rows.new_job_row(job, now) for job in jobs_in]
     # The unique constraint decides between racing submits of one key.
     stored = insert_new(conn, values)
-    dependencies.link(conn, jobs_in, stored)
     if len(stored) == len(values):
+        dependencies.link(conn, jobs_in, stored)
         made = [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
         moved = [_submitted(v, job.submitted_by) for v, job in zip(values, jobs_in, strict=True)]
         return _moved(conn, now, made, moved)
@@ -118,6 +118,7 @@ def submit_many(
             SubmitResult(owner, JobState(state_of.get(owner, v["state"])), owner != v["id"])
         )
     new = {r.job_id for r in results if not r.duplicate}
+    dependencies.link(conn, jobs_in, new)  # after the expired keys' jobs went in too
     moved = [
         _submitted(v, job.submitted_by)
         for v, job in zip(values, jobs_in, strict=True)
@@ -811,6 +812,14 @@ def cancel(conn: Connection, job_id: str, now: datetime, actor: str = "client") 
     return _moved(conn, now, _job(conn, job_id, history=True), moved)
 
 
+_UNENDED = [s.value for s in JobState if not s.terminal]
+
+
+def _chunks(ids: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
 def cancel_workflow(conn: Connection, workflow_id: str, now: datetime, actor: str) -> Moved[int]:
     """Cancel every job of a workflow that has not ended: at once where none
     holds it, by asking its worker where one does. Returns how many."""
@@ -830,18 +839,17 @@ def cancel_workflow(conn: Connection, workflow_id: str, now: datetime, actor: st
         raise NotFound(f"no workflow with id {workflow_id!r}")
     held = [r.id for r in found if r.state in _HELD_STATES]
     free = [r.id for r in found if r.state not in _HELD_STATES]
-    for start in range(0, len(free), 500):
+    for chunk in _chunks(free):
         conn.execute(
             jobs.update()
-            .where(jobs.c.id.in_(free[start : start + 500]), jobs.c.state.in_(_UNENDED))
+            .where(jobs.c.id.in_(chunk), jobs.c.state.in_(_UNENDED))
             .values(state=JobState.CANCELLED.value, finished_at=now)
         )
-    for start in range(0, len(held), 500):
+    for chunk in _chunks(held):
         conn.execute(
-            jobs.update()
-            .where(jobs.c.id.in_(held[start : start + 500]), _in(HELD))
-            .values(cancel_requested=True)
+            jobs.update().where(jobs.c.id.in_(chunk), _in(HELD)).values(cancel_requested=True)
         )
+    dependencies.abandon(conn, workflow_id)
     moved = []
     for r in found:
         state = JobState(r.state)
@@ -853,9 +861,6 @@ def cancel_workflow(conn: Connection, workflow_id: str, now: datetime, actor: st
             Transition(r.id, r.queue, state, target, why, r.attempts, actor, token=r.fencing_token)
         )
     return _moved(conn, now, len(found), moved)
-
-
-_UNENDED = [s.value for s in JobState if not s.terminal]
 
 
 def get_job(conn: Connection, job_id: str, *, history: bool = True) -> Job:
@@ -898,7 +903,7 @@ def explain_job(conn: Connection, job_id: str) -> JobFacts:
     ).scalar()
     waits_on: tuple[WaitsOn, ...] = ()
     if job.state is JobState.WAITING or job.state is JobState.CANCELLED:
-        waits_on = dependencies.waits_on(conn, job_id)
+        waits_on = dependencies.waits_on(conn, job_id, blocked_only=job.state.terminal)
     return JobFacts(job, ahead, leased_at, waits_on)
 
 
@@ -982,9 +987,11 @@ def purge_dead(
 
 
 def delete_finished(conn: Connection, before: datetime, limit: int) -> Moved[int]:
+    """Delete jobs finished before ``before``, but not one a dead parent
+    cancelled: replaying that parent resumes it."""
     found = conn.execute(
         sa.select(jobs.c.id, jobs.c.queue, jobs.c.state, jobs.c.attempts)
-        .where(_in(_FINISHED), jobs.c.finished_at < before)
+        .where(_in(_FINISHED), jobs.c.finished_at < before, ~dependencies.BLOCKED_CHILD)
         .limit(limit)
     ).all()
     _delete(conn, [r.id for r in found])

@@ -213,6 +213,9 @@ job_deps = sa.Table(
     # Whether the child runs whatever the parent's end (a chord's callback
     # told to run with failures).
     sa.Column("tolerant", sa.Boolean, nullable=False),
+    # Whether the child's input is made from the parent's result: only then
+    # is the result copied here.
+    sa.Column("feeds", sa.Boolean, nullable=False),
     # NULL while the parent has not ended as the child needs; "blocked" when
     # its end cancelled the child; else the state it ended in.
     sa.Column("outcome", sa.String(16)),
