@@ -179,6 +179,22 @@ TABLE: dict[str, tuple[set[str], Call]] = {
             broker_pb2.CancelWorkflowRequest(workflow_id="none"), metadata=m
         ),
     ),
+    "ListQueues": (
+        _PRODUCE,
+        lambda s, m: s.ListQueues(broker_pb2.ListQueuesRequest(), metadata=m),
+    ),
+    "SetQueue": (
+        {"admin"},
+        lambda s, m: s.SetQueue(broker_pb2.SetQueueRequest(name="q"), metadata=m),
+    ),
+    "PauseQueue": (
+        {"admin"},
+        lambda s, m: s.PauseQueue(broker_pb2.PauseQueueRequest(name="q"), metadata=m),
+    ),
+    "ResumeQueue": (
+        {"admin"},
+        lambda s, m: s.ResumeQueue(broker_pb2.PauseQueueRequest(name="q"), metadata=m),
+    ),
     "ListSchedules": (
         _PRODUCE,
         lambda s, m: s.ListSchedules(broker_pb2.ListSchedulesRequest(), metadata=m),

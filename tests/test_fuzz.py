@@ -1230,6 +1230,13 @@ TEMPLATES: dict[str, Message] = {
     "PauseSchedule": broker_pb2.PauseScheduleRequest(name="fz-raw"),
     "ResumeSchedule": broker_pb2.ResumeScheduleRequest(name="fz-raw"),
     "DeleteSchedule": broker_pb2.DeleteScheduleRequest(name="fz-raw"),
+    "ListQueues": broker_pb2.ListQueuesRequest(),
+    "SetQueue": broker_pb2.SetQueueRequest(
+        name="fz-queue",
+        defaults=broker_pb2.QueueDefaults(max_attempts=3, backoff_factor=2.0),
+    ),
+    "PauseQueue": broker_pb2.PauseQueueRequest(name="fz-queue"),
+    "ResumeQueue": broker_pb2.PauseQueueRequest(name="fz-queue"),
 }
 assert set(TEMPLATES) == set(METHODS), "a Broker RPC without a fuzz template"
 

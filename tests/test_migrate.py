@@ -120,11 +120,15 @@ def test_a_version_1_database_is_migrated_to_the_partial_indexes(database: str) 
     assert (kept.queue, kept.state) == ("old", JobState.PENDING)
 
 
-def test_a_version_8_database_gains_workflows_and_the_schedules_table(database: str) -> None:
-    """Steps 9 (jobs that wait on jobs) and 10 (schedules) on a database that a
-    broker of schema version 8 left, with a job in it."""
+def test_a_version_8_database_gains_workflows_schedules_and_queue_settings(
+    database: str,
+) -> None:
+    """Steps 9 (jobs that wait on jobs), 10 (schedules) and 11 (queue
+    settings) on a database that a broker of schema version 8 left, with a
+    job in it."""
 
     def as_version_8(conn: sa.Connection) -> None:
+        conn.execute(sa.text("DROP TABLE queues"))
         conn.execute(sa.text("DROP TABLE schedules"))
         conn.execute(sa.text("DROP TABLE job_deps"))
         conn.execute(sa.text("DROP INDEX ix_jobs_workflow"))
@@ -155,7 +159,8 @@ def test_a_version_8_database_gains_workflows_and_the_schedules_table(database: 
     assert done.stdout.strip() == f"schema is at version {migrations.LATEST}"
     indexes, versions = asyncio.run(in_store(lambda store: store._run(found)))
     assert "ix_schedules_due" in indexes
-    assert versions == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert versions == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     assert asyncio.run(in_store(lambda store: store.list_schedules(None, 10))) == []
+    assert asyncio.run(in_store(lambda store: store.list_queues())) == []
     kept = asyncio.run(in_store(lambda store: store.get_job(new.id)))
     assert (kept.queue, kept.workflow_id) == ("old", None)

@@ -70,6 +70,7 @@ def test_public_api_is_pinned() -> None:
             "current_job",
             "schedule",
             "task",
+            "QueueSettings",
             # workflows
             "AsyncWorkflowHandle",
             "Chain",

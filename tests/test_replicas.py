@@ -447,3 +447,25 @@ def test_parents_ending_on_different_replicas_release_their_child_once(
         list(bodies),
     )
     assert spread > 0, "no chord had members completed through two replicas"
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_a_pause_through_one_replica_holds_on_another(cluster: Cluster) -> None:
+    cluster.start_replicas(2)
+    on_a = f"127.0.0.1:{cluster.ports[0]}"
+    on_b = f"127.0.0.1:{cluster.ports[1]}"
+    with Client(on_a, timeout=10) as a, Client(on_b, timeout=10) as b:
+        a.pause_queue("held")
+        handle = a.submit(replica_tasks.record, "-", queue="held")
+        with b.lease_stream(["held", "probe"], prefetch=1) as stream:
+            leases = iter(stream)
+            probe = b.submit(replica_tasks.record, "-", queue="probe")
+            got = next(leases)  # leased after the pause, on B: the held job is not
+            assert got.job.id == probe.id
+            got.complete(None)
+            assert b.explain(handle.id).reason == "paused"
+            a.resume_queue("held")
+            got = next(leases)  # B's streams look within its poll interval
+            assert got.job.id == handle.id
+            got.complete(None)

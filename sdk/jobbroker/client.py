@@ -18,6 +18,7 @@ import grpc
 from jobbroker.v1 import broker_pb2, broker_pb2_grpc, job_pb2
 
 from . import _calls, schedules
+from . import queues as queue_settings
 from ._async_stream import AsyncLeaseStream
 from ._convert import api_key_from_pb, explanation_from_pb, job_from_pb
 from ._submit_pipe import AsyncSubmitPipe, SubmitPipe
@@ -38,6 +39,8 @@ from .types import (
     JobRequest,
     JobState,
     Page,
+    QueueSettings,
+    RetryPolicy,
     Role,
     Schedule,
     ScheduleOptions,
@@ -357,6 +360,38 @@ class Client:
         """The jobs it made stay."""
         request = broker_pb2.DeleteScheduleRequest(name=name)
         self._unary(self._stub.DeleteSchedule, request, _calls.NOT_RETRIED)
+
+    def list_queues(self) -> list[QueueSettings]:
+        """The queues with settings of their own, by name."""
+        reply = self._unary(self._stub.ListQueues, broker_pb2.ListQueuesRequest())
+        return [queue_settings.from_pb(q) for q in reply.queues]
+
+    def set_queue(
+        self,
+        name: str,
+        *,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | None = None,
+        soft_timeout: timedelta | None = None,
+        lost_worker_counts: bool = True,
+    ) -> QueueSettings:
+        """Replace the defaults of the queue's jobs (what a job and its task
+        leave unset); an admin key."""
+        request = queue_settings.set_request(
+            name, max_attempts, retry, timeout, soft_timeout, lost_worker_counts
+        )
+        return queue_settings.from_pb(self._unary(self._stub.SetQueue, request).queue)
+
+    def pause_queue(self, name: str) -> QueueSettings:
+        """Lease nothing of the queue, on every replica, until it is resumed;
+        submits are still taken, and leased jobs run to their end."""
+        request = broker_pb2.PauseQueueRequest(name=name)
+        return queue_settings.from_pb(self._unary(self._stub.PauseQueue, request).queue)
+
+    def resume_queue(self, name: str) -> QueueSettings:
+        request = broker_pb2.PauseQueueRequest(name=name)
+        return queue_settings.from_pb(self._unary(self._stub.ResumeQueue, request).queue)
 
     def close(self) -> None:
         self._submits.close()
@@ -686,6 +721,36 @@ class AsyncClient:
         """The jobs it made stay."""
         request = broker_pb2.DeleteScheduleRequest(name=name)
         await self._unary(self._stub.DeleteSchedule, request, _calls.NOT_RETRIED)
+
+    async def list_queues(self) -> list[QueueSettings]:
+        """The queues with settings of their own, by name."""
+        reply = await self._unary(self._stub.ListQueues, broker_pb2.ListQueuesRequest())
+        return [queue_settings.from_pb(q) for q in reply.queues]
+
+    async def set_queue(
+        self,
+        name: str,
+        *,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | None = None,  # noqa: ASYNC109 - the jobs' timeout, not this call's
+        soft_timeout: timedelta | None = None,
+        lost_worker_counts: bool = True,
+    ) -> QueueSettings:
+        """Replace the defaults of the queue's jobs (see Client.set_queue)."""
+        request = queue_settings.set_request(
+            name, max_attempts, retry, timeout, soft_timeout, lost_worker_counts
+        )
+        return queue_settings.from_pb((await self._unary(self._stub.SetQueue, request)).queue)
+
+    async def pause_queue(self, name: str) -> QueueSettings:
+        """Lease nothing of the queue until it is resumed (see Client.pause_queue)."""
+        request = broker_pb2.PauseQueueRequest(name=name)
+        return queue_settings.from_pb((await self._unary(self._stub.PauseQueue, request)).queue)
+
+    async def resume_queue(self, name: str) -> QueueSettings:
+        request = broker_pb2.PauseQueueRequest(name=name)
+        return queue_settings.from_pb((await self._unary(self._stub.ResumeQueue, request)).queue)
 
     async def close(self) -> None:
         await self._submits.close()

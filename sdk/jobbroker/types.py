@@ -358,3 +358,21 @@ class ScheduleSpec:
     catch_up: Literal["skip", "latest"] = "skip"
     paused: bool = False
     options: ScheduleOptions = field(default_factory=lambda: ScheduleOptions())
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A queue's own settings: paused (by whom, since when) or not, and the
+    defaults its jobs get when neither the job nor its task says (None: the
+    broker's). `lost_worker_counts`: whether an attempt whose worker was lost
+    (its lease expired) counts against `max_attempts`."""
+
+    name: str
+    paused: bool
+    paused_by: str
+    paused_at: datetime | None
+    max_attempts: int | None
+    retry: RetryPolicy
+    timeout: timedelta | None
+    soft_timeout: timedelta | None
+    lost_worker_counts: bool

@@ -31,6 +31,7 @@ from jobbroker_server.services.explain import Explainer
 from jobbroker_server.services.health import StoreHealth
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.keys import ApiKeys
+from jobbroker_server.services.queues import Queues
 from jobbroker_server.services.reports import Reports
 from jobbroker_server.services.schedules import Schedules
 from jobbroker_server.services.tail import EventTails
@@ -101,6 +102,8 @@ class BrokerApp:
             poll_interval=s.poll_interval,
         )
         reports = Reports(store, dispatcher, self.clock, changes)
+        queues = Queues(store, self.clock, dispatcher, refresh=s.poll_interval)
+        await queues.refresh()
         keys = ApiKeys(store, self.clock, required=s.auth, refresh=s.poll_interval)
         if s.auth:
             await keys.load()
@@ -119,8 +122,9 @@ class BrokerApp:
             Limits(s.max_payload_bytes, s.retry),
             s.max_batch,
             tails,
-            Explainer(store, dispatcher),
+            Explainer(store, dispatcher, queues),
             Schedules(store, self.clock, self.cron),
+            queues,
         )
         message_limit = limits.MAX_MESSAGE_BYTES  # what the SDK accepts, too
         server = grpc.aio.server(
@@ -150,7 +154,17 @@ class BrokerApp:
         self._server = server
         await self._set_serving(True)
         health_probe = StoreHealth(store, self.clock, self._set_serving)
-        loops = (scheduler, reaper, retention, depths, dispatcher, health_probe, keys, self.cron)
+        loops = (
+            scheduler,
+            reaper,
+            retention,
+            depths,
+            dispatcher,
+            health_probe,
+            keys,
+            self.cron,
+            queues,
+        )
         for loop in loops:
             self._tasks.append(asyncio.create_task(loop.run()))
         log.info(

@@ -38,7 +38,7 @@ from jobbroker import (
     Task,
     Worker,
 )
-from jobbroker_server import cli_schedules
+from jobbroker_server import cli_queues, cli_schedules
 from jobbroker_server.app import serve
 from jobbroker_server.clock import SystemClock
 from jobbroker_server.config import ENV, Settings, flag_of, from_text
@@ -659,6 +659,7 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=cmd_dlq)
 
     cli_schedules.add_commands(sub, target, _client, _seconds)
+    cli_queues.add_commands(sub, target, _client, _seconds)
     return parser
 
 

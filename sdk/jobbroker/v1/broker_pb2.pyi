@@ -625,3 +625,67 @@ class DeleteScheduleRequest(_message.Message):
 class DeleteScheduleResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class QueueDefaults(_message.Message):
+    __slots__ = ("max_attempts", "backoff_base", "backoff_factor", "backoff_cap", "timeout", "soft_timeout", "lost_worker_counts")
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_BASE_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_CAP_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    SOFT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    LOST_WORKER_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    max_attempts: int
+    backoff_base: _duration_pb2.Duration
+    backoff_factor: float
+    backoff_cap: _duration_pb2.Duration
+    timeout: _duration_pb2.Duration
+    soft_timeout: _duration_pb2.Duration
+    lost_worker_counts: bool
+    def __init__(self, max_attempts: _Optional[int] = ..., backoff_base: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., backoff_factor: _Optional[float] = ..., backoff_cap: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., soft_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lost_worker_counts: _Optional[bool] = ...) -> None: ...
+
+class QueueSettings(_message.Message):
+    __slots__ = ("name", "paused", "paused_by", "paused_at", "defaults", "updated_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_BY_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    paused: bool
+    paused_by: str
+    paused_at: _timestamp_pb2.Timestamp
+    defaults: QueueDefaults
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., paused: _Optional[bool] = ..., paused_by: _Optional[str] = ..., paused_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., defaults: _Optional[_Union[QueueDefaults, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListQueuesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListQueuesResponse(_message.Message):
+    __slots__ = ("queues",)
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueSettings]
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueSettings, _Mapping]]] = ...) -> None: ...
+
+class SetQueueRequest(_message.Message):
+    __slots__ = ("name", "defaults")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    defaults: QueueDefaults
+    def __init__(self, name: _Optional[str] = ..., defaults: _Optional[_Union[QueueDefaults, _Mapping]] = ...) -> None: ...
+
+class PauseQueueRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class QueueResponse(_message.Message):
+    __slots__ = ("queue",)
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    queue: QueueSettings
+    def __init__(self, queue: _Optional[_Union[QueueSettings, _Mapping]] = ...) -> None: ...

@@ -172,6 +172,26 @@ class BrokerStub:
                 request_serializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/jobbroker.v1.Broker/ListQueues',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
+        self.SetQueue = channel.unary_unary(
+                '/jobbroker.v1.Broker/SetQueue',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.SetQueueRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.QueueResponse.FromString,
+                _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/jobbroker.v1.Broker/PauseQueue',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.QueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/jobbroker.v1.Broker/ResumeQueue',
+                request_serializer=jobbroker_dot_v1_dot_broker__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=jobbroker_dot_v1_dot_broker__pb2.QueueResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -373,6 +393,34 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQueues(self, request, context):
+        """Queues with settings of their own: paused or not, and their jobs' defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQueue(self, request, context):
+        """Replace a queue's job defaults (an admin key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseQueue(self, request, context):
+        """A paused queue takes submits and leases nothing, on every replica, from
+        the pause's commit on; jobs already leased run to their end. An admin key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -505,6 +553,26 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.ListQueuesRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SetQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQueue,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.SetQueueRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.QueueResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.PauseQueueRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.QueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=jobbroker_dot_v1_dot_broker__pb2.PauseQueueRequest.FromString,
+                    response_serializer=jobbroker_dot_v1_dot_broker__pb2.QueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1216,6 +1284,114 @@ class Broker:
             '/jobbroker.v1.Broker/DeleteSchedule',
             jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleRequest.SerializeToString,
             jobbroker_dot_v1_dot_broker__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ListQueues',
+            jobbroker_dot_v1_dot_broker__pb2.ListQueuesRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/SetQueue',
+            jobbroker_dot_v1_dot_broker__pb2.SetQueueRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.QueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/PauseQueue',
+            jobbroker_dot_v1_dot_broker__pb2.PauseQueueRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.QueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobbroker.v1.Broker/ResumeQueue',
+            jobbroker_dot_v1_dot_broker__pb2.PauseQueueRequest.SerializeToString,
+            jobbroker_dot_v1_dot_broker__pb2.QueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -107,6 +107,15 @@ class BrokerStub:
     """A tick that passed while paused is a missed tick: the catch-up policy decides."""
     DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DeleteScheduleRequest, _broker_pb2.DeleteScheduleResponse]
     """The jobs it made stay."""
+    ListQueues: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListQueuesRequest, _broker_pb2.ListQueuesResponse]
+    """Queues with settings of their own: paused or not, and their jobs' defaults."""
+    SetQueue: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SetQueueRequest, _broker_pb2.QueueResponse]
+    """Replace a queue's job defaults (an admin key)."""
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PauseQueueRequest, _broker_pb2.QueueResponse]
+    """A paused queue takes submits and leases nothing, on every replica, from
+    the pause's commit on; jobs already leased run to their end. An admin key.
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PauseQueueRequest, _broker_pb2.QueueResponse]
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -186,6 +195,15 @@ class BrokerAsyncStub(BrokerStub):
     """A tick that passed while paused is a missed tick: the catch-up policy decides."""
     DeleteSchedule: _aio.UnaryUnaryMultiCallable[_broker_pb2.DeleteScheduleRequest, _broker_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
     """The jobs it made stay."""
+    ListQueues: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListQueuesRequest, _broker_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """Queues with settings of their own: paused or not, and their jobs' defaults."""
+    SetQueue: _aio.UnaryUnaryMultiCallable[_broker_pb2.SetQueueRequest, _broker_pb2.QueueResponse]  # type: ignore[assignment]
+    """Replace a queue's job defaults (an admin key)."""
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_broker_pb2.PauseQueueRequest, _broker_pb2.QueueResponse]  # type: ignore[assignment]
+    """A paused queue takes submits and leases nothing, on every replica, from
+    the pause's commit on; jobs already leased run to their end. An admin key.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_broker_pb2.PauseQueueRequest, _broker_pb2.QueueResponse]  # type: ignore[assignment]
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """The jobbroker service. Errors are gRPC status codes; the machine-readable
@@ -418,5 +436,38 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.DeleteScheduleResponse, _abc.Awaitable[_broker_pb2.DeleteScheduleResponse]]:
         """The jobs it made stay."""
+
+    @_abc_1.abstractmethod
+    def ListQueues(
+        self,
+        request: _broker_pb2.ListQueuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListQueuesResponse, _abc.Awaitable[_broker_pb2.ListQueuesResponse]]:
+        """Queues with settings of their own: paused or not, and their jobs' defaults."""
+
+    @_abc_1.abstractmethod
+    def SetQueue(
+        self,
+        request: _broker_pb2.SetQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.QueueResponse, _abc.Awaitable[_broker_pb2.QueueResponse]]:
+        """Replace a queue's job defaults (an admin key)."""
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _broker_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.QueueResponse, _abc.Awaitable[_broker_pb2.QueueResponse]]:
+        """A paused queue takes submits and leases nothing, on every replica, from
+        the pause's commit on; jobs already leased run to their end. An admin key.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _broker_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.QueueResponse, _abc.Awaitable[_broker_pb2.QueueResponse]]: ...
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -68,7 +68,10 @@ REPORT_TO_PB = {
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_payload_bytes: int
-    retry: RetryPolicy  # defaults for what a submit leaves unset
+    # Defaults for what a submit leaves unset: the broker's, or its queue's.
+    retry: RetryPolicy
+    timeout: timedelta | None = None
+    soft_timeout: timedelta | None = None
 
 
 def _duration(
@@ -81,8 +84,8 @@ def _duration(
     return limits.duration(msg.ToTimedelta(), what, limit, positive=positive)
 
 
-def _optional_duration(
-    parent: job_pb2.JobSpec | job_pb2.RetryPolicy,
+def optional_duration(
+    parent: job_pb2.JobSpec | job_pb2.RetryPolicy | broker_pb2.QueueDefaults,
     field: str,
     limit: timedelta,
     *,
@@ -90,7 +93,7 @@ def _optional_duration(
 ) -> timedelta | None:
     if not parent.HasField(field):
         return None
-    what = field if isinstance(parent, job_pb2.JobSpec) else f"retry.{field}"
+    what = f"retry.{field}" if isinstance(parent, job_pb2.RetryPolicy) else field
     return _duration(getattr(parent, field), what, limit, positive=positive)
 
 
@@ -99,8 +102,8 @@ def _retry(spec: job_pb2.JobSpec, defaults: RetryPolicy) -> RetryPolicy:
         return defaults
     r = spec.retry
     jitter = r.jitter if r.HasField("jitter") else defaults.jitter
-    base = _optional_duration(r, "backoff_base", limits.MAX_BACKOFF)
-    cap = _optional_duration(r, "backoff_cap", limits.MAX_BACKOFF)
+    base = optional_duration(r, "backoff_base", limits.MAX_BACKOFF)
+    cap = optional_duration(r, "backoff_cap", limits.MAX_BACKOFF)
     attempts = r.max_attempts and limits.max_attempts(r.max_attempts)
     factor = r.backoff_factor and limits.backoff_factor(r.backoff_factor)
     return RetryPolicy(
@@ -148,8 +151,10 @@ def new_job(spec: job_pb2.JobSpec, limit: Limits, now: datetime) -> NewJob:
         priority=spec.priority,
         run_at=_run_at(spec, now),
         retry=_retry(spec, limit.retry),
-        timeout=_optional_duration(spec, "timeout", limits.MAX_TIMEOUT, positive=True),
-        soft_timeout=_optional_duration(spec, "soft_timeout", limits.MAX_TIMEOUT, positive=True),
+        timeout=optional_duration(spec, "timeout", limits.MAX_TIMEOUT, positive=True)
+        or limit.timeout,
+        soft_timeout=optional_duration(spec, "soft_timeout", limits.MAX_TIMEOUT, positive=True)
+        or limit.soft_timeout,
         idempotency_key=None if key is None else limits.name(key, "idempotency_key"),
         # An empty map is slow to copy, and most jobs have none.
         metadata=limits.metadata(spec.metadata) if spec.metadata else {},

@@ -29,13 +29,15 @@ from jobbroker_server.domain.errors import (
 from jobbroker_server.domain.keys import Caller
 from jobbroker_server.domain.models import Job, JobFilter, JobPage, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.rpc import convert
+from jobbroker_server.rpc import convert, queues
 from jobbroker_server.rpc.errors import error_pb
 from jobbroker_server.rpc.lease_stream import LeaseStreams
+from jobbroker_server.rpc.queues import QueueMethods
 from jobbroker_server.rpc.schedules import ScheduleMethods
 from jobbroker_server.services.explain import Explainer
 from jobbroker_server.services.jobs import Jobs
 from jobbroker_server.services.keys import ApiKeys
+from jobbroker_server.services.queues import Queues
 from jobbroker_server.services.schedules import Schedules
 from jobbroker_server.services.tail import EventTails
 
@@ -103,7 +105,7 @@ def _page(page: JobPage) -> broker_pb2.ListJobsResponse:
     )
 
 
-class BrokerServicer(ScheduleMethods):
+class BrokerServicer(ScheduleMethods, QueueMethods):
     def __init__(
         self,
         jobs: Jobs,
@@ -115,9 +117,11 @@ class BrokerServicer(ScheduleMethods):
         tails: EventTails,
         explainer: Explainer,
         schedules: Schedules,
+        queues: Queues,
     ) -> None:
         self._jobs = jobs
         self._schedules = schedules
+        self._queues = queues
         self._tails = tails
         self._explainer = explainer
         self._keys = keys
@@ -129,7 +133,8 @@ class BrokerServicer(ScheduleMethods):
     def _new_job(self, spec: job_pb2.JobSpec, caller: Caller, now: datetime) -> NewJob:
         if spec.HasField("needs"):
             raise InvalidArgument("needs names jobs of a workflow: submit it with SubmitWorkflow")
-        job = convert.new_job(spec, self._limits, now)
+        limit = queues.limits_for(self._limits, self._queues.defaults(spec.queue))
+        job = convert.new_job(spec, limit, now)
         caller.check_queue(job.queue)
         job.submitted_by = caller.actor
         return job
@@ -177,7 +182,8 @@ class BrokerServicer(ScheduleMethods):
         ids: list[str] = []
         for i, spec in enumerate(request.jobs):
             try:
-                job = convert.workflow_job(spec, ids, self._limits, now)
+                limit = queues.limits_for(self._limits, self._queues.defaults(spec.queue))
+                job = convert.workflow_job(spec, ids, limit, now)
                 caller.check_queue(job.queue)
             except (InvalidArgument, ResourceExhausted, PermissionDenied) as error:
                 raise type(error)(f"jobs[{i}]: {error}") from None

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from jobbroker_server.domain.models import ErrorInfo, Job, WaitsOn
+from jobbroker_server.domain.queues import QueueSettings
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.services.dispatcher import Dispatcher
+from jobbroker_server.services.queues import Queues
 from jobbroker_server.store import Store
 from jobbroker_server.store.ops import MAX_AHEAD
 
@@ -16,8 +18,8 @@ from jobbroker_server.store.ops import MAX_AHEAD
 @dataclass(frozen=True, slots=True)
 class Explanation:
     state: JobState
-    # waiting, parent_failed, scheduled, retry_backoff, pending, no_worker,
-    # held, running, cancel_requested, finished
+    # waiting, parent_failed, scheduled, retry_backoff, paused, pending,
+    # no_worker, held, running, cancel_requested, finished
     reason: str
     summary: str
     attempt: int
@@ -44,9 +46,10 @@ def _error(error: ErrorInfo | None) -> str:
 
 
 class Explainer:
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, queues: Queues) -> None:
         self._store = store
         self._dispatcher = dispatcher
+        self._queues = queues
 
     async def explain(self, job_id: str) -> Explanation:
         facts = await self._store.explain_job(job_id)
@@ -56,6 +59,9 @@ class Explainer:
         if job.state is JobState.SCHEDULED:
             return _scheduled(job)
         if job.state is JobState.PENDING:
+            settings = await self._queues.settings(job.queue)
+            if settings is not None and settings.paused:
+                return _paused(job, settings)
             return self._pending(job, facts.ahead)
         if job.state.held:
             return self._held(job, facts.leased_at)
@@ -150,6 +156,15 @@ def _waiting(job: Job, parents: tuple[WaitsOn, ...]) -> Explanation:
         last_error=job.last_error,
         waits_on=parents,
     )
+
+
+def _paused(job: Job, queue: QueueSettings) -> Explanation:
+    summary = (
+        f"pending in queue {job.queue!r}, which {queue.paused_by} paused at "
+        f"{_when(queue.paused_at)}: nothing of it is leased until "
+        f"`broker queues resume {job.queue}`"
+    )
+    return Explanation(job.state, "paused", summary, job.attempts, since=queue.paused_at)
 
 
 def _scheduled(job: Job) -> Explanation:

@@ -32,6 +32,7 @@ from jobbroker_server.domain.models import (
     ReportResult,
     SubmitResult,
 )
+from jobbroker_server.domain.queues import QueueDefaults, QueueSettings
 from jobbroker_server.domain.schedules import Schedule, Tick
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import JobEvent, LogPosition, Moved
@@ -276,3 +277,19 @@ class Store(abc.ABC):
         """If ``due`` is still the schedule's next tick, move it on to
         ``tick.next_run_at`` and store ``job`` in the same transaction; the
         id of the job stored, or None (skipped, or taken already)."""
+
+    @abc.abstractmethod
+    async def list_queues(self) -> list[QueueSettings]:
+        """Every queue that has settings of its own, by name."""
+
+    @abc.abstractmethod
+    async def set_queue_defaults(
+        self, name: str, defaults: QueueDefaults, now: datetime
+    ) -> QueueSettings:
+        """Replace a queue's job defaults; RESOURCE_EXHAUSTED past MAX_QUEUE_SETTINGS."""
+
+    @abc.abstractmethod
+    async def set_queue_paused(
+        self, name: str, paused: bool, actor: str, now: datetime
+    ) -> QueueSettings:
+        """Pause (no job of it is leased from the commit on, on any replica) or resume."""

@@ -21,6 +21,7 @@ from jobbroker_server.store.tables import (
     job_events,
     jobs,
     metadata,
+    queues,
     schedules,
     schema_version,
 )
@@ -124,6 +125,11 @@ def _v10_schedules(conn: Connection) -> None:
     schedules.create(conn, checkfirst=True)
 
 
+def _v11_queue_settings(conn: Connection) -> None:
+    """Queues' own settings: paused or not, and their jobs' defaults."""
+    queues.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -136,6 +142,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (8, _v8_event_commit_order),
     (9, _v9_dependencies),
     (10, _v10_schedules),
+    (11, _v11_queue_settings),
 )
 LATEST = STEPS[-1][0]
 

@@ -55,6 +55,7 @@ from jobbroker_server.store.tables import (
     job_deps,
     job_events,
     jobs,
+    queues,
 )
 
 RUNNING = JobState.RUNNING.value
@@ -189,9 +190,17 @@ def _not_before(value: sa.ColumnElement[Any], floor: sa.ColumnElement[Any]) -> A
 # SKIP LOCKED: replicas leasing at once never pick the same job (SQLite, with
 # one writer, renders no locking clause). The materialized CTE runs the
 # LIMITed pick once, whatever plan the UPDATE gets.
+# The paused queues, read by each lease in its own statement: a pause holds
+# on every replica from its commit on. The table holds a row per queue with
+# settings, at most a few: the scan costs the lease next to nothing.
+PAUSED = sa.select(queues.c.name).where(queues.c.paused)
 _CANDIDATES = (
     sa.select(jobs.c.id, jobs.c.priority, sa.func.length(jobs.c.payload).label("size"))
-    .where(_is(JobState.PENDING), jobs.c.queue.in_(_ids("queues")))
+    .where(
+        _is(JobState.PENDING),
+        jobs.c.queue.in_(_ids("queues")),
+        jobs.c.queue.not_in(PAUSED),
+    )
     .order_by(jobs.c.priority.desc(), jobs.c.id)
     .limit(sa.bindparam("limit"))
     .with_for_update(skip_locked=True)
@@ -717,14 +726,19 @@ def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> Moved[i
         .with_for_update(skip_locked=True)
     )
     moved = []
-    for row in (conn.execute(pick)).all():
+    found = conn.execute(pick).all()
+    uncounted = _uncounted(conn) if found else set()
+    for row in found:
         if row.overdue:
             outcome, reason = AttemptOutcome.TIMED_OUT, Reason.TIMED_OUT
             error = ErrorInfo("TimeoutError", f"attempt exceeded its {row.timeout_s}s timeout")
         else:
             outcome, reason = AttemptOutcome.LEASE_EXPIRED, Reason.LEASE_EXPIRED
             error = ErrorInfo("LeaseExpired", "lease expired: the worker stopped heartbeating")
-        state, run_at = _end_running(conn, rng, row, outcome, error, now)
+        if reason is Reason.LEASE_EXPIRED and row.queue in uncounted and not row.cancel_requested:
+            state, run_at = _lost_uncounted(conn, row, error, now), None
+        else:
+            state, run_at = _end_running(conn, rng, row, outcome, error, now)
         detail = _error_detail(error, run_at)
         moved.append(
             Transition(
@@ -740,6 +754,32 @@ def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> Moved[i
             )
         )
     return _moved(conn, now, len(moved), moved)
+
+
+def _uncounted(conn: Connection) -> set[str]:
+    """The queues whose lost workers' attempts do not count (``QueueDefaults``)."""
+    found = conn.execute(sa.select(queues.c.name).where(~queues.c.lost_worker_counts))
+    return set(found.scalars())
+
+
+def _lost_uncounted(conn: Connection, row: Any, error: ErrorInfo, now: datetime) -> JobState:
+    """A lost worker's attempt that its queue does not count: ended as
+    lease_expired, and the job pending again at once, its attempts as before."""
+    ref = LeaseRef(row.id, row.fencing_token, row.lease_key)
+    conn.execute(
+        jobs.update()
+        .where(*_held(ref))
+        .values(
+            state=JobState.PENDING.value,
+            attempts=jobs.c.attempts - 1,
+            scheduled_at=now,
+            started_at=None,
+            last_error=rows.error_to_json(error),
+            **_LEASE_CLEARED,
+        )
+    )
+    _end_attempt(conn, ref, AttemptOutcome.LEASE_EXPIRED, error, now)
+    return JobState.PENDING
 
 
 def promote_scheduled(conn: Connection, now: datetime) -> Moved[int]:

@@ -33,10 +33,11 @@ from jobbroker_server.domain.models import (
     ReportResult,
     SubmitResult,
 )
+from jobbroker_server.domain.queues import QueueDefaults, QueueSettings
 from jobbroker_server.domain.schedules import Schedule, Tick
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import JobEvent, LogPosition, Moved
-from jobbroker_server.store import events, faults, keys, migrations, ops, schedules
+from jobbroker_server.store import events, faults, keys, migrations, ops, queues, schedules
 from jobbroker_server.store.base import Store
 
 P = ParamSpec("P")
@@ -291,3 +292,16 @@ class SqlStore(Store):
     ) -> Moved[str | None]:
         op = schedules.take_tick
         return await self._run(op, self._insert_new, name, due, tick, job, now, dedup_window)
+
+    async def list_queues(self) -> list[QueueSettings]:
+        return await self._run(queues.list_queues)
+
+    async def set_queue_defaults(
+        self, name: str, defaults: QueueDefaults, now: datetime
+    ) -> QueueSettings:
+        return await self._run(queues.set_defaults, name, defaults, now)
+
+    async def set_queue_paused(
+        self, name: str, paused: bool, actor: str, now: datetime
+    ) -> QueueSettings:
+        return await self._run(queues.set_paused, name, paused, actor, now)

@@ -225,6 +225,24 @@ job_deps = sa.Table(
 )
 sa.Index("ix_job_deps_parent", job_deps.c.parent_id)
 
+# A queue's own settings (domain/queues.py); a queue without a row has none.
+queues = sa.Table(
+    "queues",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("paused_by", sa.String(200), nullable=False),
+    sa.Column("paused_at", UTCDateTime),
+    sa.Column("max_attempts", sa.Integer),
+    sa.Column("backoff_base_s", sa.Float),
+    sa.Column("backoff_factor", sa.Float),
+    sa.Column("backoff_cap_s", sa.Float),
+    sa.Column("timeout_s", sa.Float),
+    sa.Column("soft_timeout_s", sa.Float),
+    sa.Column("lost_worker_counts", sa.Boolean, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
