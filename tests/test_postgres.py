@@ -44,3 +44,61 @@ def test_submit_on_one_replica_wakes_a_worker_on_another(
         lease.complete()
     assert lease.job.id == handle.id
     assert waited < 5, f"woken after {waited:.1f}s: by the poll, not by NOTIFY"
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_a_transaction_that_loses_a_deadlock_runs_again(postgres_schema: str) -> None:
+    """PostgreSQL rolls back the loser of a deadlock whole; the store runs it
+    again, and its writes land once."""
+    import asyncio
+
+    import asyncpg
+    import sqlalchemy as sa
+
+    from jobbroker_server.store.open import open_store
+    from jobbroker_server.store.sql import SqlStore
+    from tests.test_replicas import Database
+
+    store = open_store(postgres_schema)
+    assert isinstance(store, SqlStore)
+    tries: list[int] = []
+
+    def update_a_then_b(conn: sa.Connection) -> int:
+        tries.append(1)
+        conn.execute(sa.text("UPDATE deadlock SET n = n + 1 WHERE id = 1"))
+        conn.execute(sa.text("UPDATE deadlock SET n = n + 1 WHERE id = 2"))  # held by the other
+        return len(tries)
+
+    async def scenario(other: asyncpg.Connection) -> int:
+        await store.migrate()
+        await other.execute("CREATE TABLE deadlock (id int PRIMARY KEY, n int NOT NULL)")
+        await other.execute("INSERT INTO deadlock VALUES (1, 0), (2, 0)")
+        await other.execute("SET deadlock_timeout = '10s'")  # the store's side loses
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("UPDATE deadlock SET n = n + 10 WHERE id = 2")
+        run = asyncio.ensure_future(store._run(update_a_then_b))
+        waiting = (
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE NOT l.granted AND a.query LIKE 'UPDATE deadlock%'"
+        )
+        async with asyncio.timeout(20):
+            # The store's side waits for row 2: the database says so, and
+            # has nothing to await for it.
+            while not await other.fetchval(waiting):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await other.execute("UPDATE deadlock SET n = n + 10 WHERE id = 1")  # the circle
+        await tx.commit()
+        return await run
+
+    db = Database(postgres_schema)  # a connection on the schema, outside the store
+    try:
+        assert db._runner.run(scenario(db._conn)) == 2
+        assert [tuple(r) for r in db.fetch("SELECT id, n FROM deadlock ORDER BY id")] == [
+            (1, 11),
+            (2, 11),
+        ]
+    finally:
+        db._runner.run(store.close())
+        db.close()

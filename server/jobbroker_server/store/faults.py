@@ -97,6 +97,16 @@ def _one_fault(error: BaseException) -> BrokerError | None:
     return None
 
 
+# The transaction lost a deadlock, or a serialization conflict: PostgreSQL
+# rolled it back whole, and running it again is what it asks for.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+RETRIES = 3
+
+
+def worth_retrying(error: BaseException) -> bool:
+    return any(getattr(c, "sqlstate", None) in _RETRY_SQLSTATES for c in _causes(error))
+
+
 def translate(error: BaseException) -> BrokerError | None:
     """The domain error for a fault of the database; None for any other error."""
     if isinstance(error, BrokerError):

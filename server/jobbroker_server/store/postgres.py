@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from jobbroker_server.store import migrations, rows
+from jobbroker_server.store import faults, migrations, rows
 from jobbroker_server.store.sql import SqlStore
 from jobbroker_server.store.tables import jobs, json_dumps, json_loads
 
@@ -116,8 +116,16 @@ class PostgresStore(SqlStore):
     async def _transact(
         self, op: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        async with self._engine.begin() as conn:
-            return await conn.run_sync(op, *args, **kwargs)
+        attempt = 1
+        while True:
+            try:
+                async with self._engine.begin() as conn:
+                    return await conn.run_sync(op, *args, **kwargs)
+            except sa.exc.DBAPIError as error:
+                if attempt == faults.RETRIES or not faults.worth_retrying(error):
+                    raise
+            attempt += 1
+            log.info("PostgreSQL rolled a transaction back (a deadlock); running it again")
 
     def _insert_new(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
         return set(conn.execute(_INSERT_NEW, rows).scalars())
