@@ -602,3 +602,21 @@ def test_a_key_limited_to_a_queue_manages_only_its_queues_schedules(
         assert hidden.value.code() is grpc.StatusCode.NOT_FOUND, method
     admin = stub.ListSchedules(broker_pb2.ListSchedulesRequest(), metadata=keys.metadata("admin"))
     assert [s.name for s in admin.schedules] == ["of-a", "of-b"]
+
+
+def test_a_key_limited_to_queues_sees_its_workflows_jobs_in_them(
+    keys: Keys, stub: broker_pb2_grpc.BrokerStub
+) -> None:
+    keys.texts["team-a"] = keys.make("team-a", Role.PRODUCER, ("a",))
+    mine = keys.metadata("team-a")
+    flow = broker_pb2.SubmitWorkflowRequest(
+        workflow_id="wf-a",
+        jobs=[_spec("a"), job_pb2.JobSpec(queue="a", task="t", needs=job_pb2.Needs(parents=[0]))],
+    )
+    made = stub.SubmitWorkflow(flow, metadata=mine)
+    listed = stub.ListJobs(broker_pb2.ListJobsRequest(workflow_id="wf-a"), metadata=mine)
+    assert [j.id for j in listed.jobs] == [r.job_id for r in made.results]
+    other = broker_pb2.SubmitWorkflowRequest(workflow_id="wf-b", jobs=[_spec("b")])
+    stub.SubmitWorkflow(other, metadata=keys.metadata("admin"))
+    hidden = stub.ListJobs(broker_pb2.ListJobsRequest(workflow_id="wf-b"), metadata=mine)
+    assert list(hidden.jobs) == []  # another queue's jobs do not exist for it

@@ -208,6 +208,7 @@ class WaitsOn:
 @dataclass(frozen=True, slots=True)
 class JobFilter:
     queue: str | None = None
+    queues: tuple[str, ...] | None = None  # only these (None: any)
     states: tuple[JobState, ...] = ()
     task: str | None = None
     workflow_id: str | None = None

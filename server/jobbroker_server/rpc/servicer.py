@@ -327,12 +327,18 @@ class BrokerServicer(ScheduleMethods, QueueMethods):
                 raise InvalidArgument(f"unknown job state {pb}")
             states.append(convert.STATE_FROM_PB[pb])
         queue = _optional_name(request.queue, "queue")
-        caller.named_queue(queue, "list")
+        workflow_id = _optional_name(request.workflow_id, "workflow_id")
+        visible = None
+        if workflow_id is not None and queue is None and caller.queues is not None:
+            visible = tuple(sorted(caller.queues))  # a workflow's jobs in the key's queues
+        else:
+            caller.named_queue(queue, "list")
         where = JobFilter(
             queue=queue,
+            queues=visible,
             states=tuple(states),
             task=_optional_name(request.task, "task"),
-            workflow_id=_optional_name(request.workflow_id, "workflow_id"),
+            workflow_id=workflow_id,
             after_id=_optional_name(request.page_token, "page_token"),
             limit=size,
         )

@@ -960,6 +960,8 @@ def list_jobs(conn: Connection, where: JobFilter) -> JobPage:
     stmt = sa.select(jobs.c.id, size.label("size")).order_by(jobs.c.id).limit(where.limit)
     if where.queue:
         stmt = stmt.where(jobs.c.queue == where.queue)
+    if where.queues is not None:
+        stmt = stmt.where(jobs.c.queue.in_(where.queues))
     if where.states:
         stmt = stmt.where(_in(where.states))
     if where.task:
