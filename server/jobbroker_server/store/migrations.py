@@ -124,6 +124,14 @@ def _v10_schedules(conn: Connection) -> None:
     schedules.create(conn, checkfirst=True)
 
 
+def _v12_unique_keys(conn: Connection) -> None:
+    """Unique keys: the column, and the index that lets one unfinished job
+    hold each."""
+    if "unique_key" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN unique_key VARCHAR(200)"))
+    _index("ix_jobs_unique").create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -136,6 +144,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (8, _v8_event_commit_order),
     (9, _v9_dependencies),
     (10, _v10_schedules),
+    (12, _v12_unique_keys),
 )
 LATEST = STEPS[-1][0]
 
