@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from jobbroker import (
 from jobbroker.errors import FailedPreconditionError, InvalidArgumentError
 from jobbroker_server.testing import BrokerThread
 from tests.listing import all_jobs
+from tests.processes import BROKER
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -199,6 +201,20 @@ def test_a_reused_key_refuses_its_own_submit_and_no_other_sent_with_it(
     assert f"was used for job {first.id} with a different payload" in str(refused)
     stored = {job.json() for job in all_jobs(client, "together").values()}
     assert stored == set(range(1, 9)) and all(isinstance(d, AsyncJobHandle) for d in done)
+
+
+def test_broker_submit_takes_a_unique_key(broker: BrokerThread, client: Client) -> None:
+    def submit() -> list[str]:
+        argv = [*BROKER, "submit", "--target", broker.target, "t", "--queue", "cli"]
+        done = subprocess.run(
+            [*argv, "--unique-key", "nightly"], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    [made] = submit()
+    assert submit() == [made, "(duplicate", "of", "an", "existing", "job)"]
+    assert client.get_job(made).unique_key == "nightly"
 
 
 def test_a_unique_key_is_checked_like_an_idempotency_key(client: Client) -> None:
