@@ -9,6 +9,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -29,6 +30,7 @@ from jobbroker import (
 )
 from jobbroker.errors import FailedPreconditionError, InvalidArgumentError
 from jobbroker_server.testing import BrokerThread
+from tests.conftest import FAST
 from tests.listing import all_jobs
 from tests.processes import BROKER
 from tests.waiting import wait_for
@@ -101,6 +103,31 @@ def test_concurrent_submits_of_one_unique_key_make_one_job(
     after = client.submit("t", None, queue="race", unique_key="only-one")
     assert not after.duplicate and after.id != job_id
     assert len(all_jobs(client, "race")) == 2
+
+
+@pytest.mark.postgres
+def test_replicas_racing_on_one_unique_key_make_one_job(postgres_schema: str) -> None:
+    """Two brokers on one PostgreSQL, 32 submitters spread over them, each on a
+    client of its own: their transactions race on the partial unique index."""
+    settings = replace(FAST, database=postgres_schema)
+    with BrokerThread(settings) as one, BrokerThread(settings) as other:
+        start = threading.Barrier(SUBMITTERS)
+
+        def submit(n: int) -> tuple[str, bool]:
+            with Client((one, other)[n % 2].target, timeout=10) as own:
+                start.wait(timeout=10)
+                handle = own.submit("t", {"n": n}, queue="replicas", unique_key="across")
+                return handle.id, handle.duplicate
+
+        with ThreadPoolExecutor(SUBMITTERS) as pool:
+            answers = list(pool.map(submit, range(SUBMITTERS)))
+        [job_id] = {job_id for job_id, _ in answers}
+        assert sorted(dup for _, dup in answers) == [False] + [True] * (SUBMITTERS - 1)
+        with Client(one.target, timeout=10) as client, Client(other.target) as second:
+            assert list(all_jobs(client, "replicas")) == [job_id]
+            client.cancel(job_id)
+            after = second.submit("t", None, queue="replicas", unique_key="across")
+            assert not after.duplicate and after.id != job_id
 
 
 def test_a_unique_job_is_returned_until_it_finishes(client: Client, worker: Worker) -> None:
