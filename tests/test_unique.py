@@ -190,6 +190,13 @@ def test_a_replay_that_would_resume_a_child_whose_key_is_taken_is_refused(
     assert client.get_job(child).state is JobState.CANCELLED
 
 
+def test_a_workflow_with_one_step_whose_key_is_held_is_refused_whole(client: Client) -> None:
+    holder = client.submit(gated, 1, unique_key="step", delay=LATER)
+    with pytest.raises(FailedPreconditionError, match="unique keys of unfinished ones"):
+        client.submit(chain(gated.s(2, unique_key="step"), gated.s()))
+    assert list(all_jobs(client, "unique")) == [holder.id]
+
+
 def test_an_idempotency_key_sent_with_another_job_is_refused(client: Client) -> None:
     first = client.submit("t", {"a": 1, "b": 2}, queue="idem", idempotency_key="k")
     same = client.submit("t", {"b": 2, "a": 1}, queue="idem", idempotency_key="k")
