@@ -329,6 +329,10 @@ SPEC_FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = 
         st.one_of(st.just(""), st.builds(lambda: uuid.uuid4().hex)),
         st.one_of(st.sampled_from(["k1", "k2"]), TEXT),
     ),
+    "unique_key": (
+        st.one_of(st.just(""), st.builds(lambda: uuid.uuid4().hex)),
+        st.one_of(st.sampled_from(["u1", "u2"]), TEXT),
+    ),
     "metadata": (
         st.dictionaries(TAME, TAME, max_size=2),
         st.one_of(st.dictionaries(SHORT, SHORT, min_size=1, max_size=4), HUGE_MAP),

@@ -159,8 +159,64 @@ def test_a_version_8_database_gains_workflows_schedules_and_queue_settings(
     assert done.stdout.strip() == f"schema is at version {migrations.LATEST}"
     indexes, versions = asyncio.run(in_store(lambda store: store._run(found)))
     assert "ix_schedules_due" in indexes
-    assert versions == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert versions == [version for version, _ in migrations.STEPS]
     assert asyncio.run(in_store(lambda store: store.list_schedules(None, 10))) == []
     assert asyncio.run(in_store(lambda store: store.list_queues())) == []
     kept = asyncio.run(in_store(lambda store: store.get_job(new.id)))
     assert (kept.queue, kept.workflow_id) == ("old", None)
+
+
+def test_a_version_10_database_gains_unique_keys(database: str) -> None:
+    """Step 12 (unique keys: the column and its partial unique index) on a
+    database that a broker of schema version 10 left, with a job in it; the
+    migrated database holds each unique key once among unfinished jobs."""
+
+    def as_version_10(conn: sa.Connection) -> None:
+        conn.execute(sa.text("DROP INDEX ix_jobs_unique"))
+        conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN unique_key"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version > 10"))
+
+    def indexes(conn: sa.Connection) -> set[str]:
+        return {str(index["name"]) for index in sa.inspect(conn).get_indexes("jobs")}
+
+    async def in_store(step: Callable[[SqlStore], Awaitable[T]]) -> T:
+        store = open_store(database)
+        assert isinstance(store, SqlStore)
+        try:
+            return await step(store)
+        finally:
+            await store.close()
+
+    def new(unique: str | None = None) -> NewJob:
+        return NewJob(
+            new_job_id(),
+            "old",
+            "t",
+            Payload(b"{}"),
+            0,
+            None,
+            RetryPolicy(),
+            None,
+            None,
+            None,
+            unique_key=unique,
+        )
+
+    assert _run("migrate", "--database", database).returncode == 0
+    old = new()
+    now = datetime.now(UTC)
+    asyncio.run(in_store(lambda store: store.submit_many([old], now, timedelta(hours=1))))
+    asyncio.run(in_store(lambda store: store._run(as_version_10)))  # a test reaching in
+    assert "ix_jobs_unique" not in asyncio.run(in_store(lambda store: store._run(indexes)))
+    done = _run("migrate", "--database", database)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"schema is at version {migrations.LATEST}"
+    asyncio.run(in_store(lambda store: store._run(migrations._v12_unique_keys)))  # again: a no-op
+    assert "ix_jobs_unique" in asyncio.run(in_store(lambda store: store._run(indexes)))
+    kept = asyncio.run(in_store(lambda store: store.get_job(old.id)))
+    assert (kept.queue, kept.unique_key) == ("old", None)
+    first, second = new("u"), new("u")
+    made = asyncio.run(
+        in_store(lambda store: store.submit_many([first, second], now, timedelta(hours=1)))
+    )
+    assert [(r.job_id, r.duplicate) for r in made.result] == [(first.id, False), (first.id, True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import sqlite3
 import time
 from collections.abc import Coroutine, Iterator
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from jobbroker_server.domain.errors import IllegalTransition, NotFound
+from jobbroker_server.domain.errors import IllegalTransition, KeyReused, NotFound, UniqueKeyTaken
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.limits import MAX_LEASE_BYTES
 from jobbroker_server.domain.models import (
@@ -129,6 +130,7 @@ def job(
     max_attempts: int = 3,
     timeout: timedelta | None = None,
     payload: bytes = b"{}",
+    unique: str | None = None,
 ) -> NewJob:
     return NewJob(
         id=new_job_id(),
@@ -141,6 +143,7 @@ def job(
         timeout=timeout,
         soft_timeout=None,
         idempotency_key=key,
+        unique_key=unique,
     )
 
 
@@ -282,6 +285,62 @@ def test_idempotency_key_returns_the_existing_job_inside_the_window(db: Harness)
     assert later.duplicate and later.job_id == first.job_id
     [fresh] = db(db.store.submit_many([job(key="k")], T0 + timedelta(hours=2), WINDOW))
     assert not fresh.duplicate and fresh.job_id != first.job_id
+
+
+def test_an_idempotency_key_sent_with_another_job_is_refused(db: Harness) -> None:
+    """Within the window the key's job must be the one sent again: the same
+    JSON value (in any key order) is a duplicate, another payload, queue or
+    task a refusal; past the window the key is free for anything."""
+    [first] = db(db.store.submit_many([job(key="k", payload=b'{"a": 1, "b": 2}')], T0, WINDOW))
+    [same] = db(db.store.submit_many([job(key="k", payload=b'{"b":2,"a":1}')], T0, WINDOW))
+    assert same.duplicate and same.job_id == first.job_id
+    for other, what in (
+        (job(key="k", payload=b'{"a": 3}'), "payload"),
+        (job("q2", key="k", payload=b'{"a": 1, "b": 2}'), "queue ('q')"),
+        (replace(job(key="k", payload=b'{"a": 1, "b": 2}'), task="t2"), "task ('t')"),
+    ):
+        expected = f"idempotency key 'k' was used for job {first.job_id} with a different {what}"
+        with pytest.raises(KeyReused, match=re.escape(expected + "; use a new key")):
+            db(db.store.submit_many([job(), other], T0, WINDOW))
+    assert len(db(db.store.list_jobs(JobFilter(limit=10))).jobs) == 1  # all or nothing
+    later = T0 + timedelta(hours=2)
+    [fresh] = db(db.store.submit_many([job(key="k", payload=b"[]")], later, WINDOW))
+    assert not fresh.duplicate
+
+
+def test_a_unique_key_names_its_unfinished_job_and_is_free_once_it_ends(db: Harness) -> None:
+    first, again = job(unique="u"), job(unique="u", key="other")
+    made, dup = db(db.store.submit_many([first, again], T0, WINDOW))
+    assert not made.duplicate and (dup.job_id, dup.duplicate) == (first.id, True)
+    [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+    [held] = db(db.store.submit_many([job(unique="u")], T0, WINDOW))
+    assert (held.job_id, held.state, held.duplicate) == (first.id, JobState.LEASED, True)
+    assert db(db.store.get_job(first.id)).unique_key == "u"
+    db(db.store.complete_many([Completion(ref([lease], first), None)], T0))
+    [after] = db(db.store.submit_many([job(unique="u")], T0, WINDOW))
+    assert not after.duplicate and after.job_id != first.id
+    # A fresh idempotency key makes no second job of an unfinished unique key.
+    [late] = db(db.store.submit_many([job(unique="u", key="k")], T0 + timedelta(hours=2), WINDOW))
+    assert late.duplicate and late.job_id == after.job_id
+
+
+def test_a_replay_is_refused_while_another_job_holds_its_unique_key(db: Harness) -> None:
+    dead, twin = job(unique="u", max_attempts=1), job(unique="u", max_attempts=1)
+    for doomed in (dead, twin):
+        db(db.store.submit_many([doomed], T0, WINDOW))
+        [lease] = db(db.store.lease_many(["q"], 1, "w", LEASE, T0))
+        db(db.store.fail_many([Failure(ref([lease], doomed), ErrorInfo("E", "x"))], T0))
+    with pytest.raises(UniqueKeyTaken, match="share unique key 'u'"):
+        db(db.store.replay_dead(None, [dead.id, twin.id], T0))
+    holder = job(unique="u")
+    db(db.store.submit_many([holder], T0, WINDOW))
+    held_by = f"its unique key 'u' is held by job {holder.id}, which has not finished"
+    with pytest.raises(UniqueKeyTaken, match=f"job {dead.id} cannot be replayed: {held_by}"):
+        db(db.store.replay_dead(None, [dead.id], T0))
+    assert db(db.store.get_job(dead.id)).state is JobState.DEAD
+    db(db.store.cancel(holder.id, T0))
+    assert db(db.store.replay_dead(None, [dead.id], T0)) == [dead.id]
+    assert db.moved_to(dead.id) is JobState.PENDING
 
 
 def test_reaper_retries_expired_leases_and_times_out_overdue_attempts(db: Harness) -> None:

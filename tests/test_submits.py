@@ -92,7 +92,7 @@ def test_one_message_answers_each_job_on_its_own(small: BrokerThread) -> None:
             spec("big", payload=job_pb2.Payload(data=b"x" * 1001)),
             spec("b", idempotency_key="k"),
         ],
-        [spec("again", idempotency_key="k")],
+        [spec("b", idempotency_key="k")],  # the same job again
         [],
         [spec("over")] * 5,
         [spec("c")],

@@ -217,6 +217,8 @@ def build_spec(request: JobRequest, spec: job_pb2.JobSpec | None = None) -> job_
     spec.priority = _pick(request.priority, task.priority if task else 0) or 0
     # Time-ordered, so the broker's unique index on keys grows at one end.
     spec.idempotency_key = request.idempotency_key or uuid7()
+    if request.unique_key:
+        spec.unique_key = request.unique_key
     set_payload(spec.payload, request.payload)
     if request.metadata:
         spec.metadata.update(request.metadata)

@@ -243,6 +243,7 @@ def job_from_pb(pb: job_pb2.Job) -> Job:
         progress_message=pb.progress_message,
         cancel_requested=pb.cancel_requested,
         workflow_id=pb.workflow_id,
+        unique_key=pb.unique_key,
     )
 
 

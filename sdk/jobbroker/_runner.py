@@ -60,7 +60,7 @@ async def run_job(
     finally:
         lease._end()
     if stop is None:
-        return _from_handler(handler)
+        return _from_handler(handler, task)
     context.stop()
     abandoned = _give_up(task, handler, threads, lease)
     if stop == "lost":
@@ -135,7 +135,10 @@ async def _supervise(
     return None if handler.done() else reason
 
 
-def _from_handler(handler: asyncio.Future[Any]) -> Report:
+def _from_handler(handler: asyncio.Future[Any], task: Task[Any, Any]) -> Report:
+    """The report of a handler that ended: its result, or its exception, which
+    retries the job unless it is permanent, or not one its task's `retry_on`
+    names."""
     if handler.cancelled():
         return _fail(ErrorInfo(type="Cancelled", message="the handler was cancelled"))
     error = handler.exception()
@@ -146,7 +149,8 @@ def _from_handler(handler: asyncio.Future[Any]) -> Report:
     if isinstance(error, RetryAfter):
         delay = error.delay
         return lambda lease: lease.fail(error, retry_after=delay)
-    return _fail(error)
+    retry_on = task.retry_on
+    return _fail(error, retryable=retry_on is None or isinstance(error, retry_on))
 
 
 def _fail(error: BaseException | ErrorInfo, *, retryable: bool = True) -> Report:

@@ -38,7 +38,8 @@ class JobHandle(Generic[R]):
         self._client = client
         self.id = job_id
         self.duplicate = duplicate
-        """True when the idempotency key matched an existing job."""
+        """True when the idempotency key matched an existing job, or the unique
+        key an unfinished one: `id` is that job's."""
 
     def status(self) -> JobState:
         return self._client.get_job(self.id).state
@@ -81,7 +82,8 @@ class AsyncJobHandle(Generic[R]):
         self._client = client
         self.id = job_id
         self.duplicate = duplicate
-        """True when the idempotency key matched an existing job."""
+        """True when the idempotency key matched an existing job, or the unique
+        key an unfinished one: `id` is that job's."""
 
     async def status(self) -> JobState:
         return (await self._client.get_job(self.id)).state

@@ -33,7 +33,8 @@ _NONE = object()  # s() given no payload
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
-    """A task's defaults for the jobs submitted to it."""
+    """A task's defaults for the jobs submitted to it, and which of its
+    handler's exceptions retry a job (None: every one)."""
 
     name: str | None = None
     queue: str = "default"
@@ -42,6 +43,18 @@ class TaskOptions:
     retry: RetryPolicy | None = None
     timeout: timedelta | None = None
     soft_timeout: timedelta | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+
+    def __post_init__(self) -> None:
+        retry_on: object = self.retry_on
+        if retry_on is not None and not (
+            isinstance(retry_on, tuple)
+            and all(isinstance(e, type) and issubclass(e, BaseException) for e in retry_on)
+        ):
+            raise TypeError(
+                f"retry_on must be a tuple of exception classes, such as "
+                f"(ConnectionError, TimeoutError); got {retry_on!r}"
+            )
 
 
 class Task(Generic[I_contra, R_co]):
@@ -56,6 +69,7 @@ class Task(Generic[I_contra, R_co]):
         self.retry = options.retry
         self.timeout = options.timeout
         self.soft_timeout = options.soft_timeout
+        self.retry_on = options.retry_on
         self.is_async = inspect.iscoroutinefunction(fn)
         self._piped: bool | None = None  # whether its input is Piped; read on first use
 
@@ -206,6 +220,7 @@ def task(
     timeout: timedelta | None = None,
     soft_timeout: timedelta | None = None,
     priority: int = 0,
+    retry_on: tuple[type[BaseException], ...] | None = None,
 ) -> TaskDecorator: ...
 def task(
     name: str | Callable[[Any], Any] | None = None,
@@ -216,11 +231,18 @@ def task(
     timeout: timedelta | None = None,
     soft_timeout: timedelta | None = None,
     priority: int = 0,
+    retry_on: tuple[type[BaseException], ...] | None = None,
 ) -> Any:
     """Turn `def f(payload: I) -> R` (or `async def`) into a `Task[I, R]`.
 
-    The name defaults to "<module>.<qualname>"; the other options are the
-    defaults of every job submitted to this task.
+    The name defaults to "<module>.<qualname>"; the other options but
+    `retry_on` are the defaults of every job submitted to this task.
+    `retry_on`: the handler's exceptions that retry the job (instances of
+    these classes); any other fails it at once, to the dead-letter queue.
+    Without it every exception retries; `RetryAfter` and `PermanentError`
+    do what they say either way.
     """
-    options = TaskOptions(None, queue, priority, max_attempts, retry, timeout, soft_timeout)
+    options = TaskOptions(
+        None, queue, priority, max_attempts, retry, timeout, soft_timeout, retry_on
+    )
     return make_decorator(name, options)

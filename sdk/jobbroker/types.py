@@ -109,6 +109,8 @@ class Job:
     """A cancel of the held or running job was asked for; its worker was told to stop."""
     workflow_id: str = ""
     """The workflow it belongs to ("" for none)."""
+    unique_key: str = ""
+    """The key only one unfinished job holds at a time ("" for none)."""
 
     def json(self) -> Any:
         """The payload decoded as JSON; ValueError if it is not JSON."""
@@ -227,6 +229,7 @@ class JobRequest:
     idempotency_key: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     tags: Sequence[str] = ()
+    unique_key: str | None = None
 
 
 class SubmitOptions(TypedDict, total=False):
@@ -236,7 +239,10 @@ class SubmitOptions(TypedDict, total=False):
     runs first. delay / run_at: run no earlier than that (not both). max_attempts
     and retry: the retry policy. timeout: hard limit of one attempt; soft_timeout:
     the worker cancels the handler after this long. idempotency_key: the same key
-    returns the existing job (one is generated per call when not given).
+    returns the existing job (one is generated per call when not given); sent
+    with another payload, task or queue it is refused (FailedPreconditionError).
+    unique_key: while a job with this key has not finished, a submit with it
+    returns that job (`duplicate` is True); once it finished, a new one is made.
     """
 
     queue: str | None
@@ -250,6 +256,7 @@ class SubmitOptions(TypedDict, total=False):
     idempotency_key: str | None
     metadata: Mapping[str, str]
     tags: Sequence[str]
+    unique_key: str | None
 
 
 class Role(StrEnum):

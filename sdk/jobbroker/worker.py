@@ -182,6 +182,7 @@ class Worker:
         timeout: timedelta | None = None,
         soft_timeout: timedelta | None = None,
         priority: int = 0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> TaskDecorator: ...
     def task(
         self,
@@ -193,9 +194,12 @@ class Worker:
         timeout: timedelta | None = None,
         soft_timeout: timedelta | None = None,
         priority: int = 0,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> Any:
         """`jobbroker.task`, also registering the task with this worker."""
-        options = TaskOptions(None, queue, priority, max_attempts, retry, timeout, soft_timeout)
+        options = TaskOptions(
+            None, queue, priority, max_attempts, retry, timeout, soft_timeout, retry_on
+        )
         return make_decorator(name, options, self.register)
 
     @property

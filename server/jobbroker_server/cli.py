@@ -156,6 +156,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             delay=timedelta(seconds=args.delay) if args.delay else None,
             max_attempts=args.max_attempts,
             idempotency_key=args.idempotency_key,
+            unique_key=args.unique_key,
         )
         note = " (duplicate of an existing job)" if handle.duplicate else ""
         print(f"{handle.id}{note}")
@@ -574,6 +575,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=float, default=0.0, help="seconds")
     p.add_argument("--max-attempts", type=int)
     p.add_argument("--idempotency-key")
+    p.add_argument("--unique-key", help="return the unfinished job with this key, if any")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for and print the result")
     p.set_defaults(run=cmd_submit)
 

@@ -4,7 +4,9 @@ BrokerError
 ├── InvalidArgument      bad input; nothing was written
 ├── NotFound             no such job
 ├── FailedPrecondition   the job's state does not allow it
-│   └── IllegalTransition
+│   ├── IllegalTransition
+│   ├── KeyReused        an idempotency key sent again with another job
+│   └── UniqueKeyTaken   a replay would make a second active job of one unique key
 ├── ResourceExhausted    payload or batch over a configured limit
 │   └── StorageFull      the database's disk is full; nothing was written
 ├── StoreUnavailable     the database cannot be used now (unreachable,
@@ -38,6 +40,14 @@ class FailedPrecondition(BrokerError):
 
 class IllegalTransition(FailedPrecondition):
     reason = "ILLEGAL_TRANSITION"
+
+
+class KeyReused(FailedPrecondition):
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class UniqueKeyTaken(FailedPrecondition):
+    reason = "UNIQUE_KEY_TAKEN"
 
 
 class ResourceExhausted(BrokerError):

@@ -69,6 +69,8 @@ class NewJob:
     # Of a workflow's job: the workflow, and the jobs of its batch it waits on.
     workflow_id: str | None = None
     needs: Needs | None = None
+    # At most one unfinished job holds a unique key (store/dedup.py).
+    unique_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class Job:
     deadline_at: datetime | None = None
     cancel_requested: bool = False
     workflow_id: str | None = None
+    unique_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,8 @@ def template(job: NewJob, name: str) -> JobTemplate:
         raise InvalidArgument("a schedule's job takes no run_at or delay: its ticks time it")
     if job.idempotency_key is not None:
         raise InvalidArgument("a schedule's job takes no idempotency_key: each tick has its own")
+    if job.unique_key is not None:
+        raise InvalidArgument("a schedule's job takes no unique_key")
     try:
         limits.metadata({**job.metadata, SCHEDULE_KEY: name, TICK_KEY: _LONGEST_TICK})
     except InvalidArgument as error:

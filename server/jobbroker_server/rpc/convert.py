@@ -143,6 +143,7 @@ def new_job(spec: job_pb2.JobSpec, limit: Limits, now: datetime) -> NewJob:
     """Validate one submitted spec; raise InvalidArgument or ResourceExhausted."""
     limits.payload_size(len(spec.payload.data), limit.max_payload_bytes)
     key = spec.idempotency_key or None
+    unique = spec.unique_key or None
     return NewJob(
         id=new_job_id(),
         queue=limits.name(spec.queue, "queue"),
@@ -159,6 +160,7 @@ def new_job(spec: job_pb2.JobSpec, limit: Limits, now: datetime) -> NewJob:
         # An empty map is slow to copy, and most jobs have none.
         metadata=limits.metadata(spec.metadata) if spec.metadata else {},
         tags=limits.tags(spec.tags) if spec.tags else (),
+        unique_key=None if unique is None else limits.name(unique, "unique_key"),
     )
 
 
@@ -275,6 +277,8 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
     msg.cancel_requested = job.cancel_requested
     if job.workflow_id:
         msg.workflow_id = job.workflow_id
+    if job.unique_key:
+        msg.unique_key = job.unique_key
     if job.timeout is not None:
         msg.timeout.CopyFrom(duration(job.timeout))
     if job.soft_timeout is not None:

@@ -22,6 +22,7 @@ from jobbroker_server.domain.errors import (
     BrokerError,
     Internal,
     InvalidArgument,
+    KeyReused,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -64,19 +65,22 @@ def _submit_pb(
 
 
 # A SubmitGrouped message being answered: each job's refusal, or None where the
-# job went to the store, and the stored jobs' results to come.
-_Pending = tuple[list[BrokerError | None], asyncio.Future[list[SubmitResult]] | None]
+# job went to the store; the stored jobs' results to come; and those jobs.
+_Pending = tuple[list[BrokerError | None], asyncio.Future[list[SubmitResult]] | None, list[NewJob]]
 
 
 async def _stream_answer(
-    refusals: list[BrokerError | None], stored: asyncio.Future[list[SubmitResult]] | None
+    jobs: Jobs,
+    refusals: list[BrokerError | None],
+    stored: asyncio.Future[list[SubmitResult]] | None,
+    valid: list[NewJob],
 ) -> broker_pb2.SubmitBatchResponse:
     """A result per job, in order; a failed store refuses every job it was given."""
-    results: list[SubmitResult] = []
+    results: list[SubmitResult | BrokerError] = []
     failed: BrokerError | None = None
     if stored is not None:
         try:
-            results = await stored
+            results = await _each_stored(jobs, stored, valid)
         except BrokerError as error:
             failed = error
         except Exception:
@@ -86,12 +90,23 @@ async def _stream_answer(
     stored_results = iter(results)
     for refusal in refusals:
         reply = answer.results.add()
-        refused = refusal or failed
-        if refused is not None:
-            reply.error.CopyFrom(error_pb(refused))
+        outcome = refusal or failed or next(stored_results)
+        if isinstance(outcome, BrokerError):
+            reply.error.CopyFrom(error_pb(outcome))
         else:
-            _submit_pb(next(stored_results), reply)
+            _submit_pb(outcome, reply)
     return answer
+
+
+async def _each_stored(
+    jobs: Jobs, stored: asyncio.Future[list[SubmitResult]], valid: list[NewJob]
+) -> list[SubmitResult | BrokerError]:
+    """The message's results; when the store refused one of its jobs (a key
+    sent again with another job), each job's own, so that it refuses no other."""
+    try:
+        return list(await stored)
+    except KeyReused:
+        return await jobs.submit_each(valid)
 
 
 def _page_size(requested: int) -> int:
@@ -228,7 +243,7 @@ class BrokerServicer(ScheduleMethods, QueueMethods):
         reader = asyncio.create_task(read())
         try:
             while (pending := await answers.get()) is not None:
-                yield await _stream_answer(*pending)
+                yield await _stream_answer(self._jobs, *pending)
             await reader
         finally:
             reader.cancel()
@@ -243,7 +258,7 @@ class BrokerServicer(ScheduleMethods, QueueMethods):
     def _submit_soon(self, specs: Sequence[job_pb2.JobSpec], caller: Caller) -> _Pending:
         """Each job's refusal (None for a valid one), and the valid ones' results to come."""
         if too_many := self._too_many(specs, "message"):
-            return [too_many] * len(specs), None
+            return [too_many] * len(specs), None, []
         now = self._clock.now()
         refusals: list[BrokerError | None] = []
         valid: list[NewJob] = []
@@ -254,7 +269,7 @@ class BrokerServicer(ScheduleMethods, QueueMethods):
                 refusals.append(error)
             else:
                 refusals.append(None)
-        return refusals, self._jobs.submit_soon(valid) if valid else None
+        return refusals, self._jobs.submit_soon(valid) if valid else None, valid
 
     async def GetJob(
         self, request: broker_pb2.GetJobRequest, context: Ctx, caller: Caller

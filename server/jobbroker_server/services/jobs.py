@@ -10,7 +10,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from jobbroker_server.clock import Clock
-from jobbroker_server.domain.errors import STORE_DOWN
+from jobbroker_server.domain.errors import STORE_DOWN, BrokerError
 from jobbroker_server.domain.models import Job, JobFilter, JobPage, NewJob, SubmitResult
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import JobEvent
@@ -76,6 +76,17 @@ class Jobs:
     def submit_soon(self, jobs: Sequence[NewJob]) -> asyncio.Future[list[SubmitResult]]:
         """`submit_many` for a caller that collects the result later."""
         return self._submits.enqueue(jobs)
+
+    async def submit_each(self, jobs: Sequence[NewJob]) -> list[SubmitResult | BrokerError]:
+        """Each job stored or refused on its own: they still share a
+        transaction, and a group that fails is tried again a job at a time."""
+        done = await asyncio.gather(*(self._submits([job]) for job in jobs), return_exceptions=True)
+        answers: list[SubmitResult | BrokerError] = []
+        for outcome in done:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerError):
+                raise outcome
+            answers.append(outcome if isinstance(outcome, BrokerError) else outcome[0])
+        return answers
 
     async def get(self, job_id: str) -> Job:
         return await self._store.get_job(job_id)

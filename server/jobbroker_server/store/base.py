@@ -61,8 +61,10 @@ class Store(abc.ABC):
         self, jobs: Sequence[NewJob], now: datetime, dedup_window: timedelta
     ) -> Moved[list[SubmitResult]]:
         """Store jobs all-or-nothing. A job whose idempotency key matches one
-        created inside ``dedup_window`` is not stored; its result names the
-        existing job with ``duplicate=True``."""
+        created inside ``dedup_window``, or whose unique key an unfinished job
+        holds, is not stored; its result names the existing job with
+        ``duplicate=True``. An idempotency key sent with another payload, task
+        or queue than its job's is refused (KeyReused)."""
 
     @abc.abstractmethod
     async def lease_many(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,7 +36,7 @@ from jobbroker_server.domain.workflows import (
     released_input,
     result_slot,
 )
-from jobbroker_server.store import rows
+from jobbroker_server.store import dedup, rows
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import job_deps, jobs
 
@@ -48,8 +49,8 @@ _CHUNK = 500  # ids per IN list
 
 def link(conn: Connection, new: Sequence[NewJob], stored: set[str]) -> None:
     """Store the links of the new jobs that wait on others. A workflow is
-    stored whole or, when its jobs' idempotency keys name jobs that exist, not
-    at all; part of one is refused."""
+    stored whole or, when its jobs' keys name jobs that exist (see ``dedup``),
+    not at all; part of one is refused."""
     by_workflow = Counter(job.workflow_id for job in new if job.workflow_id)
     if not by_workflow:
         return
@@ -58,7 +59,8 @@ def link(conn: Connection, new: Sequence[NewJob], stored: set[str]) -> None:
         if 0 < kept[workflow] < n:
             raise FailedPrecondition(
                 f"workflow {workflow}: {n - kept[workflow]} of its {n} jobs have idempotency "
-                "keys of jobs that exist; submit it with new keys, or all of the old ones"
+                "keys of jobs that exist, or unique keys of unfinished ones; submit it with "
+                "new keys, or all of the old ones"
             )
         if kept[workflow] and _taken(conn, workflow, n):
             raise FailedPrecondition(
@@ -349,7 +351,8 @@ def _refuse(conn: Connection, now: datetime, child: str, row: Any, why: str) -> 
 
 def _resume(conn: Connection, replayed: list[str]) -> list[Transition]:
     """The children a replayed parent cancelled wait again, unless another
-    parent's failure still holds them."""
+    parent's failure still holds them. One whose unique key another job
+    holds by now refuses the replay (``dedup.move_back``)."""
     children: set[str] = set()
     for ids in _chunks(replayed):
         found = conn.execute(
@@ -372,11 +375,12 @@ def _resume(conn: Connection, replayed: list[str]) -> list[Transition]:
             continue
         if conn.execute(sa.select(BLOCKED_CHILD).where(jobs.c.id == child)).scalar():
             continue
-        conn.execute(
+        waits = (
             jobs.update()
             .where(jobs.c.id == child)
             .values(state=_S.WAITING.value, finished_at=None, last_error=None)
         )
+        dedup.move_back(conn, [child], partial(conn.execute, waits), "resumed by this replay")
         moved.append(
             Transition(child, row.queue, _S.CANCELLED, _S.WAITING, Reason.RESUMED, row.attempts)
         )

@@ -130,6 +130,14 @@ def _v11_queue_settings(conn: Connection) -> None:
     queues.create(conn, checkfirst=True)
 
 
+def _v12_unique_keys(conn: Connection) -> None:
+    """Unique keys: the column, and the index that lets one unfinished job
+    hold each."""
+    if "unique_key" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN unique_key VARCHAR(200)"))
+    _index("ix_jobs_unique").create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -143,6 +151,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (9, _v9_dependencies),
     (10, _v10_schedules),
     (11, _v11_queue_settings),
+    (12, _v12_unique_keys),
 )
 LATEST = STEPS[-1][0]
 

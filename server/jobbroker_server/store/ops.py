@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from jobbroker_server.domain import limits, states
-from jobbroker_server.domain.errors import NotFound, StorageFull
+from jobbroker_server.domain.errors import Internal, NotFound, StorageFull
 from jobbroker_server.domain.models import (
     AttemptOutcome,
     Completion,
@@ -46,7 +46,7 @@ from jobbroker_server.domain.models import (
 from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import HELD, JobState
 from jobbroker_server.domain.transitions import BROKER, JobEvent, Moved, Reason, Transition
-from jobbroker_server.store import dependencies, events, rows
+from jobbroker_server.store import dedup, dependencies, events, rows
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import (
     UTCDateTime,
@@ -81,9 +81,7 @@ def _moved(conn: Connection, now: datetime, result: T, transitions: list[Transit
     return Moved(result, transitions)
 
 
-InsertNew = Callable[[Connection, list[dict[str, Any]]], set[str]]
-"""INSERT rows into jobs, skipping those whose idempotency key is taken; the
-ids it stored. Each dialect supplies its fastest."""
+InsertNew = dedup.InsertNew
 
 
 def submit_many(
@@ -92,32 +90,30 @@ def submit_many(
     jobs_in: Sequence[NewJob],
     now: datetime,
     dedup_window: timedelta,
+    *,
+    strict: bool = True,
 ) -> Moved[list[SubmitResult]]:
+    """Store the jobs; a job whose key names another is answered with that
+    one (see ``dedup``). ``strict``: refuse an idempotency key sent again
+    with another job (KeyReused)."""
     if not jobs_in:
         return Moved([], [])
     values = [rows.new_job_row(job, now) for job in jobs_in]
-    # The unique constraint decides between racing submits of one key.
+    # The unique constraint and index decide between racing submits of one key.
     stored = insert_new(conn, values)
     if len(stored) == len(values):
         dependencies.link(conn, jobs_in, stored)
         made = [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
         moved = [_submitted(v, job.submitted_by) for v, job in zip(values, jobs_in, strict=True)]
         return _moved(conn, now, made, moved)
-    keys = list({job.idempotency_key for job in jobs_in if job.idempotency_key})
-    owners = _key_owners(conn, keys)
+    if len({v["id"] for v in values}) < len(values):
+        raise Internal("a job id is a duplicate in one submit")
     clashes = [v for v in values if v["id"] not in stored]
-    owners.update(_expire_keys(conn, insert_new, clashes, now - dedup_window))
-    found = conn.execute(
-        sa.select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(set(owners.values())))
-    )
-    state_of = {job_id: state for job_id, state in found}
+    owner = dedup.owners(conn, insert_new, clashes, now - dedup_window, strict=strict)
     results = []
     for v in values:
-        key = v["idempotency_key"]
-        owner = owners[key] if key else v["id"]
-        results.append(
-            SubmitResult(owner, JobState(state_of.get(owner, v["state"])), owner != v["id"])
-        )
+        job_id, state = owner.get(v["id"], (v["id"], v["state"]))
+        results.append(SubmitResult(job_id, _STATE[state], job_id != v["id"]))
     new = {r.job_id for r in results if not r.duplicate}
     dependencies.link(conn, jobs_in, new)  # after the expired keys' jobs went in too
     moved = [
@@ -135,21 +131,6 @@ def _submitted(row: dict[str, Any], actor: str) -> Transition:
     state = _STATE[row["state"]]
     detail = {"run_at": row["scheduled_at"].isoformat()} if state is JobState.SCHEDULED else {}
     return Transition(row["id"], row["queue"], None, state, Reason.SUBMITTED, 0, actor, detail)
-
-
-def _expire_keys(
-    conn: Connection, insert_new: InsertNew, clashes: list[dict[str, Any]], cutoff: datetime
-) -> dict[str, str]:
-    """Keys whose job was created before ``cutoff`` are free again: move them
-    aside and store the jobs that asked for them."""
-    keys = list({v["idempotency_key"] for v in clashes})
-    conn.execute(
-        jobs.update()
-        .where(jobs.c.idempotency_key.in_(keys), jobs.c.created_at < cutoff)
-        .values(idempotency_key=None)
-    )
-    insert_new(conn, clashes)
-    return _key_owners(conn, keys)
 
 
 # --- workers ---
@@ -990,11 +971,14 @@ def replay_dead(
     now: datetime,
     actor: str = "client",
 ) -> Moved[list[str]]:
+    """Dead jobs pending again, all or none: a job whose unique key another
+    job holds by now (or that shares its key with another one replayed)
+    refuses the replay (UniqueKeyTaken), as does a child it would resume."""
     dst = states.check(JobState.DEAD, JobState.PENDING)
     ids = _dead_ids(conn, queue, job_ids)
     moved = []
     if ids:
-        replayed = conn.execute(
+        update = (
             jobs.update()
             .where(jobs.c.id.in_(ids), _is(JobState.DEAD))
             .values(
@@ -1008,7 +992,8 @@ def replay_dead(
                 cancel_requested=False,
             )
             .returning(jobs.c.id, jobs.c.queue)
-        ).all()
+        )
+        replayed = dedup.move_back(conn, ids, lambda: conn.execute(update).all(), "replayed")
         dead = JobState.DEAD
         moved = [Transition(r.id, r.queue, dead, dst, Reason.REPLAYED, 0, actor) for r in replayed]
     return _moved(conn, now, ids, moved)
@@ -1215,13 +1200,6 @@ _CANCEL_HELD = Prepared(
     .where(*_HELD_ALL)
     .values(state=JobState.CANCELLED.value, finished_at=_instant(), **_LEASE_CLEARED)
 )
-
-
-def _key_owners(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
-    found = conn.execute(
-        sa.select(jobs.c.idempotency_key, jobs.c.id).where(jobs.c.idempotency_key.in_(keys))
-    )
-    return {key: job_id for key, job_id in found}
 
 
 def _held(ref: LeaseRef) -> tuple[sa.ColumnElement[bool], ...]:

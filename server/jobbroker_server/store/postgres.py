@@ -76,11 +76,10 @@ def _migrate_alone(conn: Connection, extra: Callable[[Connection], None]) -> int
     return migrations.migrate(conn, extra)
 
 
+# With no conflict target, a row whose idempotency key or unique key
+# (ix_jobs_unique, partial) is taken is skipped: a target names one only.
 _INSERT_NEW = (
-    pg_insert(jobs)
-    .values(rows.NEW_JOB_VALUES)
-    .on_conflict_do_nothing(index_elements=["idempotency_key"])
-    .returning(jobs.c.id)
+    pg_insert(jobs).values(rows.NEW_JOB_VALUES).on_conflict_do_nothing().returning(jobs.c.id)
 )
 
 

@@ -89,6 +89,7 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "timeout_s": _seconds(job.timeout),
         "soft_timeout_s": _seconds(job.soft_timeout),
         "idempotency_key": job.idempotency_key,
+        "unique_key": job.unique_key,
         "metadata": job.metadata,
         "tags": job.tags,
         "created_at": now,
@@ -162,6 +163,7 @@ def job_from_row(row: sa.Row[Any], history: Sequence[Attempt] = ()) -> Job:
         deadline_at=row.deadline_at,
         cancel_requested=row.cancel_requested,
         workflow_id=row.workflow_id,
+        unique_key=row.unique_key,
     )
 
 

@@ -216,7 +216,9 @@ def take_tick(
     )
     if taken.rowcount == 0 or job is None:
         return Moved(None, [])
-    moved = ops.submit_many(conn, insert_new, [job], now, dedup_window)
+    # A tick's key names its schedule and tick: a job an earlier registration
+    # made for the tick is its job, whatever payload that one had.
+    moved = ops.submit_many(conn, insert_new, [job], now, dedup_window, strict=False)
     [result] = moved.result
     if result.duplicate:  # the key's job was made before, by an earlier registration
         conn.execute(

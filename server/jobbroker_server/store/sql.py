@@ -60,7 +60,7 @@ class SqlStore(Store):
 
     @abc.abstractmethod
     def _insert_new(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        """``ops.InsertNew``: store the rows whose idempotency key is free."""
+        """``ops.InsertNew``: store the rows whose idempotency and unique keys are free."""
 
     @abc.abstractmethod
     async def _dispose(self) -> None:

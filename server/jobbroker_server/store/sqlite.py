@@ -63,7 +63,9 @@ def _begin_immediate(conn: Connection) -> None:
 
 
 class _Inserter:
-    """INSERT … ON CONFLICT DO NOTHING through the driver's executemany.
+    """INSERT … ON CONFLICT DO NOTHING through the driver's executemany. With
+    no conflict target it skips a row whose idempotency key or unique key
+    (ix_jobs_unique) is taken.
 
     SQLAlchemy's insertmanyvalues spent several times SQLite's own time on a
     batch of submits, binding each value; a Prepared statement binds each row
@@ -73,11 +75,7 @@ class _Inserter:
     """
 
     def __init__(self) -> None:
-        statement = (
-            sqlite_insert(jobs)
-            .values(rows.NEW_JOB_VALUES)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        )
+        statement = sqlite_insert(jobs).values(rows.NEW_JOB_VALUES).on_conflict_do_nothing()
         self._insert = Prepared(statement)
 
     def __call__(self, conn: Connection, new_rows: list[dict[str, Any]]) -> set[str]:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
 from jobbroker_server.clock import EPOCH
+from jobbroker_server.domain.states import JobState
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -112,6 +113,8 @@ jobs = sa.Table(
     sa.Column("workflow_id", sa.String(200)),
     sa.Column("waiting_on", sa.Integer, nullable=False, server_default="0"),
     sa.Column("inputs", sa.JSON),
+    # Held by one unfinished job at most (ix_jobs_unique; store/dedup.py).
+    sa.Column("unique_key", sa.String(200)),
 )
 
 _pending = jobs.c.state == "pending"
@@ -151,6 +154,19 @@ sa.Index(
 # The dead-letter queue in id order, whatever the queue (`dlq ls`, `--all`).
 sa.Index("ix_jobs_dead", jobs.c.id, sqlite_where=_dead, postgresql_where=_dead)
 sa.Index("ix_jobs_queue_state", jobs.c.queue, jobs.c.state, jobs.c.id)
+# One unfinished job per unique key: the submits of a key race on this
+# index, on every replica, as those of an idempotency key on its constraint.
+_holds_key = sa.and_(
+    jobs.c.unique_key.is_not(None),
+    jobs.c.state.in_([state.value for state in JobState if not state.terminal]),
+)
+sa.Index(
+    "ix_jobs_unique",
+    jobs.c.unique_key,
+    unique=True,
+    sqlite_where=_holds_key,
+    postgresql_where=_holds_key,
+)
 _in_workflow = jobs.c.workflow_id.is_not(None)
 sa.Index(
     "ix_jobs_workflow",
