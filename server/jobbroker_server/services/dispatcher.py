@@ -169,12 +169,18 @@ class Dispatcher:
         session.closed = True
         session.wake.set()
         pump = self._sessions.pop(session, None)
+        # The books first: a cancel that reaches this call while it waits for
+        # the pump must not leave the stream counted, or its leases mapped.
+        self._forget(session)
+        self._metrics.streams.set(len(self._sessions))
         if pump is not None:
             await pump  # it ends at its next wake-up, never mid-lease
+            self._forget(session)  # what a lease it finished handed out
+
+    def _forget(self, session: Session) -> None:
         for job_id in session.held:
             if self._holder.get(job_id) is session:
                 del self._holder[job_id]
-        self._metrics.streams.set(len(self._sessions))
 
     def set_prefetch(self, session: Session, prefetch: int) -> None:
         session.prefetch = prefetch
