@@ -212,9 +212,7 @@ def test_workflow_get_explain_and_cancel(broker: BrokerThread, client: Client) -
     first, second, _ = handle.job_ids
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*BROKER, *args, "--target", broker.target], capture_output=True, text=True, timeout=30
-        )
+        return _broker(*args, "--target", broker.target)
 
     shown = run("workflow", "get", handle.id)
     assert shown.returncode == 0, shown.stderr
@@ -238,42 +236,12 @@ def _broker(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_schedules_create_ls_get_pause_resume_delete(broker: BrokerThread, client: Client) -> None:
     t = broker.target
-    made = _broker(
-        "schedules",
-        "create",
-        "--target",
-        t,
-        "beat",
-        "--task",
-        "ping",
-        "--queue",
-        "beats",
-        "--payload",
-        '{"n": 1}',
-        "--every",
-        "1",
-        "--catch-up",
-        "latest",
-    )
+    beat = ["schedules", "create", "--target", t, "beat", "--task", "ping", "--queue", "beats"]
+    beat += ["--payload", '{"n": 1}', "--every", "1", "--catch-up", "latest"]
+    made = _broker(*beat)
     assert made.returncode == 0, made.stderr
     assert "schedule 'beat' registered" in made.stdout and "every 1s" in made.stdout
-    again = _broker(
-        "schedules",
-        "create",
-        "--target",
-        t,
-        "beat",
-        "--task",
-        "ping",
-        "--queue",
-        "beats",
-        "--payload",
-        '{"n": 1}',
-        "--every",
-        "1",
-        "--catch-up",
-        "latest",
-    )
+    again = _broker(*beat)  # the same registration again
     assert "schedule 'beat' unchanged" in again.stdout, again.stderr
     nightly = _broker(
         "schedules",
