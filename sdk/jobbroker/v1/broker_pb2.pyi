@@ -183,7 +183,7 @@ class ExplainJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ExplainJobResponse(_message.Message):
-    __slots__ = ("state", "summary", "reason", "attempt", "run_at", "jobs_ahead", "workers_serving", "worker_id", "since", "last_heartbeat", "lease_expires_at", "deadline", "cancel_requested", "finished_at", "last_error", "waits_on")
+    __slots__ = ("state", "summary", "reason", "attempt", "run_at", "jobs_ahead", "workers_serving", "worker_id", "since", "last_heartbeat", "lease_expires_at", "deadline", "cancel_requested", "finished_at", "last_error", "waits_on", "limit", "limit_key", "next_token_at", "slot_holders")
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,10 @@ class ExplainJobResponse(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     WAITS_ON_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_KEY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_AT_FIELD_NUMBER: _ClassVar[int]
+    SLOT_HOLDERS_FIELD_NUMBER: _ClassVar[int]
     state: _job_pb2.JobState
     summary: str
     reason: str
@@ -216,7 +220,11 @@ class ExplainJobResponse(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     last_error: _job_pb2.ErrorInfo
     waits_on: _containers.RepeatedCompositeFieldContainer[WaitsOn]
-    def __init__(self, state: _Optional[_Union[_job_pb2.JobState, str]] = ..., summary: _Optional[str] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobs_ahead: _Optional[int] = ..., workers_serving: _Optional[int] = ..., worker_id: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[_Union[_job_pb2.ErrorInfo, _Mapping]] = ..., waits_on: _Optional[_Iterable[_Union[WaitsOn, _Mapping]]] = ...) -> None: ...
+    limit: str
+    limit_key: str
+    next_token_at: _timestamp_pb2.Timestamp
+    slot_holders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[_Union[_job_pb2.JobState, str]] = ..., summary: _Optional[str] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobs_ahead: _Optional[int] = ..., workers_serving: _Optional[int] = ..., worker_id: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[_Union[_job_pb2.ErrorInfo, _Mapping]] = ..., waits_on: _Optional[_Iterable[_Union[WaitsOn, _Mapping]]] = ..., limit: _Optional[str] = ..., limit_key: _Optional[str] = ..., next_token_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_holders: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WaitsOn(_message.Message):
     __slots__ = ("job_id", "task", "state")
@@ -627,7 +635,7 @@ class DeleteScheduleResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class QueueDefaults(_message.Message):
-    __slots__ = ("max_attempts", "backoff_base", "backoff_factor", "backoff_cap", "timeout", "soft_timeout", "lost_worker_counts")
+    __slots__ = ("max_attempts", "backoff_base", "backoff_factor", "backoff_cap", "timeout", "soft_timeout", "lost_worker_counts", "rate", "key_rate", "key_concurrency")
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_BASE_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -635,6 +643,9 @@ class QueueDefaults(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     SOFT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     LOST_WORKER_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    KEY_RATE_FIELD_NUMBER: _ClassVar[int]
+    KEY_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     max_attempts: int
     backoff_base: _duration_pb2.Duration
     backoff_factor: float
@@ -642,7 +653,10 @@ class QueueDefaults(_message.Message):
     timeout: _duration_pb2.Duration
     soft_timeout: _duration_pb2.Duration
     lost_worker_counts: bool
-    def __init__(self, max_attempts: _Optional[int] = ..., backoff_base: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., backoff_factor: _Optional[float] = ..., backoff_cap: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., soft_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lost_worker_counts: _Optional[bool] = ...) -> None: ...
+    rate: _job_pb2.RateLimit
+    key_rate: _job_pb2.RateLimit
+    key_concurrency: int
+    def __init__(self, max_attempts: _Optional[int] = ..., backoff_base: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., backoff_factor: _Optional[float] = ..., backoff_cap: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., soft_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lost_worker_counts: _Optional[bool] = ..., rate: _Optional[_Union[_job_pb2.RateLimit, _Mapping]] = ..., key_rate: _Optional[_Union[_job_pb2.RateLimit, _Mapping]] = ..., key_concurrency: _Optional[int] = ...) -> None: ...
 
 class QueueSettings(_message.Message):
     __slots__ = ("name", "paused", "paused_by", "paused_at", "defaults", "updated_at")
