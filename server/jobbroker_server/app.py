@@ -87,7 +87,8 @@ class BrokerApp:
             max_streams=s.max_lease_streams,
             max_payload_bytes=s.max_payload_bytes,
         )
-        scheduler = Scheduler(store, self.clock, changes, s.poll_interval)
+        scheduler = Scheduler(store, self.clock, changes, s.poll_interval, dispatcher.wake)
+        dispatcher.on_rate_spent = scheduler.poke
         reaper = Reaper(store, self.clock, changes, s.reap_interval)
         retention = Retention(store, self.clock, changes, s.retention, s.retention_interval)
         depths = DepthSampler(store, self.metrics, interval=s.poll_interval * 5)

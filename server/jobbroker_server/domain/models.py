@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from jobbroker_server.domain.flow import JobLimits
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
 
@@ -71,6 +72,7 @@ class NewJob:
     needs: Needs | None = None
     # At most one unfinished job holds a unique key (store/dedup.py).
     unique_key: str | None = None
+    limits: JobLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ class Job:
     cancel_requested: bool = False
     workflow_id: str | None = None
     unique_key: str | None = None
+    limits: JobLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,7 @@ class LeaseAsk:
     max_bytes: int  # of payload, in all
     holder: str = ""  # the stream's API key id
     reports_starts: bool = True  # False: hard timeouts count from the lease
+    limited: tuple[str, ...] = ()  # of queues, those leased through their flow limits
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from jobbroker_server.domain.flow import RateLimit
 from jobbroker_server.domain.retry import RetryPolicy
 
 MAX_QUEUE_SETTINGS = 10_000  # queues with settings of their own
@@ -28,6 +29,12 @@ class QueueDefaults:
     # against max_attempts. Counted by default: a job that kills its worker
     # every time must end in the dead-letter queue, not loop for ever.
     lost_worker_counts: bool = True
+    # Flow limits (domain/flow.py): of the whole queue's starts, of each rate
+    # key's when its jobs carry no rate, of each concurrency key's when its
+    # jobs carry no limit.
+    rate: RateLimit | None = None
+    key_rate: RateLimit | None = None
+    key_concurrency: int | None = None
 
     def retry(self, broker: RetryPolicy) -> RetryPolicy:
         """The queue's retry policy: its own fields over the broker's."""
@@ -52,3 +59,6 @@ class QueueSettings:
     paused_by: str = ""  # the API key's name, or "client"
     paused_at: datetime | None = None
     updated_at: datetime | None = None
+    # Leased through the flow limits' path (store/flow.py): it has a rate,
+    # or has had a job with a key.
+    limited: bool = False

@@ -8,7 +8,9 @@ from jobbroker_server.domain.errors import IllegalTransition
 
 
 class JobState(enum.StrEnum):
-    WAITING = "waiting"  # on parent jobs (a workflow's later steps); never leased
+    # On parent jobs (a workflow's later steps), or held back by a flow
+    # limit (domain/flow.py); never leased.
+    WAITING = "waiting"
     PENDING = "pending"
     SCHEDULED = "scheduled"
     LEASED = "leased"  # held in a worker's prefetch window, its handler not started
@@ -36,10 +38,12 @@ _ENDED = frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.DEAD, JobStat
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # Released when its parents are done (scheduled if its run time is still
-    # ahead), or cancelled: asked for, or a parent failed.
+    # ahead) or its limit lets it through, or cancelled: asked for, or a
+    # parent failed.
     JobState.WAITING: frozenset({JobState.PENDING, JobState.SCHEDULED, JobState.CANCELLED}),
     JobState.SCHEDULED: frozenset({JobState.PENDING, JobState.CANCELLED}),
-    JobState.PENDING: frozenset({JobState.LEASED, JobState.CANCELLED}),
+    # Held back by a flow limit: waiting until it lets the job through.
+    JobState.PENDING: frozenset({JobState.LEASED, JobState.WAITING, JobState.CANCELLED}),
     # A held job that never started can still fail (its payload does not
     # decode, its worker has no handler), expire, be handed back or cancelled;
     # only a started one succeeds.

@@ -40,6 +40,8 @@ class Reason(enum.StrEnum):
     PARENTS_DONE = "parents_done"  # a waiting job's last parent succeeded
     PARENT_FAILED = "parent_failed"  # a waiting job's parent ended dead or cancelled
     RESUMED = "resumed"  # the parent that cancelled it was replayed: it waits again
+    LIMITED = "limited"  # held back by a concurrency or rate limit
+    ADMITTED = "admitted"  # let through by the limit that held it back
 
 
 _S = JobState
@@ -80,6 +82,8 @@ SHAPES: dict[Reason, frozenset[tuple[JobState | None, JobState | None]]] = {
     Reason.PARENTS_DONE: frozenset({(_S.WAITING, _S.PENDING), (_S.WAITING, _S.SCHEDULED)}),
     Reason.PARENT_FAILED: frozenset({(_S.WAITING, _S.CANCELLED)}),
     Reason.RESUMED: frozenset({(_S.CANCELLED, _S.WAITING)}),
+    Reason.LIMITED: frozenset({(_S.PENDING, _S.WAITING)}),
+    Reason.ADMITTED: frozenset({(_S.WAITING, _S.PENDING)}),
 }
 
 
@@ -101,6 +105,8 @@ class Transition(NamedTuple):
     detail: Mapping[str, str | float] = _NO_DETAIL
     # The attempt's fencing token, for telling its worker to stop; never logged.
     token: int = 0
+    # Of a held job's end: its concurrency key, whose slot it frees.
+    concurrency_key: str | None = None
 
 
 T = TypeVar("T")

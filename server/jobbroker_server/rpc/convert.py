@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobbroker.v1 import broker_pb2, job_pb2
 from jobbroker_server.clock import EPOCH
-from jobbroker_server.domain import limits, workflows
+from jobbroker_server.domain import flow, limits, workflows
 from jobbroker_server.domain.errors import InvalidArgument
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.keys import ApiKey, Role
@@ -161,7 +161,38 @@ def new_job(spec: job_pb2.JobSpec, limit: Limits, now: datetime) -> NewJob:
         metadata=limits.metadata(spec.metadata) if spec.metadata else {},
         tags=limits.tags(spec.tags) if spec.tags else (),
         unique_key=None if unique is None else limits.name(unique, "unique_key"),
+        limits=_job_limits(spec) if spec.concurrency_key or spec.rate_key else None,
     )
+
+
+def _job_limits(spec: job_pb2.JobSpec) -> flow.JobLimits:
+    """The flow limits of a spec with a key; a limit without its key is
+    ignored, as a key with no limit takes its queue's."""
+    rate = None
+    if spec.rate_key and spec.HasField("rate_limit"):
+        rate = rate_limit_from_pb(spec.rate_limit, "rate_limit")
+    concurrency = None
+    if spec.concurrency_key and spec.concurrency_limit:
+        concurrency = flow.concurrency_limit(spec.concurrency_limit, "concurrency_limit")
+    return flow.JobLimits(
+        concurrency_key=_key(spec.concurrency_key, "concurrency_key"),
+        concurrency_limit=concurrency,
+        rate_key=_key(spec.rate_key, "rate_key"),
+        rate_limit=rate,
+    )
+
+
+def _key(value: str, what: str) -> str | None:
+    return limits.name(value, what) if value else None
+
+
+def rate_limit_from_pb(msg: job_pb2.RateLimit, what: str) -> flow.RateLimit:
+    period = _duration(msg.period, f"{what}.period", flow.MAX_RATE_PERIOD, positive=True)
+    return flow.rate_limit(msg.count, period.total_seconds(), what)
+
+
+def rate_limit_pb(rate: flow.RateLimit) -> job_pb2.RateLimit:
+    return job_pb2.RateLimit(count=rate.count, period=duration(rate.period))
 
 
 def workflow_job(
@@ -279,6 +310,8 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
         msg.workflow_id = job.workflow_id
     if job.unique_key:
         msg.unique_key = job.unique_key
+    if job.limits is not None:
+        _set_limits(msg, job.limits)
     if job.timeout is not None:
         msg.timeout.CopyFrom(duration(job.timeout))
     if job.soft_timeout is not None:
@@ -293,6 +326,14 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
     if job.last_error is not None:
         msg.last_error.CopyFrom(error_pb(job.last_error))
     return msg
+
+
+def _set_limits(msg: job_pb2.Job, limits: flow.JobLimits) -> None:
+    msg.concurrency_key = limits.concurrency_key or ""
+    msg.concurrency_limit = limits.concurrency_limit or 0
+    msg.rate_key = limits.rate_key or ""
+    if limits.rate_limit is not None:
+        msg.rate_limit.CopyFrom(rate_limit_pb(limits.rate_limit))
 
 
 def report_pb(result: ReportResult) -> broker_pb2.ReportResult:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from jobbroker.v1 import broker_pb2
-from jobbroker_server.domain import limits
+from jobbroker_server.domain import flow, limits
 from jobbroker_server.domain.keys import Caller
 from jobbroker_server.domain.queues import QueueDefaults, QueueSettings
 from jobbroker_server.rpc import convert
@@ -30,7 +30,19 @@ def defaults(msg: broker_pb2.QueueDefaults) -> QueueDefaults:
             msg, "soft_timeout", limits.MAX_TIMEOUT, positive=True
         ),
         lost_worker_counts=msg.lost_worker_counts if msg.HasField("lost_worker_counts") else True,
+        rate=_rate(msg, "rate"),
+        key_rate=_rate(msg, "key_rate"),
+        key_concurrency=(
+            msg.key_concurrency and flow.concurrency_limit(msg.key_concurrency, "key_concurrency")
+        )
+        or None,
     )
+
+
+def _rate(msg: broker_pb2.QueueDefaults, field: str) -> flow.RateLimit | None:
+    if not msg.HasField(field):
+        return None
+    return convert.rate_limit_from_pb(getattr(msg, field), field)
 
 
 def limits_for(base: convert.Limits, given: QueueDefaults | None) -> convert.Limits:
@@ -60,6 +72,11 @@ def settings_pb(q: QueueSettings) -> broker_pb2.QueueSettings:
         if value is not None:
             getattr(out, name).CopyFrom(convert.duration(value))
     out.lost_worker_counts = d.lost_worker_counts
+    if d.rate is not None:
+        out.rate.CopyFrom(convert.rate_limit_pb(d.rate))
+    if d.key_rate is not None:
+        out.key_rate.CopyFrom(convert.rate_limit_pb(d.key_rate))
+    out.key_concurrency = d.key_concurrency or 0
     return msg
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 
 from jobbroker_server.clock import Clock
 from jobbroker_server.domain.states import JobState
-from jobbroker_server.domain.transitions import Transition
+from jobbroker_server.domain.transitions import Reason, Transition
 from jobbroker_server.metrics import Metrics
 from jobbroker_server.services.changes import Changes
 from jobbroker_server.services.failures import log_failure
@@ -44,7 +44,9 @@ class Reaper:
     async def run_once(self) -> list[Transition]:
         reaped = await self._store.reap_expired(self._clock.now())
         self._changes.apply(reaped.transitions)
-        return reaped.transitions
+        swept = await self._store.sweep_limits(self._clock.now())
+        self._changes.apply(swept.transitions)
+        return reaped.transitions + swept.transitions
 
     async def run(self) -> None:
         await every(self._interval, "reaper", self.run_once)
@@ -52,26 +54,45 @@ class Reaper:
 
 class Scheduler:
     """Moves scheduled jobs (delayed, or retrying after a backoff) to pending
-    when their time comes, sleeping until the next one is due."""
+    when their time comes, and lets through the jobs (and wakes the streams)
+    that a rate limit held back when its next budget is due, sleeping until
+    the next one is."""
 
-    def __init__(self, store: Store, clock: Clock, changes: Changes, max_sleep: timedelta) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        changes: Changes,
+        max_sleep: timedelta,
+        wake: Callable[[Iterable[str]], None],
+    ) -> None:
         self._store = store
         self._clock = clock
         self._changes = changes
         changes.listen(self.on_moved)
         self._max_sleep = max_sleep.total_seconds()
+        self._wake = wake
         self._poked = asyncio.Event()
 
     def on_moved(self, moved: Sequence[Transition]) -> None:
-        """A job was scheduled (delayed, or a retry after a backoff): it may be
-        due before the current sleep ends."""
-        if any(t.target is JobState.SCHEDULED for t in moved):
+        """A job was scheduled (delayed, or a retry after a backoff), or held
+        back by a limit: it may be due before the current sleep ends."""
+        if any(t.target is JobState.SCHEDULED or t.reason is Reason.LIMITED for t in moved):
             self._poked.set()
+
+    def poke(self) -> None:
+        """A lease found a queue's rate spent: its next budget may be due
+        before the current sleep ends."""
+        self._poked.set()
 
     async def run_once(self) -> float:
         """Promote what is due; return how long to sleep until the next is."""
         promoted = await self._store.promote_scheduled(self._clock.now())
         self._changes.apply(promoted.transitions)
+        reopened = await self._store.reopen_limits(self._clock.now())
+        self._changes.apply(reopened.transitions)
+        if reopened.result:
+            self._wake(reopened.result)
         due = await self._store.next_scheduled_at()
         if due is None:
             return self._max_sleep

@@ -16,7 +16,7 @@ import asyncio
 import enum
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -141,6 +141,15 @@ class Dispatcher:
         self._max_payload = max_payload_bytes
         self._lease_bytes = max(limits.MAX_LEASE_BYTES, max_payload_bytes)
         self._checked = 0  # where the safety net's round of queues goes on
+        # The queues leased through their flow limits (store/flow.py), as
+        # last known: one learnt late is only leased later, never past its
+        # limits (the plain lease passes over it).
+        self.limited: set[str] = set()
+        self.on_rate_spent: Callable[[], None] = lambda: None
+
+    def _limited(self, session: Session) -> tuple[str, ...]:
+        limited = self.limited
+        return tuple(q for q in session.queues if q in limited) if limited else ()
 
     def open(
         self,
@@ -276,6 +285,7 @@ class Dispatcher:
                 self._lease_bytes,
                 session.holder,
                 session.reports_starts,
+                self._limited(session),
             )
             for queue in session.queues:
                 taken = min(room, needed.get(queue, 0))
@@ -377,6 +387,7 @@ class Dispatcher:
         """Lease what fits; True when the batch was full."""
         now = self._clock.now()
         limit = min(session.room, MAX_LEASE_BATCH)
+        limited = self._limited(session)
         moved = await self._store.lease_many(
             session.queues,
             limit,
@@ -386,10 +397,14 @@ class Dispatcher:
             self._lease_bytes,
             session.holder,
             session.reports_starts,
+            limited,
         )
         await self._hand_out(session, moved.result, now)
         self._changes.apply(moved.transitions)
-        return self._full(moved.result, limit)
+        full = self._full(moved.result, limit)
+        if limited and not full:  # a rate may have been spent: the scheduler looks
+            self.on_rate_spent()
+        return full
 
     def _full(self, leases: Sequence[Lease], limit: int) -> bool:
         """Whether a lease may have left jobs it had room for: it took its

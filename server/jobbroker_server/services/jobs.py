@@ -51,6 +51,9 @@ class Jobs:
         """One group's transaction, which also fills the worker streams with room
         for these jobs' queues; for the rest, the others are woken to lease."""
         now = self._clock.now()
+        keyed = {job.queue for job in jobs if job.limits is not None}
+        if keyed:  # the store marks them limited in this transaction
+            self._dispatcher.limited |= keyed
         ready = Counter(
             job.queue
             for job in jobs

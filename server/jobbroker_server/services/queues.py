@@ -35,6 +35,7 @@ class Queues:
     async def refresh(self) -> list[QueueSettings]:
         listed = await self._store.list_queues()
         self._known = {q.name: q for q in listed}
+        self._dispatcher.limited = {q.name for q in listed if q.limited}
         return listed
 
     async def run(self) -> None:
@@ -47,6 +48,9 @@ class Queues:
     async def set_defaults(self, queue: str, defaults: QueueDefaults) -> QueueSettings:
         made = await self._store.set_queue_defaults(queue, defaults, self._clock.now())
         self._known[queue] = made
+        if made.limited:
+            self._dispatcher.limited.add(queue)
+        self._dispatcher.wake([queue])  # a limit raised or removed lets more through
         return made
 
     async def pause(self, queue: str, actor: str) -> QueueSettings:

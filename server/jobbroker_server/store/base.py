@@ -77,6 +77,7 @@ class Store(abc.ABC):
         max_bytes: int = limits.MAX_LEASE_BYTES,
         holder: str = "",
         reports_starts: bool = True,
+        limited: Sequence[str] = (),
     ) -> Moved[list[Lease]]:
         """Move up to ``limit`` pending jobs of ``queues`` to leased, highest
         priority first and FIFO within a priority, each with a new fencing token
@@ -159,7 +160,18 @@ class Store(abc.ABC):
         """Move scheduled jobs whose time has come to pending; how many."""
 
     @abc.abstractmethod
-    async def next_scheduled_at(self) -> datetime | None: ...
+    async def next_scheduled_at(self) -> datetime | None:
+        """When the next scheduled job is due, or the next rate budget that
+        jobs or streams wait on (``store/flow.py``)."""
+
+    @abc.abstractmethod
+    async def reopen_limits(self, now: datetime) -> Moved[set[str]]:
+        """Let through the jobs held back by rate limits whose next budget is
+        due; returns the queues whose own rate reopened."""
+
+    @abc.abstractmethod
+    async def sweep_limits(self, now: datetime) -> Moved[int]:
+        """Let through held-back jobs that no end or budget will; how many."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:

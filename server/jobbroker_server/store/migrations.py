@@ -22,6 +22,7 @@ from jobbroker_server.store.tables import (
     jobs,
     metadata,
     queues,
+    rate_buckets,
     schedules,
     schema_version,
 )
@@ -138,6 +139,45 @@ def _v12_unique_keys(conn: Connection) -> None:
     _index("ix_jobs_unique").create(conn, checkfirst=True)
 
 
+def _add_columns(conn: Connection, table: str, added: dict[str, str]) -> None:
+    found = {c["name"] for c in sa.inspect(conn).get_columns(table)}
+    for name, kind in added.items():
+        if name not in found:
+            conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+
+
+def _v13_flow_limits(conn: Connection) -> None:
+    """Concurrency and rate limits: the keys and limits of jobs, those of
+    queues, and the rate buckets."""
+    _add_columns(
+        conn,
+        "jobs",
+        {
+            "concurrency_key": "VARCHAR(200)",
+            "concurrency_limit": "INTEGER",
+            "rate_key": "VARCHAR(200)",
+            "rate_count": "INTEGER",
+            "rate_period_s": "FLOAT",
+            "held_by": "VARCHAR(16)",
+        },
+    )
+    _add_columns(
+        conn,
+        "queues",
+        {
+            "rate_count": "INTEGER",
+            "rate_period_s": "FLOAT",
+            "key_rate_count": "INTEGER",
+            "key_rate_period_s": "FLOAT",
+            "key_concurrency": "INTEGER",
+            "limited": "BOOLEAN NOT NULL DEFAULT FALSE",
+        },
+    )
+    for name in ("ix_jobs_key_active", "ix_jobs_rate_pending", "ix_jobs_held_back"):
+        _index(name).create(conn, checkfirst=True)
+    rate_buckets.create(conn, checkfirst=True)
+
+
 # (version, step); append new steps, never edit old ones.
 STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1_initial),
@@ -152,6 +192,7 @@ STEPS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (10, _v10_schedules),
     (11, _v11_queue_settings),
     (12, _v12_unique_keys),
+    (13, _v13_flow_limits),
 )
 LATEST = STEPS[-1][0]
 

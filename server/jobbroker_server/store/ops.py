@@ -46,7 +46,8 @@ from jobbroker_server.domain.models import (
 from jobbroker_server.domain.retry import after_failure
 from jobbroker_server.domain.states import HELD, JobState
 from jobbroker_server.domain.transitions import BROKER, JobEvent, Moved, Reason, Transition
-from jobbroker_server.store import dedup, dependencies, events, rows
+from jobbroker_server.store import dedup, dependencies, events, flow, rows
+from jobbroker_server.store import queues as queue_settings
 from jobbroker_server.store.prepared import Prepared
 from jobbroker_server.store.tables import (
     UTCDateTime,
@@ -77,6 +78,7 @@ def _moved(conn: Connection, now: datetime, result: T, transitions: list[Transit
     event log in its transaction, and back to the broker."""
     if transitions:
         transitions += dependencies.follow(conn, now, transitions)
+        transitions += flow.follow(conn, transitions)
     events.record(conn, transitions, now)
     return Moved(result, transitions)
 
@@ -99,6 +101,9 @@ def submit_many(
     if not jobs_in:
         return Moved([], [])
     values = [rows.new_job_row(job, now) for job in jobs_in]
+    keyed = {job.queue for job in jobs_in if job.limits is not None}
+    if keyed:
+        queue_settings.mark_limited(conn, sorted(keyed), now)
     # The unique constraint and index decide between racing submits of one key.
     stored = insert_new(conn, values)
     if len(stored) == len(values):
@@ -171,16 +176,17 @@ def _not_before(value: sa.ColumnElement[Any], floor: sa.ColumnElement[Any]) -> A
 # SKIP LOCKED: replicas leasing at once never pick the same job (SQLite, with
 # one writer, renders no locking clause). The materialized CTE runs the
 # LIMITed pick once, whatever plan the UPDATE gets.
-# The paused queues, read by each lease in its own statement: a pause holds
-# on every replica from its commit on. The table holds a row per queue with
-# settings, at most a few: the scan costs the lease next to nothing.
-PAUSED = sa.select(queues.c.name).where(queues.c.paused)
+# The paused queues, and the limited ones (leased by ``flow.pick``), read by
+# each lease in its own statement: a pause holds on every replica from its
+# commit on. The table holds a row per queue with settings, at most a few:
+# the scan costs the lease next to nothing.
+PASSED_OVER = sa.select(queues.c.name).where(sa.or_(queues.c.paused, queues.c.limited))
 _CANDIDATES = (
     sa.select(jobs.c.id, jobs.c.priority, sa.func.length(jobs.c.payload).label("size"))
     .where(
         _is(JobState.PENDING),
         jobs.c.queue.in_(_ids("queues")),
-        jobs.c.queue.not_in(PAUSED),
+        jobs.c.queue.not_in(PASSED_OVER),
     )
     .order_by(jobs.c.priority.desc(), jobs.c.id)
     .limit(sa.bindparam("limit"))
@@ -253,6 +259,17 @@ _LEASE = Prepared(
     )
     .returning(*_READ_BACK)
 )
+# A lease of the jobs ``flow.pick`` chose (their rows locked by it).
+_LEASE_PICKED = Prepared(
+    jobs.update()
+    .where(jobs.c.id.in_(_ids()))
+    .values(
+        attempts=jobs.c.attempts + 1,
+        fencing_token=jobs.c.fencing_token + 1 + TokenStep(),
+        **_SET_BY_LEASE,
+    )
+    .returning(*_READ_BACK)
+)
 _SET_DEADLINE = Prepared(
     jobs.update()
     .where(jobs.c.id == sa.bindparam("b_id"))
@@ -284,7 +301,11 @@ def lease_many(
     max_bytes: int = limits.MAX_LEASE_BYTES,
     holder: str = "",
     reports_starts: bool = True,
+    limited: Sequence[str] = (),
 ) -> Moved[list[Lease]]:
+    """Lease up to ``limit`` pending jobs of ``queues``; of those in
+    ``limited`` (queues the broker knows to be limited), those their flow
+    limits let through."""
     if limit <= 0 or not queues:
         return Moved([], [])
     states.check(JobState.PENDING, JobState.LEASED)
@@ -299,8 +320,17 @@ def lease_many(
         "max_bytes": max_bytes,
     }
     found = _LEASE.rows(conn, params)
+    held_back: list[Transition] = []
+    if limited and len(found) < limit:
+        taken = sum(len(row.payload) for row in found)
+        if not found or taken < max_bytes:
+            room = max_bytes - taken if found else max_bytes
+            picked = flow.pick(conn, limited, limit - len(found), now, room)
+            held_back = picked.moved
+            if picked.ids:
+                found += _LEASE_PICKED.rows(conn, {**params, "ids": picked.ids})
     if not found:
-        return Moved([], [])
+        return _moved(conn, now, [], held_back) if held_back else Moved([], [])
     known = tuple(
         params[v.key] if isinstance(v, sa.BindParameter) else v for v in _SET_BY_LEASE.values()
     )
@@ -331,7 +361,7 @@ def lease_many(
         for row in leased
     ]
     made = [Lease(rows.job_from_row(row), row.fencing_token, expires) for row in leased]
-    return _moved(conn, now, made, moved)
+    return _moved(conn, now, made, held_back + moved)
 
 
 def _timeout_s(row: Any) -> float:
@@ -361,6 +391,7 @@ def submit_and_lease(
             a.max_bytes,
             a.holder,
             a.reports_starts,
+            a.limited,
         )
         leased.append(taken.result)
         moved += taken.transitions
@@ -578,7 +609,15 @@ def _ended(
     was recorded in the same operation."""
     source = JobState.RUNNING if running else JobState(row.state)
     return Transition(
-        row.id, row.queue, source, target, reason, row.attempts, row.leased_by, detail
+        row.id,
+        row.queue,
+        source,
+        target,
+        reason,
+        row.attempts,
+        row.leased_by,
+        detail,
+        concurrency_key=row.concurrency_key,
     )
 
 
@@ -732,6 +771,7 @@ def reap_expired(conn: Connection, rng: random.Random, now: datetime) -> Moved[i
                 BROKER,
                 detail,
                 token=row.fencing_token,
+                concurrency_key=row.concurrency_key,
             )
         )
     return _moved(conn, now, len(moved), moved)
@@ -781,7 +821,18 @@ def promote_scheduled(conn: Connection, now: datetime) -> Moved[int]:
 def next_scheduled_at(conn: Connection) -> datetime | None:
     stmt = sa.select(sa.func.min(jobs.c.scheduled_at)).where(_is(JobState.SCHEDULED))
     due: datetime | None = (conn.execute(stmt)).scalar()
-    return due
+    reopen = flow.next_reopen_at(conn)
+    return min(due, reopen) if due is not None and reopen is not None else due or reopen
+
+
+def reopen_limits(conn: Connection, now: datetime) -> Moved[set[str]]:
+    moved, woken = flow.reopen(conn, now)
+    return _moved(conn, now, woken, moved)
+
+
+def sweep_limits(conn: Connection, now: datetime) -> Moved[int]:
+    moved = flow.sweep(conn, now)
+    return _moved(conn, now, len(moved), moved)
 
 
 # --- operators ---
@@ -825,7 +876,7 @@ def cancel(conn: Connection, job_id: str, now: datetime, actor: str = "client") 
         conn.execute(
             jobs.update()
             .where(jobs.c.id == job_id, jobs.c.state.in_(_sources(dst)))
-            .values(state=dst.value, finished_at=now)
+            .values(state=dst.value, finished_at=now, held_by=None)
         )
         moved.append(
             Transition(job_id, row.queue, state, dst, Reason.CANCELLED, row.attempts, actor)
@@ -864,7 +915,7 @@ def cancel_workflow(conn: Connection, workflow_id: str, now: datetime, actor: st
         conn.execute(
             jobs.update()
             .where(jobs.c.id.in_(chunk), jobs.c.state.in_(_UNENDED))
-            .values(state=JobState.CANCELLED.value, finished_at=now)
+            .values(state=JobState.CANCELLED.value, finished_at=now, held_by=None)
         )
     for chunk in _chunks(held):
         conn.execute(
@@ -1085,6 +1136,7 @@ _LEASE_COLUMNS = (
     jobs.c.attempts,
     jobs.c.leased_by,
     jobs.c.cancel_requested,
+    jobs.c.concurrency_key,
 )
 _LOCK_LEASES = Prepared(sa.select(*_LEASE_COLUMNS).where(jobs.c.id.in_(_ids())).with_for_update())
 _LOCK_ROWS = Prepared(sa.select(jobs).where(jobs.c.id.in_(_ids())).with_for_update())

@@ -1,9 +1,10 @@
 """Queue settings in the store (``domain/queues.py``): paused or not, and the
 defaults of a queue's jobs. A lease reads the paused queues in its own
-statement (``ops.PAUSED``), so a pause holds on every replica at once."""
+statement (``ops.PASSED_OVER``), so a pause holds on every replica at once."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import ResourceExhausted
+from jobbroker_server.domain.flow import RateLimit
 from jobbroker_server.domain.queues import MAX_QUEUE_SETTINGS, QueueDefaults, QueueSettings
 from jobbroker_server.store.tables import queues
 
@@ -32,10 +34,25 @@ def _settings(row: Any) -> QueueSettings:
         timeout=_delta(row.timeout_s),
         soft_timeout=_delta(row.soft_timeout_s),
         lost_worker_counts=row.lost_worker_counts,
+        rate=_rate(row.rate_count, row.rate_period_s),
+        key_rate=_rate(row.key_rate_count, row.key_rate_period_s),
+        key_concurrency=row.key_concurrency,
     )
     return QueueSettings(
-        row.name, defaults, row.paused, row.paused_by, row.paused_at, row.updated_at
+        row.name,
+        defaults,
+        row.paused,
+        row.paused_by,
+        row.paused_at,
+        row.updated_at,
+        row.limited,
     )
+
+
+def _rate(count: int | None, period_s: float | None) -> RateLimit | None:
+    if count is None or period_s is None:
+        return None
+    return RateLimit(count, timedelta(seconds=period_s))
 
 
 def list_queues(conn: Connection) -> list[QueueSettings]:
@@ -79,10 +96,39 @@ def set_defaults(
             timeout_s=_seconds(defaults.timeout),
             soft_timeout_s=_seconds(defaults.soft_timeout),
             lost_worker_counts=defaults.lost_worker_counts,
+            rate_count=_count(defaults.rate),
+            rate_period_s=_period(defaults.rate),
+            key_rate_count=_count(defaults.key_rate),
+            key_rate_period_s=_period(defaults.key_rate),
+            key_concurrency=defaults.key_concurrency,
             updated_at=now,
         )
     )
+    if defaults.rate is not None:
+        mark_limited(conn, [name], now)
     return _one(conn, name)
+
+
+def _count(rate: RateLimit | None) -> int | None:
+    return None if rate is None else rate.count
+
+
+def _period(rate: RateLimit | None) -> float | None:
+    return None if rate is None else rate.period.total_seconds()
+
+
+def mark_limited(conn: Connection, names: Sequence[str], now: datetime) -> None:
+    """From now on the queues are leased through the flow limits' path
+    (their rows are made if they have none)."""
+    found = conn.execute(sa.select(queues.c.name).where(queues.c.name.in_(names), queues.c.limited))
+    missing = set(names) - set(found.scalars())
+    if not missing:
+        return
+    for name in sorted(missing):
+        _ensure(conn, name, now)
+    conn.execute(
+        queues.update().where(queues.c.name.in_(names), ~queues.c.limited).values(limited=True)
+    )
 
 
 def set_paused(

@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from jobbroker_server.domain import limits
+from jobbroker_server.domain.flow import JobLimits, RateLimit
 from jobbroker_server.domain.models import Attempt, AttemptOutcome, ErrorInfo, Job, NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
@@ -57,6 +58,7 @@ _NEW_JOB_FIXED: dict[str, Any] = {
     "lease_expires_at": sa.null(),
     "deadline_at": sa.null(),
     "cancel_requested": sa.false(),
+    "held_by": sa.null(),
 }
 # The VALUES of a new job's INSERT: the fixed ones, and the others bound by
 # the names new_job_row gives them.
@@ -90,6 +92,7 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
         "soft_timeout_s": _seconds(job.soft_timeout),
         "idempotency_key": job.idempotency_key,
         "unique_key": job.unique_key,
+        **(_NO_LIMITS if job.limits is None else _limit_values(job.limits)),
         "metadata": job.metadata,
         "tags": job.tags,
         "created_at": now,
@@ -104,6 +107,31 @@ def new_job_row(job: NewJob, now: datetime) -> dict[str, Any]:
             "tolerant": needs.tolerate_failures,
         },
     }
+
+
+_NO_LIMITS = dict.fromkeys(
+    ("concurrency_key", "concurrency_limit", "rate_key", "rate_count", "rate_period_s")
+)
+
+
+def _limit_values(limits: JobLimits) -> dict[str, Any]:
+    rate = limits.rate_limit
+    return {
+        "concurrency_key": limits.concurrency_key,
+        "concurrency_limit": limits.concurrency_limit,
+        "rate_key": limits.rate_key,
+        "rate_count": None if rate is None else rate.count,
+        "rate_period_s": None if rate is None else rate.period.total_seconds(),
+    }
+
+
+def job_limits(row: Any) -> JobLimits | None:
+    if row.concurrency_key is None and row.rate_key is None:
+        return None
+    rate = None
+    if row.rate_count is not None:
+        rate = RateLimit(row.rate_count, timedelta(seconds=row.rate_period_s))
+    return JobLimits(row.concurrency_key, row.concurrency_limit, row.rate_key, rate)
 
 
 def retry_policy(row: sa.Row[Any]) -> RetryPolicy:
@@ -164,6 +192,7 @@ def job_from_row(row: sa.Row[Any], history: Sequence[Attempt] = ()) -> Job:
         cancel_requested=row.cancel_requested,
         workflow_id=row.workflow_id,
         unique_key=row.unique_key,
+        limits=job_limits(row),
     )
 
 

@@ -126,6 +126,7 @@ class SqlStore(Store):
         max_bytes: int = limits.MAX_LEASE_BYTES,
         holder: str = "",
         reports_starts: bool = True,
+        limited: Sequence[str] = (),
     ) -> Moved[list[Lease]]:
         if limit <= 0 or not queues:
             return Moved([], [])
@@ -139,6 +140,7 @@ class SqlStore(Store):
             max_bytes,
             holder,
             reports_starts,
+            limited,
         )
 
     async def submit_and_lease(
@@ -200,6 +202,12 @@ class SqlStore(Store):
 
     async def next_scheduled_at(self) -> datetime | None:
         return await self._run(ops.next_scheduled_at)
+
+    async def reopen_limits(self, now: datetime) -> Moved[set[str]]:
+        return await self._run(ops.reopen_limits, now)
+
+    async def sweep_limits(self, now: datetime) -> Moved[int]:
+        return await self._run(ops.sweep_limits, now)
 
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:
         return await self._run(ops.get_job, job_id, history=history)

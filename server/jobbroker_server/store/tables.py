@@ -115,6 +115,15 @@ jobs = sa.Table(
     sa.Column("inputs", sa.JSON),
     # Held by one unfinished job at most (ix_jobs_unique; store/dedup.py).
     sa.Column("unique_key", sa.String(200)),
+    # Flow limits (store/flow.py): the keys a job is limited by, the limits it
+    # carries (NULL: its queue's), and, while it is held back (waiting), which
+    # limit holds it: "concurrency" or "rate".
+    sa.Column("concurrency_key", sa.String(200)),
+    sa.Column("concurrency_limit", sa.Integer),
+    sa.Column("rate_key", sa.String(200)),
+    sa.Column("rate_count", sa.Integer),
+    sa.Column("rate_period_s", sa.Float),
+    sa.Column("held_by", sa.String(16)),
 )
 
 _pending = jobs.c.state == "pending"
@@ -174,6 +183,40 @@ sa.Index(
     jobs.c.id,
     sqlite_where=_in_workflow,
     postgresql_where=_in_workflow,
+)
+
+# The jobs of a concurrency key that hold or may soon hold its slots, counted
+# at each lease and end of one; and the held-back jobs of a key, in the order
+# they are let through.
+_keyed = jobs.c.concurrency_key.is_not(None)
+_active = sa.and_(_keyed, jobs.c.state.in_(["pending", "leased", "running"]))
+sa.Index(
+    "ix_jobs_key_active",
+    jobs.c.queue,
+    jobs.c.concurrency_key,
+    jobs.c.state,
+    sqlite_where=_active,
+    postgresql_where=_active,
+)
+_rate_pending = sa.and_(jobs.c.rate_key.is_not(None), _pending)
+sa.Index(
+    "ix_jobs_rate_pending",
+    jobs.c.queue,
+    jobs.c.rate_key,
+    sqlite_where=_rate_pending,
+    postgresql_where=_rate_pending,
+)
+_held_back = jobs.c.held_by.is_not(None)
+sa.Index(
+    "ix_jobs_held_back",
+    jobs.c.queue,
+    jobs.c.held_by,
+    jobs.c.concurrency_key,
+    jobs.c.rate_key,
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    sqlite_where=_held_back,
+    postgresql_where=_held_back,
 )
 
 attempts = sa.Table(
@@ -257,6 +300,37 @@ queues = sa.Table(
     sa.Column("soft_timeout_s", sa.Float),
     sa.Column("lost_worker_counts", sa.Boolean, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Flow limits (store/flow.py): the whole queue's rate, each rate key's and
+    # each concurrency key's when a job carries none; and whether the queue
+    # is leased through the limits' path (it has a rate, or has had a job
+    # with a key): the plain lease passes over it.
+    sa.Column("rate_count", sa.Integer),
+    sa.Column("rate_period_s", sa.Float),
+    sa.Column("key_rate_count", sa.Integer),
+    sa.Column("key_rate_period_s", sa.Float),
+    sa.Column("key_concurrency", sa.Integer),
+    sa.Column("limited", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+# A rate limit's state, per (queue, rate key; "" for the whole queue), as a
+# generic cell rate: ``tat`` is when the bucket would be full again (its
+# theoretical arrival time); a row whose tat has passed is as good as none.
+# ``waiting``: jobs are held back by it (or, for the queue, streams wait on
+# it) until ``next_at``, when the scheduler lets the next ones through.
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("queue", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("tat", UTCDateTime, nullable=False),
+    sa.Column("next_at", UTCDateTime, nullable=False),
+    sa.Column("waiting", sa.Boolean, nullable=False),
+)
+sa.Index(
+    "ix_rate_buckets_waiting",
+    rate_buckets.c.next_at,
+    sqlite_where=rate_buckets.c.waiting,
+    postgresql_where=rate_buckets.c.waiting,
 )
 
 schema_version = sa.Table(
