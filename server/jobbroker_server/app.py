@@ -123,7 +123,7 @@ class BrokerApp:
             Limits(s.max_payload_bytes, s.retry),
             s.max_batch,
             tails,
-            Explainer(store, dispatcher, queues),
+            Explainer(store, self.clock, dispatcher, queues),
             Schedules(store, self.clock, self.cron),
             queues,
         )

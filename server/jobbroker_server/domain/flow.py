@@ -38,7 +38,7 @@ class RateLimit:
         return self.period / self.count
 
     def __str__(self) -> str:
-        return f"{self.count}/{self.period.total_seconds():g}s"
+        return f"{self.count} per {self.period.total_seconds():g}s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,21 @@ class JobLimits:
     concurrency_limit: int | None = None
     rate_key: str | None = None
     rate_limit: RateLimit | None = None
+
+
+QUEUE_RATE = "queue_rate"  # explain's name for a queue's own rate
+
+
+@dataclass(frozen=True, slots=True)
+class LimitFacts:
+    """What holds a job back, for explain: ``limit`` is CONCURRENCY, RATE or
+    QUEUE_RATE; ``allowed`` the limit as a person reads it ("4", "50 per 1s")."""
+
+    limit: str
+    key: str
+    allowed: str
+    holders: tuple[str, ...] = ()  # concurrency: jobs holding the key's slots
+    next_token_at: datetime | None = None  # rate: when the next job may start
 
 
 def rate_limit(count: int, period_s: float, what: str) -> RateLimit:

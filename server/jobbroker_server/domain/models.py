@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from jobbroker_server.domain.flow import JobLimits
+from jobbroker_server.domain.flow import JobLimits, LimitFacts
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
 
@@ -201,6 +201,8 @@ class JobFacts:
     leased_at: datetime | None  # its last lease
     # Waiting (or cancelled because a parent failed): the parents not done.
     waits_on: tuple[WaitsOn, ...] = ()
+    # Held back by a flow limit, or pending in a queue whose rate is spent.
+    limit: LimitFacts | None = None
 
 
 @dataclass(frozen=True, slots=True)

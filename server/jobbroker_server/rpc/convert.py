@@ -475,6 +475,12 @@ def explanation_pb(e: Explanation) -> broker_pb2.ExplainJobResponse:
         msg.last_error.CopyFrom(error_pb(e.last_error))
     for parent in e.waits_on:
         msg.waits_on.add(job_id=parent.job_id, task=parent.task, state=STATE_TO_PB[parent.state])
+    if e.limit is not None:
+        msg.limit = e.limit.limit
+        msg.limit_key = e.limit.key
+        msg.slot_holders.extend(e.limit.holders)
+        if e.limit.next_token_at is not None:
+            set_timestamp(msg.next_token_at, e.limit.next_token_at)
     return msg
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from jobbroker_server.clock import Clock
+from jobbroker_server.domain.flow import CONCURRENCY, RATE, LimitFacts
 from jobbroker_server.domain.models import ErrorInfo, Job, WaitsOn
 from jobbroker_server.domain.queues import QueueSettings
 from jobbroker_server.domain.states import JobState
@@ -18,7 +20,7 @@ from jobbroker_server.store.ops import MAX_AHEAD
 @dataclass(frozen=True, slots=True)
 class Explanation:
     state: JobState
-    # waiting, parent_failed, scheduled, retry_backoff, paused, pending,
+    # waiting, parent_failed, limited, scheduled, retry_backoff, paused, pending,
     # no_worker, held, running, cancel_requested, finished
     reason: str
     summary: str
@@ -35,6 +37,7 @@ class Explanation:
     finished_at: datetime | None = None
     last_error: ErrorInfo | None = None
     waits_on: tuple[WaitsOn, ...] = ()
+    limit: LimitFacts | None = None
 
 
 def _when(at: datetime | None) -> str:
@@ -46,14 +49,17 @@ def _error(error: ErrorInfo | None) -> str:
 
 
 class Explainer:
-    def __init__(self, store: Store, dispatcher: Dispatcher, queues: Queues) -> None:
+    def __init__(self, store: Store, clock: Clock, dispatcher: Dispatcher, queues: Queues) -> None:
         self._store = store
+        self._clock = clock
         self._dispatcher = dispatcher
         self._queues = queues
 
     async def explain(self, job_id: str) -> Explanation:
-        facts = await self._store.explain_job(job_id)
+        facts = await self._store.explain_job(job_id, self._clock.now())
         job = facts.job
+        if facts.limit is not None:
+            return _limited(job, facts.limit)
         if facts.waits_on and job.state in (JobState.WAITING, JobState.CANCELLED):
             return _waiting(job, facts.waits_on)
         if job.state is JobState.SCHEDULED:
@@ -156,6 +162,24 @@ def _waiting(job: Job, parents: tuple[WaitsOn, ...]) -> Explanation:
         last_error=job.last_error,
         waits_on=parents,
     )
+
+
+def _limited(job: Job, limit: LimitFacts) -> Explanation:
+    if limit.limit == CONCURRENCY:
+        holding = ", ".join(limit.holders) or "none now"
+        summary = (
+            f"held back: concurrency key {limit.key!r} of queue {job.queue!r} allows "
+            f"{limit.allowed} job(s) at once, held by {holding}; it is let through when "
+            "one of them ends"
+        )
+    else:
+        whose = f"rate key {limit.key!r}" if limit.limit == RATE else f"queue {job.queue!r}"
+        held = "held back" if job.state is JobState.WAITING else "pending"
+        summary = (
+            f"{held}: {whose} allows {limit.allowed} job starts; the next may start at "
+            f"{_when(limit.next_token_at)}"
+        )
+    return Explanation(job.state, "limited", summary, job.attempts, limit=limit)
 
 
 def _paused(job: Job, queue: QueueSettings) -> Explanation:

@@ -181,8 +181,9 @@ class Store(abc.ABC):
     async def list_jobs(self, where: JobFilter) -> JobPage: ...
 
     @abc.abstractmethod
-    async def explain_job(self, job_id: str) -> JobFacts:
-        """The job (no history), the pending jobs ahead of it, its last lease."""
+    async def explain_job(self, job_id: str, now: datetime) -> JobFacts:
+        """The job (no history), the pending jobs ahead of it, its last lease,
+        and the flow limit that holds it back, if one does."""
 
     @abc.abstractmethod
     async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -35,7 +35,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain import flow
-from jobbroker_server.domain.flow import CONCURRENCY, RATE, RateLimit
+from jobbroker_server.domain.flow import CONCURRENCY, QUEUE_RATE, RATE, LimitFacts, RateLimit
+from jobbroker_server.domain.models import Job
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import BROKER, Reason, Transition
 from jobbroker_server.store.prepared import Prepared
@@ -78,10 +79,15 @@ def _rate(count: int | None, period_s: float | None) -> RateLimit | None:
     return RateLimit(count, timedelta(seconds=period_s))
 
 
-def _settings(conn: Connection, names: Iterable[str]) -> dict[str, _Queue]:
-    found = conn.execute(
-        sa.select(queues).where(queues.c.name.in_(list(names)), queues.c.limited, ~queues.c.paused)
-    )
+def _settings(
+    conn: Connection, names: Iterable[str], *, leasable: bool = True
+) -> dict[str, _Queue]:
+    """The limits of the queues ``names``: of those a lease may take from
+    (limited, not paused), or of all that have settings."""
+    where: list[sa.ColumnElement[bool]] = [queues.c.name.in_(list(names))]
+    if leasable:
+        where += [queues.c.limited, ~queues.c.paused]
+    found = conn.execute(sa.select(queues).where(*where))
     return {
         r.name: _Queue(
             _rate(r.rate_count, r.rate_period_s),
@@ -549,3 +555,53 @@ def _waiting_buckets(conn: Connection, keys: Sequence[Key]) -> set[Key]:
         )
         found |= {(queue, k) for (k,) in rows}
     return found
+
+
+def explain(conn: Connection, job: Job, now: datetime) -> LimitFacts | None:
+    """What limit holds the job back (waiting), or keeps it pending (its
+    queue's rate spent); None when none does."""
+    queue = _settings(conn, [job.queue], leasable=False).get(job.queue)
+    held_by = conn.execute(sa.select(jobs.c.held_by).where(jobs.c.id == job.id)).scalar()
+    limits = job.limits
+    if job.state is JobState.WAITING and held_by == CONCURRENCY and limits is not None:
+        key = limits.concurrency_key or ""
+        allowed = limits.concurrency_limit or (queue.key_concurrency if queue else 1)
+        holders = conn.execute(
+            sa.select(jobs.c.id)
+            .where(
+                jobs.c.queue == job.queue, jobs.c.concurrency_key == key, jobs.c.state.in_(_HELD)
+            )
+            .order_by(jobs.c.id)
+            .limit(10)
+        ).scalars()
+        return LimitFacts(CONCURRENCY, key, str(allowed), tuple(holders))
+    if job.state is JobState.WAITING and held_by == RATE and limits is not None:
+        key = limits.rate_key or ""
+        rate = limits.rate_limit or (queue.key_rate if queue else None)
+        return _rate_facts(conn, RATE, (job.queue, key), rate, now)
+    if job.state is JobState.PENDING and queue is not None and queue.rate is not None:
+        return _rate_facts(conn, QUEUE_RATE, (job.queue, WHOLE_QUEUE), queue.rate, now, spent=True)
+    return None
+
+
+def _rate_facts(
+    conn: Connection,
+    limit: str,
+    bucket: Key,
+    rate: RateLimit | None,
+    now: datetime,
+    *,
+    spent: bool = False,
+) -> LimitFacts | None:
+    """A rate's facts; with ``spent``, only if no job may start under it now."""
+    tat = conn.execute(
+        sa.select(rate_buckets.c.tat).where(
+            rate_buckets.c.queue == bucket[0], rate_buckets.c.key == bucket[1]
+        )
+    ).scalar()
+    if rate is None:
+        return None
+    if spent and flow.allowed(tat, now, rate) > 0:
+        return None
+    due = now if tat is None else max(now, flow.next_token_at(tat, rate))
+    return LimitFacts(limit, bucket[1] or bucket[0], str(rate), next_token_at=due)

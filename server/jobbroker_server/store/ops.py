@@ -951,7 +951,7 @@ def job_events_of(conn: Connection, job_id: str, after: int, limit: int) -> list
 MAX_AHEAD = 10_000
 
 
-def explain_job(conn: Connection, job_id: str) -> JobFacts:
+def explain_job(conn: Connection, job_id: str, now: datetime) -> JobFacts:
     """What explain needs besides the job: how many of its queue's pending
     jobs are leased before it (up to MAX_AHEAD), and when it was last leased."""
     job = _job(conn, job_id, history=False)
@@ -976,7 +976,10 @@ def explain_job(conn: Connection, job_id: str) -> JobFacts:
     waits_on: tuple[WaitsOn, ...] = ()
     if job.state is JobState.WAITING or job.state is JobState.CANCELLED:
         waits_on = dependencies.waits_on(conn, job_id, blocked_only=job.state.terminal)
-    return JobFacts(job, ahead, leased_at, waits_on)
+    limit = None
+    if job.state is JobState.WAITING or job.state is JobState.PENDING:
+        limit = flow.explain(conn, job, now)
+    return JobFacts(job, ahead, leased_at, waits_on, limit)
 
 
 def list_jobs(conn: Connection, where: JobFilter) -> JobPage:

@@ -215,8 +215,8 @@ class SqlStore(Store):
     async def list_jobs(self, where: JobFilter) -> JobPage:
         return await self._run(ops.list_jobs, where)
 
-    async def explain_job(self, job_id: str) -> JobFacts:
-        return await self._run(ops.explain_job, job_id)
+    async def explain_job(self, job_id: str, now: datetime) -> JobFacts:
+        return await self._run(ops.explain_job, job_id, now)
 
     async def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         return await self._run(ops.job_events_of, job_id, after, limit)
