@@ -25,6 +25,7 @@ ALLOWED = {
     ("scheduled", "cancelled"),
     ("pending", "leased"),
     ("pending", "cancelled"),
+    ("pending", "waiting"),  # held back by a flow limit
     ("leased", "running"),
     ("leased", "dead"),
     ("leased", "cancelled"),

@@ -1,0 +1,263 @@
+"""Flow limits on a real broker, both backends: per-key concurrency and rate
+limits, held across real worker processes and, on PostgreSQL, two replicas."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from jobbroker import Client, InvalidArgumentError, Job, JobRequest, JobState
+from jobbroker_server.config import Settings
+from jobbroker_server.testing import BrokerThread
+from tests import limit_tasks
+from tests.processes import BROKER, Process
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def replicas(settings: Settings) -> Iterator[list[BrokerThread]]:
+    """Two brokers on one PostgreSQL schema; on SQLite, one broker (its file
+    has one writer)."""
+    count = 2 if settings.database.startswith("postgresql") else 1
+    with BrokerThread(settings) as first:
+        if count == 1:
+            yield [first]
+            return
+        with BrokerThread(replace(settings, port=0, metrics_port=0)) as second:
+            yield [first, second]
+
+
+def _workers(brokers: Sequence[BrokerThread], count: int, concurrency: int) -> list[Process]:
+    return [
+        Process(
+            [
+                *BROKER,
+                "worker",
+                "tests.limit_tasks",
+                "--target",
+                brokers[i % len(brokers)].target,
+                "--concurrency",
+                str(concurrency),
+            ],
+            cwd=ROOT,
+        )
+        for i in range(count)
+    ]
+
+
+def _jobs(client: Client, ids: Sequence[str]) -> list[Job]:
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(client.get_job, ids))
+
+
+def _most_at_once(spans: Sequence[tuple[datetime, datetime]]) -> int:
+    """The most intervals that overlap at any instant (an end before a start
+    at the same instant)."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def _runs(job: Job) -> list[tuple[datetime, datetime]]:
+    return [(a.started_at, a.finished_at) for a in job.history if a.finished_at is not None]
+
+
+def test_a_concurrency_key_never_has_more_running_than_its_limit(
+    replicas: list[BrokerThread],
+) -> None:
+    with Client(replicas[0].target, timeout=10) as client:
+        keys = ["customer:1", "customer:2", "customer:3"]
+        handles = client.submit_many(
+            [
+                JobRequest(limit_tasks.keyed, {"key": keys[i % 3], "sleep": 0.02})
+                for i in range(90)
+            ]
+        )
+        workers = _workers(replicas, 3, concurrency=8)
+        try:
+            wait_for(
+                lambda: all(
+                    j.state is JobState.SUCCEEDED for j in _jobs(client, [h.id for h in handles])
+                ),
+                timeout=60,
+                what="every keyed job to succeed",
+            )
+        finally:
+            for w in workers:
+                w.kill()
+        done = _jobs(client, [h.id for h in handles])
+    spans = defaultdict(list)
+    for job in done:
+        assert job.concurrency_key in keys and job.concurrency_limit == 2
+        spans[job.concurrency_key] += _runs(job)
+    # Within each key two at a time at most, and two at times: 24 slots of
+    # workers, three keys' worth of two.
+    assert {key: _most_at_once(s) for key, s in spans.items()} == dict.fromkeys(keys, 2)
+    assert _most_at_once([s for key in keys for s in spans[key]]) > 2
+
+
+def test_one_keys_backlog_does_not_hold_back_the_other_keys(client: Client) -> None:
+    big = client.submit_many(
+        [JobRequest(limit_tasks.keyed, {"key": "big"}) for _ in range(10_000)]
+    )
+    small = client.submit_many(
+        [JobRequest(limit_tasks.keyed, {"key": f"small:{i % 10}"}) for i in range(100)]
+    )
+    with client.lease_stream([limit_tasks.KEYED], prefetch=16) as stream:
+        ran: list[str] = []
+        small_ids = {h.id for h in small}
+        left = set(small_ids)
+        for lease in stream:
+            ran.append(lease.job.id)
+            lease.complete(None)
+            left.discard(lease.job.id)
+            if not left:
+                break
+    # The ten small keys' 100 jobs all ran after at most a few of the big
+    # key's (two at a time, let through as each ends).
+    big_ran = len(ran) - len(small_ids)
+    assert big_ran < 200, big_ran
+    held = client.explain(big[-1].id)
+    assert (held.state, held.reason, held.limit, held.limit_key) == (
+        JobState.WAITING,
+        "limited",
+        "concurrency",
+        "big",
+    )
+    assert held.attempt == 0  # held back is not an attempt
+
+
+def test_a_held_back_job_is_explained_and_let_through_when_a_slot_frees(client: Client) -> None:
+    client.set_queue("one-at-a-time", key_concurrency=1)
+    first = client.submit("t", 1, queue="one-at-a-time", concurrency_key="acct:7")
+    second = client.submit("t", 2, queue="one-at-a-time", concurrency_key="acct:7")
+    other = client.submit("t", 3, queue="one-at-a-time", concurrency_key="acct:8")
+    with client.lease_stream(["one-at-a-time"], prefetch=8) as stream:
+        leases = iter(stream)
+        got = {next(leases).job.id: None for _ in range(2)}
+        assert set(got) == {first.id, other.id}
+        wait_for(
+            lambda: client.get_job(second.id).state is JobState.WAITING,
+            what="the second job of the key to be held back",
+        )
+        explained = client.explain(second.id)
+        assert explained.reason == "limited"
+        assert (explained.limit, explained.limit_key) == ("concurrency", "acct:7")
+        assert explained.slot_holders == (first.id,)
+        assert "acct:7" in explained.summary and first.id in explained.summary
+        assert client.get_job(second.id).attempts == 0
+    # The stream closed: its two jobs went back, the slot of acct:7 is free.
+    with client.lease_stream(["one-at-a-time"], prefetch=8) as stream:
+        seen = []
+        for lease in stream:
+            seen.append(lease.job.id)
+            lease.complete(None)
+            if len(seen) == 3:
+                break
+    assert seen.index(second.id) > seen.index(first.id)
+    assert [client.get_job(h.id).state for h in (first, second, other)] == [JobState.SUCCEEDED] * 3
+
+
+def test_a_cancelled_held_back_job_stays_cancelled(client: Client) -> None:
+    holder = client.submit("t", None, queue="cancel-held", concurrency_key="k")
+    held = client.submit("t", None, queue="cancel-held", concurrency_key="k")
+    with client.lease_stream(["cancel-held"], prefetch=4) as stream:
+        lease = next(iter(stream))
+        assert lease.job.id == holder.id
+        wait_for(lambda: client.get_job(held.id).state is JobState.WAITING, what="held back")
+        held.cancel()
+        lease.complete(None)
+    assert client.get_job(held.id).state is JobState.CANCELLED
+    assert client.get_job(holder.id).state is JobState.SUCCEEDED
+
+
+@pytest.mark.timeout(180)
+def test_a_queue_rate_holds_across_workers_and_replicas(replicas: list[BrokerThread]) -> None:
+    """50 per second over 20 s, three worker processes (on PostgreSQL, on two
+    replicas): 1,000 starts, within 2 % plus one burst of 50."""
+    with Client(replicas[0].target, timeout=10) as client:
+        client.set_queue(limit_tasks.RATED, rate="50/s")
+        handles = client.submit_many([JobRequest(limit_tasks.rated, i) for i in range(1_600)])
+        workers = _workers(replicas, 3, concurrency=16)
+        try:
+            first = wait_for(
+                lambda: client.get_job(handles[0].id).started_at, timeout=30, what="a start"
+            )
+            # Started 1,100th or so (FIFO): past the 20 s measured, at 50/s.
+            wait_for(
+                lambda: client.get_job(handles[1_150].id).finished_at,
+                timeout=60,
+                what="the 20 s window to pass",
+            )
+        finally:
+            for w in workers:
+                w.kill()
+        jobs = _jobs(client, [h.id for h in handles])
+    starts = sorted(a.started_at for j in jobs for a in j.history)
+    assert starts[0] <= first
+    window = [s for s in starts if s < starts[0] + timedelta(seconds=20)]
+    assert 980 <= len(window) <= 1_020 + 50, len(window)
+
+
+def test_a_rate_key_holds_back_its_jobs_and_explains_when_the_next_may_start(
+    client: Client,
+) -> None:
+    jobs = [
+        client.submit("t", i, queue="per-key-rate", rate_key="stripe", rate_limit="2/min")
+        for i in range(3)
+    ]
+    free = client.submit("t", None, queue="per-key-rate", rate_key="paypal", rate_limit="2/min")
+    with client.lease_stream(["per-key-rate"], prefetch=8) as stream:
+        leases = iter(stream)
+        got = {next(leases).job.id for _ in range(3)}
+        assert got == {jobs[0].id, jobs[1].id, free.id}
+        wait_for(lambda: client.get_job(jobs[2].id).state is JobState.WAITING, what="held back")
+    explained = client.explain(jobs[2].id)
+    assert (explained.reason, explained.limit, explained.limit_key) == ("limited", "rate", "stripe")
+    assert explained.next_token_at is not None
+    wait = explained.next_token_at - datetime.now(explained.next_token_at.tzinfo)
+    assert timedelta(seconds=20) < wait <= timedelta(seconds=31)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"concurrency_key": "k", "concurrency_limit": 10**9}, "concurrency_limit"),
+        ({"rate_key": "k", "rate_limit": "0/s"}, "rate"),
+        ({"concurrency_key": "x" * 300}, "concurrency_key"),
+        ({"rate_key": "bad\x00key", "rate_limit": "1/s"}, "rate_key"),
+    ],
+)
+def test_bad_limits_are_refused_and_nothing_is_stored(
+    client: Client, options: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=needle):
+        client.submit("t", None, queue="hostile-limits", **options)  # type: ignore[arg-type]
+    assert client.list_jobs(queue="hostile-limits").jobs == []
+
+
+def test_many_distinct_keys_all_drain(client: Client) -> None:
+    handles = client.submit_many(
+        [JobRequest("t", i, queue="many-keys", concurrency_key=f"tenant:{i}") for i in range(500)]
+    )
+    with client.lease_stream(["many-keys"], prefetch=64) as stream:
+        done = 0
+        for lease in stream:
+            lease.complete(None)
+            done += 1
+            if done == len(handles):
+                break
+    assert {j.state for j in _jobs(client, [h.id for h in handles[::50]])} == {JobState.SUCCEEDED}
