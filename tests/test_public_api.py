@@ -57,6 +57,7 @@ def test_public_api_is_pinned() -> None:
             "PermanentError",
             "PermissionDeniedError",
             "ResourceExhaustedError",
+            "RateLimit",
             "RetryAfter",
             "RetryPolicy",
             "Role",

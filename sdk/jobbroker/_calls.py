@@ -27,6 +27,7 @@ from ._convert import (
     state_to_pb,
     timestamp_to_pb,
 )
+from ._limits import set_limits
 from ._uuid7 import uuid7
 from .errors import (
     BrokerUnavailableError,
@@ -237,6 +238,7 @@ def build_spec(request: JobRequest, spec: job_pb2.JobSpec | None = None) -> job_
     soft_timeout = _pick(request.soft_timeout, task.soft_timeout if task else None)
     if soft_timeout is not None:
         spec.soft_timeout.CopyFrom(duration_to_pb(soft_timeout))
+    set_limits(spec, request, task)
     return spec
 
 

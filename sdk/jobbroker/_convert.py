@@ -24,6 +24,7 @@ from .types import (
     Job,
     JobEvent,
     JobState,
+    RateLimit,
     RetryPolicy,
     Role,
     WaitsOn,
@@ -192,6 +193,22 @@ def _retry_from_bytes(data: bytes) -> RetryPolicy:
     )
 
 
+def rate_limit_to_pb(limit: RateLimit, into: job_pb2.RateLimit) -> None:
+    """Fill a message's own RateLimit field."""
+    into.count = limit.count
+    into.period.FromTimedelta(limit.period)
+
+
+def rate_limit_from_pb(msg: Any, name: str) -> RateLimit | None:
+    if not msg.HasField(name):
+        return None
+    pb: job_pb2.RateLimit = getattr(msg, name)
+    period = duration_from_pb(pb, "period")
+    if pb.count < 1 or period is None or period <= timedelta(0):
+        return None  # not a rate the broker would send: read it as none rather than fail
+    return RateLimit(pb.count, period)
+
+
 def error_to_pb(error: ErrorInfo) -> job_pb2.ErrorInfo:
     return job_pb2.ErrorInfo(type=error.type, message=error.message, traceback=error.traceback)
 
@@ -244,6 +261,10 @@ def job_from_pb(pb: job_pb2.Job) -> Job:
         cancel_requested=pb.cancel_requested,
         workflow_id=pb.workflow_id,
         unique_key=pb.unique_key,
+        concurrency_key=pb.concurrency_key,
+        concurrency_limit=pb.concurrency_limit,
+        rate_key=pb.rate_key,
+        rate_limit=rate_limit_from_pb(pb, "rate_limit"),
     )
 
 
@@ -280,6 +301,10 @@ def explanation_from_pb(pb: broker_pb2.ExplainJobResponse) -> Explanation:
         finished_at=timestamp_from_pb(pb, "finished_at"),
         last_error=error_from_pb(pb, "last_error"),
         waits_on=tuple(WaitsOn(p.job_id, p.task, state_from_pb(p.state)) for p in pb.waits_on),
+        limit=pb.limit,
+        limit_key=pb.limit_key,
+        next_token_at=timestamp_from_pb(pb, "next_token_at"),
+        slot_holders=tuple(pb.slot_holders),
     )
 
 

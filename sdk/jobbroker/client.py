@@ -40,6 +40,7 @@ from .types import (
     JobState,
     Page,
     QueueSettings,
+    RateLimit,
     RetryPolicy,
     Role,
     Schedule,
@@ -375,11 +376,24 @@ class Client:
         timeout: timedelta | None = None,
         soft_timeout: timedelta | None = None,
         lost_worker_counts: bool = True,
+        rate: RateLimit | str | None = None,
+        key_rate: RateLimit | str | None = None,
+        key_concurrency: int | None = None,
     ) -> QueueSettings:
         """Replace the defaults of the queue's jobs (what a job and its task
-        leave unset); an admin key."""
+        leave unset); an admin key. `rate` (a RateLimit, or "100/s") limits
+        the starts of the whole queue; `key_rate` and `key_concurrency` are
+        the limits of a rate or concurrency key whose job sets none."""
         request = queue_settings.set_request(
-            name, max_attempts, retry, timeout, soft_timeout, lost_worker_counts
+            name,
+            max_attempts,
+            retry,
+            timeout,
+            soft_timeout,
+            lost_worker_counts,
+            rate,
+            key_rate,
+            key_concurrency,
         )
         return queue_settings.from_pb(self._unary(self._stub.SetQueue, request).queue)
 
@@ -736,10 +750,21 @@ class AsyncClient:
         timeout: timedelta | None = None,  # noqa: ASYNC109 - the jobs' timeout, not this call's
         soft_timeout: timedelta | None = None,
         lost_worker_counts: bool = True,
+        rate: RateLimit | str | None = None,
+        key_rate: RateLimit | str | None = None,
+        key_concurrency: int | None = None,
     ) -> QueueSettings:
         """Replace the defaults of the queue's jobs (see Client.set_queue)."""
         request = queue_settings.set_request(
-            name, max_attempts, retry, timeout, soft_timeout, lost_worker_counts
+            name,
+            max_attempts,
+            retry,
+            timeout,
+            soft_timeout,
+            lost_worker_counts,
+            rate,
+            key_rate,
+            key_concurrency,
         )
         return queue_settings.from_pb((await self._unary(self._stub.SetQueue, request)).queue)
 

@@ -16,8 +16,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack, overload
 
+from ._limits import KeyOf, check_declared, rate_limit_of
 from .canvas import Piped, Signature
-from .types import RetryPolicy, SubmitOptions
+from .types import RateLimit, RetryPolicy, SubmitOptions
 
 if TYPE_CHECKING:
     from .handle import JobHandle
@@ -34,7 +35,8 @@ _NONE = object()  # s() given no payload
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
     """A task's defaults for the jobs submitted to it, and which of its
-    handler's exceptions retry a job (None: every one)."""
+    handler's exceptions retry a job (None: every one). A concurrency or
+    rate key is a str, or a function of the job's payload computing it."""
 
     name: str | None = None
     queue: str = "default"
@@ -44,6 +46,10 @@ class TaskOptions:
     timeout: timedelta | None = None
     soft_timeout: timedelta | None = None
     retry_on: tuple[type[BaseException], ...] | None = None
+    concurrency_key: KeyOf | None = None
+    concurrency_limit: int | None = None
+    rate_key: KeyOf | None = None
+    rate_limit: RateLimit | str | None = None
 
     def __post_init__(self) -> None:
         retry_on: object = self.retry_on
@@ -55,6 +61,7 @@ class TaskOptions:
                 f"retry_on must be a tuple of exception classes, such as "
                 f"(ConnectionError, TimeoutError); got {retry_on!r}"
             )
+        check_declared(self.concurrency_key, self.concurrency_limit, self.rate_key, self.rate_limit)
 
 
 class Task(Generic[I_contra, R_co]):
@@ -70,6 +77,10 @@ class Task(Generic[I_contra, R_co]):
         self.timeout = options.timeout
         self.soft_timeout = options.soft_timeout
         self.retry_on = options.retry_on
+        self.concurrency_key = options.concurrency_key
+        self.concurrency_limit = options.concurrency_limit
+        self.rate_key = options.rate_key
+        self.rate_limit = rate_limit_of(options.rate_limit, "rate_limit")
         self.is_async = inspect.iscoroutinefunction(fn)
         self._piped: bool | None = None  # whether its input is Piped; read on first use
 
@@ -221,6 +232,10 @@ def task(
     soft_timeout: timedelta | None = None,
     priority: int = 0,
     retry_on: tuple[type[BaseException], ...] | None = None,
+    concurrency_key: KeyOf | None = None,
+    concurrency_limit: int | None = None,
+    rate_key: KeyOf | None = None,
+    rate_limit: RateLimit | str | None = None,
 ) -> TaskDecorator: ...
 def task(
     name: str | Callable[[Any], Any] | None = None,
@@ -232,6 +247,10 @@ def task(
     soft_timeout: timedelta | None = None,
     priority: int = 0,
     retry_on: tuple[type[BaseException], ...] | None = None,
+    concurrency_key: KeyOf | None = None,
+    concurrency_limit: int | None = None,
+    rate_key: KeyOf | None = None,
+    rate_limit: RateLimit | str | None = None,
 ) -> Any:
     """Turn `def f(payload: I) -> R` (or `async def`) into a `Task[I, R]`.
 
@@ -241,8 +260,28 @@ def task(
     these classes); any other fails it at once, to the dead-letter queue.
     Without it every exception retries; `RetryAfter` and `PermanentError`
     do what they say either way.
+
+    `concurrency_key` and `rate_key` are a str, or a function of the payload
+    called at each submit that does not give the key itself
+    (`concurrency_key=lambda p: f"customer:{p['customer']}"`; returning None
+    leaves the job without one). In a workflow the function is given the
+    step's own payload (None for `task.s()`). `concurrency_limit` and
+    `rate_limit` (a RateLimit, or "100/s") apply to jobs that have the key;
+    without them the queue's `key_concurrency` (else 1) and `key_rate` (else
+    no limit) do.
     """
     options = TaskOptions(
-        None, queue, priority, max_attempts, retry, timeout, soft_timeout, retry_on
+        None,
+        queue,
+        priority,
+        max_attempts,
+        retry,
+        timeout,
+        soft_timeout,
+        retry_on,
+        concurrency_key,
+        concurrency_limit,
+        rate_key,
+        rate_limit,
     )
     return make_decorator(name, options)

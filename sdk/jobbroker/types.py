@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -62,6 +63,90 @@ class RetryPolicy:
     jitter: float | None = None
 
 
+# What a client sends (the broker checks the same).
+LIMIT_MAX = 1_000_000  # a concurrency limit, a rate's count
+RATE_PERIOD_MIN = timedelta(milliseconds=1)
+RATE_PERIOD_MAX = timedelta(days=7)
+_RATE_UNITS = {
+    "ms": 0.001,
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+}
+_RATE_TEXT = re.compile(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)", re.ASCII)
+_RATE_FORMS = "count/period such as '100/s', '1000/min', '5/h' or '10/2s'"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `count` jobs start per `period`, counted on every worker and
+    replica together; after a quiet period, `count` may start at once.
+
+    `RateLimit.parse("100/s")` reads the short form the options and the CLI
+    take too: a count, "/", then a period with an optional multiplier and a
+    unit (ms, s, sec, second, m, min, minute, h, hour, d, day): "1000/min",
+    "5/h", "10/2s". A count of at least 1 and a period over 0 make a
+    RateLimit; what a submit or a queue may carry is a count up to 1,000,000
+    and a period from 1 ms to 7 days (InvalidArgumentError otherwise).
+    """
+
+    count: int
+    period: timedelta
+
+    def __post_init__(self) -> None:
+        count: object = self.count
+        period: object = self.period
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise _invalid(f"a RateLimit's count is a whole number of at least 1, not {count!r}")
+        if not isinstance(period, timedelta) or period <= timedelta(0):
+            raise _invalid(f"a RateLimit's period is a timedelta over 0, not {period!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """ "100/s" and the like (see the class); InvalidArgumentError, a
+        ValueError, for anything else."""
+        found = _RATE_TEXT.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+        if found is None or found[3] not in _RATE_UNITS:
+            raise _invalid(f"{text!r} is not a rate: give {_RATE_FORMS}")
+        count = int(found[1])
+        times = float(found[2]) if found[2] is not None else 1.0
+        # Capped past the longest: a huge multiplier would overflow timedelta.
+        seconds = min(times * _RATE_UNITS[found[3]], 2 * RATE_PERIOD_MAX.total_seconds())
+        period = timedelta(seconds=seconds)
+        problem = rate_problem(count, period)
+        if problem is not None:
+            raise _invalid(f"{text!r} is not a rate: its {problem}")
+        return cls(count, period)
+
+    def __str__(self) -> str:
+        """The short form: "100/s", "10/2s", "1000/min"."""
+        seconds = self.period.total_seconds()
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds % size == 0:
+                times = int(seconds // size)
+                return f"{self.count}/{times if times != 1 else ''}{unit}"
+        if seconds == 1:
+            return f"{self.count}/s"
+        return f"{self.count}/{f'{seconds:.6f}'.rstrip('0').rstrip('.')}s"
+
+
+def rate_problem(count: int, period: timedelta) -> str | None:
+    """What keeps a rate from being sent, if anything."""
+    if not 1 <= count <= LIMIT_MAX:
+        return f"count is a whole number from 1 to {LIMIT_MAX:,}"
+    if not RATE_PERIOD_MIN <= period <= RATE_PERIOD_MAX:
+        return "period is from 1 ms to 7 days"
+    return None
+
+
+def _invalid(message: str) -> Exception:
+    # errors imports this module: import it here, once both are loaded.
+    from .errors import InvalidArgumentError
+
+    return InvalidArgumentError(message)
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     type: str
@@ -111,6 +196,15 @@ class Job:
     """The workflow it belongs to ("" for none)."""
     unique_key: str = ""
     """The key only one unfinished job holds at a time ("" for none)."""
+    concurrency_key: str = ""
+    """Jobs of one concurrency key in one queue run at most `concurrency_limit`
+    at once ("" for none)."""
+    concurrency_limit: int = 0
+    """0: its queue's `key_concurrency` (else 1)."""
+    rate_key: str = ""
+    """Jobs of one rate key in one queue start at most `rate_limit` ("" for none)."""
+    rate_limit: RateLimit | None = None
+    """None: its queue's `key_rate` (else no limit)."""
 
     def json(self) -> Any:
         """The payload decoded as JSON; ValueError if it is not JSON."""
@@ -173,8 +267,13 @@ class Explanation:
     `worker_id`'s window `since`, its handler not started), running (on
     `worker_id` `since`, with `last_heartbeat`, `lease_expires_at` and the
     hard `deadline`), cancel_requested (held or running, its worker told to
-    stop) and finished (at `finished_at`, with `last_error` unless it
-    succeeded). Fields that do not apply are None, zero or empty.
+    stop), finished (at `finished_at`, with `last_error` unless it
+    succeeded) and limited (waiting, held back by a limit: `limit` says which,
+    "concurrency" of its concurrency key, "rate" of its rate key or
+    "queue_rate" of its queue, and `limit_key` the key; for a rate,
+    `next_token_at` is when its next job may start; for a concurrency key,
+    `slot_holders` are the ids of the jobs holding its slots). Fields that do
+    not apply are None, zero or empty.
     """
 
     state: JobState
@@ -193,6 +292,10 @@ class Explanation:
     finished_at: datetime | None
     last_error: ErrorInfo | None
     waits_on: tuple[WaitsOn, ...] = ()
+    limit: str = ""
+    limit_key: str = ""
+    next_token_at: datetime | None = None
+    slot_holders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +333,10 @@ class JobRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     tags: Sequence[str] = ()
     unique_key: str | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    rate_key: str | None = None
+    rate_limit: RateLimit | str | None = None
 
 
 class SubmitOptions(TypedDict, total=False):
@@ -243,6 +350,12 @@ class SubmitOptions(TypedDict, total=False):
     with another payload, task or queue it is refused (FailedPreconditionError).
     unique_key: while a job with this key has not finished, a submit with it
     returns that job (`duplicate` is True); once it finished, a new one is made.
+    concurrency_key and concurrency_limit: at most that many jobs of the key
+    run at once in the queue (no limit given: the queue's key_concurrency,
+    else 1). rate_key and rate_limit: at most that many jobs of the key start
+    per period in the queue (a RateLimit or "100/s"; none given: the queue's
+    key_rate, else no limit). Both hold across every worker and replica; a
+    job held back waits (state waiting, explain reason "limited").
     """
 
     queue: str | None
@@ -257,6 +370,10 @@ class SubmitOptions(TypedDict, total=False):
     metadata: Mapping[str, str]
     tags: Sequence[str]
     unique_key: str | None
+    concurrency_key: str | None
+    concurrency_limit: int | None
+    rate_key: str | None
+    rate_limit: RateLimit | str | None
 
 
 class Role(StrEnum):
@@ -372,7 +489,10 @@ class QueueSettings:
     """A queue's own settings: paused (by whom, since when) or not, and the
     defaults its jobs get when neither the job nor its task says (None: the
     broker's). `lost_worker_counts`: whether an attempt whose worker was lost
-    (its lease expired) counts against `max_attempts`."""
+    (its lease expired) counts against `max_attempts`. `rate`: the starts of
+    the whole queue, on every replica together; `key_rate` and
+    `key_concurrency`: the limits of a rate key or concurrency key whose job
+    sets none (None: no rate limit, a concurrency of 1)."""
 
     name: str
     paused: bool
@@ -383,3 +503,6 @@ class QueueSettings:
     timeout: timedelta | None
     soft_timeout: timedelta | None
     lost_worker_counts: bool
+    rate: RateLimit | None = None
+    key_rate: RateLimit | None = None
+    key_concurrency: int | None = None

@@ -29,6 +29,7 @@ from typing import Any, TypeVar, Unpack, overload
 
 from . import _calls
 from ._async_stream import AsyncLeaseStream
+from ._limits import KeyOf
 from ._runner import Report, run_job
 from ._threads import HandlerThreads
 from ._window import Window
@@ -45,7 +46,7 @@ from .errors import (
 from .lease import AsyncLease, release_message
 from .schedules import register
 from .task import AsyncTask, SyncTask, Task, TaskDecorator, TaskOptions, make_decorator
-from .types import ErrorInfo, RetryPolicy, ScheduleSpec
+from .types import ErrorInfo, RateLimit, RetryPolicy, ScheduleSpec
 
 I = TypeVar("I")  # noqa: E741 - payload type, as in task.py
 R = TypeVar("R")
@@ -183,6 +184,10 @@ class Worker:
         soft_timeout: timedelta | None = None,
         priority: int = 0,
         retry_on: tuple[type[BaseException], ...] | None = None,
+        concurrency_key: KeyOf | None = None,
+        concurrency_limit: int | None = None,
+        rate_key: KeyOf | None = None,
+        rate_limit: RateLimit | str | None = None,
     ) -> TaskDecorator: ...
     def task(
         self,
@@ -195,10 +200,25 @@ class Worker:
         soft_timeout: timedelta | None = None,
         priority: int = 0,
         retry_on: tuple[type[BaseException], ...] | None = None,
+        concurrency_key: KeyOf | None = None,
+        concurrency_limit: int | None = None,
+        rate_key: KeyOf | None = None,
+        rate_limit: RateLimit | str | None = None,
     ) -> Any:
         """`jobbroker.task`, also registering the task with this worker."""
         options = TaskOptions(
-            None, queue, priority, max_attempts, retry, timeout, soft_timeout, retry_on
+            None,
+            queue,
+            priority,
+            max_attempts,
+            retry,
+            timeout,
+            soft_timeout,
+            retry_on,
+            concurrency_key,
+            concurrency_limit,
+            rate_key,
+            rate_limit,
         )
         return make_decorator(name, options, self.register)
 

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _calls
+from ._convert import set_payload
 from ._uuid7 import uuid7
 from .canvas import Flow, Shape, compile_flow, leaves
 from .errors import JobCancelledError, JobFailedError
@@ -38,10 +39,13 @@ def workflow_request(flow: Flow[Any, Any]) -> tuple[broker_pb2.SubmitWorkflowReq
     request = broker_pb2.SubmitWorkflowRequest(workflow_id=uuid7())
     for step in steps:
         sig = step.signature
-        payload = sig.payload
+        # A task's key function is given the step's own payload, whatever the
+        # step's input is made of.
+        spec = _calls.build_spec(
+            JobRequest(sig.task, sig.payload, **sig.options), request.jobs.add()
+        )
         if sig.takes == "piped" and not step.parents:  # a first step that expects a result
-            payload = {"result": None, "payload": payload}
-        spec = _calls.build_spec(JobRequest(sig.task, payload, **sig.options), request.jobs.add())
+            set_payload(spec.payload, {"result": None, "payload": sig.payload})
         if step.parents:
             spec.needs.parents.extend(step.parents)
             spec.needs.input = step.shape

@@ -157,6 +157,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
             idempotency_key=args.idempotency_key,
             unique_key=args.unique_key,
+            concurrency_key=args.concurrency_key,
+            concurrency_limit=args.concurrency_limit,
+            rate_key=args.rate_key,
+            rate_limit=args.rate_limit,
         )
         note = " (duplicate of an existing job)" if handle.duplicate else ""
         print(f"{handle.id}{note}")
@@ -224,6 +228,12 @@ def _show_job(job: Job) -> None:
     print(f"queue/task:  {job.queue} / {job.task}")
     print(f"state:       {job.state.value}   attempts: {job.attempts}/{job.retry.max_attempts}")
     print(f"priority:    {job.priority}")
+    if job.concurrency_key:
+        limit = f"{job.concurrency_limit} at once" if job.concurrency_limit else "the queue's limit"
+        print(f"concurrency: {job.concurrency_key}, {limit}")
+    if job.rate_key:
+        rate = str(job.rate_limit) if job.rate_limit else "the queue's key rate"
+        print(f"rate:        {job.rate_key}, {rate}")
     if job.workflow_id:
         print(f"workflow:    {job.workflow_id}")
     print(f"created:     {_when(job.created_at)}   scheduled: {_when(job.scheduled_at)}")
@@ -338,6 +348,19 @@ def _show_explanation(e: Explanation) -> None:
         print(f"{'last error:':18}{e.last_error.type}: {e.last_error.message}")
     for parent in e.waits_on:
         print(f"{'waits on:':18}{parent.job_id}  {parent.task}  {parent.state.value}")
+    _show_limit(e)
+
+
+def _show_limit(e: Explanation) -> None:
+    """What holds a job back ("limited"): the limit, its key, and when the
+    next start comes or which jobs hold the key's slots."""
+    for label, value in (("limit:", e.limit), ("limit key:", e.limit_key)):
+        if value:
+            print(f"{label:18}{value}")
+    if e.next_token_at is not None:
+        print(f"{'next start at:':18}{_when(e.next_token_at)}")
+    for holder in e.slot_holders:
+        print(f"{'slot held by:':18}{holder}")
 
 
 def cmd_job_explain(args: argparse.Namespace) -> int:
@@ -576,6 +599,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int)
     p.add_argument("--idempotency-key")
     p.add_argument("--unique-key", help="return the unfinished job with this key, if any")
+    p.add_argument(
+        "--concurrency-key", metavar="KEY", help="at most --concurrency-limit of its jobs at once"
+    )
+    p.add_argument(
+        "--concurrency-limit",
+        type=cli_queues.parse_limit,
+        metavar="N",
+        help="with --concurrency-key (default: the queue's key concurrency, else 1)",
+    )
+    p.add_argument("--rate-key", metavar="KEY", help="at most --rate-limit of its jobs start")
+    p.add_argument(
+        "--rate-limit",
+        type=cli_queues.parse_rate,
+        metavar="N/PERIOD",
+        help="with --rate-key: 100/s, 1000/min, 10/2s (default: the queue's key rate)",
+    )
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for and print the result")
     p.set_defaults(run=cmd_submit)
 

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from jobbroker import Client, QueueSettings, RetryPolicy
+from jobbroker import Client, QueueSettings, RateLimit, RetryPolicy
+from jobbroker.types import LIMIT_MAX
 
 ClientOf = Callable[[argparse.Namespace], Client]
 
@@ -21,6 +22,10 @@ def _secs(value: timedelta | None) -> str:
     return f"{value.total_seconds():g}s" if value is not None else "-"
 
 
+def _rate(value: RateLimit | None) -> str:
+    return str(value) if value is not None else "-"
+
+
 def _state(q: QueueSettings) -> str:
     return f"paused by {q.paused_by} at {_when(q.paused_at)}" if q.paused else "running"
 
@@ -28,7 +33,7 @@ def _state(q: QueueSettings) -> str:
 def _table(found: list[QueueSettings]) -> None:
     print(
         f"{'QUEUE':24}  {'ATTEMPTS':>8}  {'BACKOFF':>8}  {'x':>4}  {'CAP':>8}  {'TIMEOUT':>8}  "
-        f"{'SOFT':>8}  {'LOST COUNTS':11}  STATE"
+        f"{'SOFT':>8}  {'LOST COUNTS':11}  {'RATE':>9}  {'KEY RATE':>9}  {'KEY CONC':>8}  STATE"
     )
     for q in found:
         r = q.retry
@@ -36,6 +41,7 @@ def _table(found: list[QueueSettings]) -> None:
             f"{q.name[:24]:24}  {q.max_attempts or '-':>8}  {_secs(r.backoff_base):>8}  "
             f"{r.backoff_factor or '-':>4}  {_secs(r.backoff_cap):>8}  {_secs(q.timeout):>8}  "
             f"{_secs(q.soft_timeout):>8}  {'yes' if q.lost_worker_counts else 'no':11}  "
+            f"{_rate(q.rate):>9}  {_rate(q.key_rate):>9}  {q.key_concurrency or '-':>8}  "
             f"{_state(q)}"
         )
 
@@ -56,6 +62,9 @@ def _run(args: argparse.Namespace, client: Client) -> None:
             timeout=args.hard_timeout,
             soft_timeout=args.soft_timeout,
             lost_worker_counts=not args.lost_worker_free,
+            rate=args.rate,
+            key_rate=args.key_rate,
+            key_concurrency=args.key_concurrency,
         )
     elif args.action == "pause":
         made = client.pause_queue(args.queue)
@@ -81,7 +90,8 @@ def add_commands(
     p = actions.add_parser(
         "set",
         parents=[target],
-        help="replace the defaults of a queue's jobs (what a job and its task leave unset)",
+        help="replace the defaults of a queue's jobs (what a job and its task leave unset); "
+        "a flag left out clears its setting",
     )
     p.add_argument("queue")
     p.add_argument("--max-attempts", type=int)
@@ -97,6 +107,24 @@ def add_commands(
         action="store_true",
         help="an attempt whose worker was lost (lease expired) does not count",
     )
+    p.add_argument(
+        "--rate",
+        type=parse_rate,
+        metavar="N/PERIOD",
+        help="jobs of the whole queue started per period, on every replica: 100/s, 1000/min",
+    )
+    p.add_argument(
+        "--key-rate",
+        type=parse_rate,
+        metavar="N/PERIOD",
+        help="the rate of each rate key, for jobs that set none",
+    )
+    p.add_argument(
+        "--key-concurrency",
+        type=parse_limit,
+        metavar="N",
+        help="jobs of each concurrency key at once, for jobs that set none (default 1)",
+    )
     p.set_defaults(run=run)
     for action, text in (
         ("pause", "lease nothing of the queue until resumed (submits still taken)"),
@@ -105,6 +133,27 @@ def add_commands(
         p = actions.add_parser(action, parents=[target], help=text)
         p.add_argument("queue")
         p.set_defaults(run=run)
+
+
+def parse_rate(text: str) -> RateLimit:
+    """A rate flag: 100/s, 1000/min, 5/h, 10/2s."""
+    try:
+        return RateLimit.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_limit(text: str) -> int:
+    """A concurrency flag: a whole number from 1 to the broker's largest."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= LIMIT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a limit: give a whole number from 1 to {LIMIT_MAX:,}"
+        )
+    return value
 
 
 def _delta(seconds: Callable[[str], float]) -> Callable[[str], timedelta]:
