@@ -36,6 +36,10 @@ def _retry(**fields: object) -> job_pb2.JobSpec:
     return _spec(retry=job_pb2.RetryPolicy(**fields))  # type: ignore[arg-type]
 
 
+def _rate(count: int, period: duration_pb2.Duration) -> job_pb2.JobSpec:
+    return _spec(rate_key="k", rate_limit=job_pb2.RateLimit(count=count, period=period))
+
+
 HOSTILE = {
     "timeout past datetime": (_spec(timeout=duration_pb2.Duration(seconds=SECONDS_MAX)), "timeout"),
     "soft timeout of years": (
@@ -85,6 +89,19 @@ HOSTILE = {
     ),
     "too many tags": (_spec(tags=[f"t{i}" for i in range(65)]), "tags has 65"),
     "a queue of 10,000 characters": (job_pb2.JobSpec(queue="q" * 10_000, task="t"), "queue"),
+    "a concurrency limit of a billion": (
+        _spec(concurrency_key="k", concurrency_limit=10**9),
+        "concurrency_limit",
+    ),
+    "NUL in a concurrency key": (_spec(concurrency_key="k\0"), "concurrency_key"),
+    "a rate key of 10,000 characters": (_spec(rate_key="r" * 10_000), "rate_key"),
+    "a rate of none per second": (_rate(0, duration_pb2.Duration(seconds=1)), "rate_limit"),
+    "a rate over no time": (_rate(5, duration_pb2.Duration()), "rate_limit.period"),
+    "a rate over millennia": (
+        _rate(5, duration_pb2.Duration(seconds=SECONDS_MAX)),
+        "rate_limit.period",
+    ),
+    "a rate of a billion": (_rate(10**9, duration_pb2.Duration(seconds=1)), "rate_limit"),
 }
 
 
