@@ -10,6 +10,7 @@ slow wall rather than as a regression).
   W1c  16 threads sharing one Client, submit one by one
   W1b  one thread, client.submit_many in batches of 500
   W2   queued jobs drained by one `broker worker` at its defaults
+  W2k  W2 with every job under one of 100 concurrency keys, 4 of each at once
   W3   50 jobs/s to an idle worker: submit -> handler start latency
   W4   16 submitting threads and one worker together: completed jobs/s, p99 latency
   MEM  broker RSS over a long W4-style run with --retention-seconds 5 (once, not per run)
@@ -117,6 +118,8 @@ SPECS = (
     Spec("W1c", "W1c submit, 16 threads", "jobs/s", 6_000, wall="wall.unary16"),
     Spec("W1b", "W1b submit_many x500", "jobs/s", 50_000, wall="wall.pipelined"),
     Spec("W2", "W2  drain by one worker", "jobs/s", 15_000, wall="wall.pipelined"),
+    # Half of W2's target: every job under a concurrency key (100 keys, 4 each).
+    Spec("W2k", "W2k drain, 100 concurrency keys", "jobs/s", 7_500, wall="wall.pipelined"),
     Spec("W3.p50", "W3  submit->start p50 @50/s", "ms", 1.5, False, RTT),
     Spec("W3.p99", "W3  submit->start p99 @50/s", "ms", 5.0, False, RTT),
     Spec("W4", "W4  steady completed", "jobs/s", 5_000, wall="wall.pipelined"),
@@ -350,6 +353,20 @@ def noop_requests(n: int) -> list[JobRequest]:
     return [JobRequest(NOOP, None, queue=QUEUE) for _ in range(n)]
 
 
+def keyed_requests(first: int, n: int, keys: int) -> list[JobRequest]:
+    """No-op jobs, job i under concurrency key i % keys."""
+    return [
+        JobRequest(
+            NOOP,
+            None,
+            queue=QUEUE,
+            concurrency_key=f"k{i % keys}",
+            concurrency_limit=KEY_LIMIT,
+        )
+        for i in range(first, first + n)
+    ]
+
+
 # --- the empty gRPC server the walls are measured against ---
 
 
@@ -511,20 +528,34 @@ def run_w1b(results: Results, dbs: Databases, sizes: Sizes) -> None:
         results.add("W1b", n / (time.perf_counter() - began), f"{n:,} jobs")
 
 
-def run_w2(results: Results, dbs: Databases, sizes: Sizes) -> None:
-    """Queue the jobs first, then time from the first job's start to the last one's finish."""
+def run_w2(results: Results, dbs: Databases, sizes: Sizes, keys: int = 0) -> None:
+    """Queue the jobs first, then time from the first job's start to the last
+    one's finish; with ``keys``, each job under one of that many concurrency
+    keys, KEY_LIMIT of each at once."""
+    key = "W2k" if keys else "W2"
     with broker(dbs) as b, connect(b.target) as client:
         for done in range(0, sizes.w2_jobs, sizes.batch):
-            client.submit_many(noop_requests(min(sizes.batch, sizes.w2_jobs - done)))
+            n = min(sizes.batch, sizes.w2_jobs - done)
+            if keys:
+                client.submit_many(keyed_requests(done, n, keys))
+            else:
+                client.submit_many(noop_requests(n))
         with worker(b):
             # The budget plus time for the worker process to start.
             wait_until(lambda: b.succeeded() >= sizes.w2_jobs, sizes.budget + 5, 0.1)
         jobs = [j for j in list_all(client) if j.started_at and j.finished_at]
     if not jobs:
-        raise RuntimeError("W2: no job finished")
+        raise RuntimeError(f"{key}: no job finished")
     first = min(j.started_at.timestamp() for j in jobs if j.started_at)
     last = max(j.finished_at.timestamp() for j in jobs if j.finished_at)
-    results.add("W2", len(jobs) / (last - first), f"{len(jobs):,} of {sizes.w2_jobs:,} jobs")
+    results.add(key, len(jobs) / (last - first), f"{len(jobs):,} of {sizes.w2_jobs:,} jobs")
+
+
+KEYS, KEY_LIMIT = 100, 4  # W2k
+
+
+def run_w2k(results: Results, dbs: Databases, sizes: Sizes) -> None:
+    run_w2(results, dbs, sizes, keys=KEYS)
 
 
 def run_wf(results: Results, dbs: Databases, sizes: Sizes) -> None:
@@ -780,6 +811,7 @@ def run_all(
         ("W1c", run_w1c),
         ("W1b", run_w1b),
         ("W2", run_w2),
+        ("W2k", run_w2k),
         ("W3", run_w3),
         ("W4", run_w4),
         ("WF", run_wf),

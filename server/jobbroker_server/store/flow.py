@@ -442,10 +442,13 @@ _FREES = {JobState.LEASED, JobState.RUNNING}
 def admit(conn: Connection, keys: Sequence[Key]) -> list[Transition]:
     """Let through as many held-back jobs of each concurrency key as it has
     slots that no job holds or is about to."""
-    _lock_keys(conn, keys)
-    settings = _settings(conn, {q for q, _ in keys})
+    waiting = _with_held_back(conn, keys)
+    if not waiting:
+        return []
+    _lock_keys(conn, waiting)
+    settings = _settings(conn, {q for q, _ in waiting})
     moved = []
-    for queue, key in keys:
+    for queue, key in waiting:
         first = conn.execute(
             sa.select(jobs.c.concurrency_limit)
             .where(
@@ -465,6 +468,26 @@ def admit(conn: Connection, keys: Sequence[Key]) -> list[Transition]:
         if room > 0:
             moved += _let_through(conn, queue, CONCURRENCY, key, room)
     return moved
+
+
+def _with_held_back(conn: Connection, keys: Sequence[Key]) -> list[Key]:
+    """Of ``keys``, in order, the concurrency keys with held-back jobs: one
+    statement per queue, however many keys ended."""
+    found: set[Key] = set()
+    for queue in {q for q, _ in keys}:
+        names = [k for q, k in keys if q == queue]
+        rows = conn.execute(
+            sa.select(jobs.c.concurrency_key)
+            .where(
+                _HELD_BACK,
+                jobs.c.queue == queue,
+                jobs.c.held_by == CONCURRENCY,
+                jobs.c.concurrency_key.in_(names),
+            )
+            .distinct()
+        )
+        found |= {(queue, k) for (k,) in rows}
+    return [key for key in keys if key in found]
 
 
 def reopen(conn: Connection, now: datetime) -> tuple[list[Transition], set[str]]:

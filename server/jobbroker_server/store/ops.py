@@ -319,7 +319,9 @@ def lease_many(
         "expires": expires,
         "max_bytes": max_bytes,
     }
-    found = _LEASE.rows(conn, params)
+    # A stream of limited queues only needs no plain lease.
+    plain = not limited or any(q not in limited for q in queues)
+    found = _LEASE.rows(conn, params) if plain else []
     held_back: list[Transition] = []
     if limited and len(found) < limit:
         taken = sum(len(row.payload) for row in found)
