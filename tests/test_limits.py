@@ -3,6 +3,7 @@ limits, held across real worker processes and, on PostgreSQL, two replicas."""
 
 from __future__ import annotations
 
+import subprocess
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -246,3 +247,41 @@ def test_many_distinct_keys_all_drain(client: Client) -> None:
             if done == len(handles):
                 break
     assert {j.state for j in _jobs(client, [h.id for h in handles[::50]])} == {JobState.SUCCEEDED}
+
+
+def test_a_schedules_ticks_carry_its_limits(client: Client) -> None:
+    client.create_schedule(
+        "limited-beat", "ping", every=1, queue="limited-beat", concurrency_key="beat"
+    )
+    made = wait_for(
+        lambda: client.list_jobs(queue="limited-beat").jobs, timeout=15, what="a tick's job"
+    )
+    client.pause_schedule("limited-beat")
+    assert (made[0].concurrency_key, made[0].concurrency_limit) == ("beat", 0)
+
+
+def test_the_cli_sets_shows_and_explains_limits(broker: BrokerThread, client: Client) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*BROKER, *args, "--target", broker.target], capture_output=True, text=True, timeout=30
+        )
+
+    done = run("queues", "set", "cli-limits", "--rate", "100/s", "--key-concurrency", "1")
+    assert done.returncode == 0, done.stderr
+    [row] = [line for line in run("queues", "ls").stdout.splitlines() if "cli-limits" in line]
+    assert "100" in row
+    submitted = [
+        run("submit", "t", "{}", "--queue", "cli-limits", "--concurrency-key", "acct:1")
+        for _ in range(2)
+    ]
+    assert all(s.returncode == 0 for s in submitted), [s.stderr for s in submitted]
+    with client.lease_stream(["cli-limits"], prefetch=4) as stream:
+        first = next(iter(stream))
+        [other] = [j for j in client.list_jobs(queue="cli-limits").jobs if j.id != first.job.id]
+        wait_for(lambda: client.get_job(other.id).state is JobState.WAITING, what="held back")
+        explained = run("job", "explain", other.id)
+        assert explained.returncode == 0, explained.stderr
+        assert "acct:1" in explained.stdout and first.job.id in explained.stdout
+        first.complete(None)
+    bad = run("queues", "set", "cli-limits", "--rate", "many/s")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--rate" in bad.stderr

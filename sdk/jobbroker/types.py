@@ -421,6 +421,10 @@ class ScheduleOptions(TypedDict, total=False):
     soft_timeout: timedelta | None
     metadata: Mapping[str, str]
     tags: Sequence[str]
+    concurrency_key: str | None
+    concurrency_limit: int | None
+    rate_key: str | None
+    rate_limit: RateLimit | str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ import cronsim
 from jobbroker_server.clock import EPOCH
 from jobbroker_server.domain import limits
 from jobbroker_server.domain.errors import InvalidArgument
+from jobbroker_server.domain.flow import JobLimits
 from jobbroker_server.domain.ids import new_job_id
 from jobbroker_server.domain.models import NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
@@ -132,6 +133,7 @@ class JobTemplate:
     soft_timeout: timedelta | None
     metadata: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    limits: JobLimits | None = None
 
 
 def template(job: NewJob, name: str) -> JobTemplate:
@@ -159,6 +161,7 @@ def template(job: NewJob, name: str) -> JobTemplate:
         job.soft_timeout,
         dict(job.metadata),
         job.tags,
+        job.limits,
     )
 
 
@@ -235,6 +238,7 @@ def tick_job(schedule: Schedule, tick: datetime) -> NewJob:
         metadata={**t.metadata, SCHEDULE_KEY: schedule.name, TICK_KEY: when},
         tags=t.tags,
         submitted_by=f"schedule:{schedule.name}",
+        limits=t.limits,
     )
 
 

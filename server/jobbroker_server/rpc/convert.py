@@ -311,7 +311,7 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
     if job.unique_key:
         msg.unique_key = job.unique_key
     if job.limits is not None:
-        _set_limits(msg, job.limits)
+        set_limits(msg, job.limits)
     if job.timeout is not None:
         msg.timeout.CopyFrom(duration(job.timeout))
     if job.soft_timeout is not None:
@@ -328,7 +328,8 @@ def job_pb(job: Job, msg: job_pb2.Job | None = None) -> job_pb2.Job:
     return msg
 
 
-def _set_limits(msg: job_pb2.Job, limits: flow.JobLimits) -> None:
+def set_limits(msg: job_pb2.Job | job_pb2.JobSpec, limits: flow.JobLimits) -> None:
+    """A job's keys and limits, into its message or its spec."""
     msg.concurrency_key = limits.concurrency_key or ""
     msg.concurrency_limit = limits.concurrency_limit or 0
     msg.rate_key = limits.rate_key or ""

@@ -78,6 +78,8 @@ def _spec_pb(t: JobTemplate, msg: job_pb2.JobSpec) -> None:
         msg.soft_timeout.CopyFrom(convert.duration(t.soft_timeout))
     msg.metadata.update(t.metadata)
     msg.tags.extend(t.tags)
+    if t.limits is not None:
+        convert.set_limits(msg, t.limits)
 
 
 def schedule_pb(s: Schedule) -> broker_pb2.Schedule:

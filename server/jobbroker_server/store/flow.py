@@ -209,7 +209,7 @@ _CANDIDATES = Prepared(
 
 class _Budget:
     """What one ``pick`` may still take: per queue, per concurrency key, per
-    rate key; and what it found closed."""
+    rate key; and the rate keys it found spent."""
 
     def __init__(self, settings: dict[str, _Queue]) -> None:
         self.settings = settings
@@ -218,26 +218,26 @@ class _Budget:
         self.rate_left: dict[Key, int] = {}
         self.rate_of: dict[Key, RateLimit] = {}
         self.taken: Counter[Key] = Counter()  # rate starts, per bucket
-        self.full: set[Key] = set()  # concurrency keys without a free slot
-        self.spent: set[Key] = set()  # rate keys without budget
+        self.spent: set[Key] = set()  # rate keys found without budget
 
     def key_rate(self, row: Any) -> RateLimit | None:
         if row.rate_count is not None:
             return RateLimit(row.rate_count, timedelta(seconds=row.rate_period_s))
         return self.settings[row.queue].key_rate
 
-    def take(self, row: Any) -> bool:
+    def take(self, row: Any) -> tuple[str, Key] | None:
+        """Take the job if its limits let it through; else say which holds
+        it: (CONCURRENCY or RATE, its key), or (QUEUE_RATE, its queue's)."""
         queue = row.queue
         if self.queue_left.get(queue, 1) <= 0:
-            return False
+            return QUEUE_RATE, (queue, WHOLE_QUEUE)
         ckey = (queue, row.concurrency_key) if row.concurrency_key is not None else None
         rkey = (queue, row.rate_key) if row.rate_key is not None else None
         if ckey is not None and self.slots_left[ckey] <= 0:
-            self.full.add(ckey)
-            return False
+            return CONCURRENCY, ckey
         if rkey is not None and rkey in self.rate_left and self.rate_left[rkey] <= 0:
             self.spent.add(rkey)
-            return False
+            return RATE, rkey
         if queue in self.queue_left:
             self.queue_left[queue] -= 1
             self.taken[(queue, WHOLE_QUEUE)] += 1
@@ -246,7 +246,7 @@ class _Budget:
         if rkey is not None and rkey in self.rate_left:
             self.rate_left[rkey] -= 1
             self.taken[rkey] += 1
-        return True
+        return None
 
 
 def pick(
@@ -265,8 +265,11 @@ def pick(
     open_queues = [q for q in settings if budget.queue_left.get(q, 1) > 0]
     chosen: list[str] = []
     seen: list[str] = []
+    moved: list[Transition] = []
     size = 0
-    for _ in range(3):  # a round that held back a key may leave room for more
+    # A round that held a key back may leave room that the next fills from
+    # other keys: the held-back jobs left the candidates.
+    for _ in range(3):
         if not open_queues or len(chosen) >= limit:
             break
         found = _CANDIDATES.rows(
@@ -276,16 +279,21 @@ def pick(
             break
         seen += [row.id for row in found]
         _count_limits(conn, budget, found, tats, now)
-        closed_before = len(budget.full) + len(budget.spent)
+        holding: set[tuple[str, Key]] = set()
         for row in found:
             if size and size + row.size > max_bytes:
                 break
-            if budget.take(row):
+            held_by = budget.take(row)
+            if held_by is None:
                 chosen.append(row.id)
                 size += row.size
-        if len(budget.full) + len(budget.spent) == closed_before:
+            elif held_by[0] != QUEUE_RATE:
+                holding.add(held_by)
+        held = [t for why, key in sorted(holding) for t in _hold_back(conn, why, key, chosen)]
+        moved += held
+        if not held:
             break
-    moved = _close(conn, budget, tats, chosen, now)
+    _write_buckets(conn, budget, tats, now)
     return Picked(chosen, moved)
 
 
@@ -327,33 +335,24 @@ def _count_limits(
             budget.rate_of[key] = rate
 
 
-def _close(
-    conn: Connection, budget: _Budget, tats: dict[Key, datetime], chosen: list[str], now: datetime
-) -> list[Transition]:
-    """Write the rate buckets back, and hold back the pending jobs of the
-    keys found closed."""
+def _write_buckets(
+    conn: Connection, budget: _Budget, tats: dict[Key, datetime], now: datetime
+) -> None:
+    """The rate buckets after the starts taken; one found spent waits for
+    its next budget (``reopen``)."""
     for bucket, rate in budget.rate_of.items():
         tat = flow.taken(tats[bucket], now, rate, budget.taken[bucket])
         whole = bucket[1] == WHOLE_QUEUE
         closed = bucket in budget.spent or (whole and budget.queue_left[bucket[0]] <= 0)
         if budget.taken[bucket] or closed:
             _set_bucket(conn, bucket, tat, flow.next_token_at(tat, rate), closed)
-    moved = []
-    for queue, name in sorted(budget.full):
-        moved += _hold_back(conn, queue, CONCURRENCY, jobs.c.concurrency_key, name, chosen)
-    for queue, name in sorted(budget.spent):
-        moved += _hold_back(conn, queue, RATE, jobs.c.rate_key, name, chosen)
-    return moved
 
 
-def _hold_back(
-    conn: Connection,
-    queue: str,
-    limit: str,
-    column: sa.Column[Any],
-    key: str,
-    chosen: list[str],
-) -> list[Transition]:
+def _hold_back(conn: Connection, limit: str, at: Key, chosen: list[str]) -> list[Transition]:
+    """Hold back the key's pending jobs (up to HOLD_BACK_AT_ONCE; not those
+    ``chosen``, nor those another lease has locked)."""
+    queue, key = at
+    column = jobs.c.concurrency_key if limit == CONCURRENCY else jobs.c.rate_key
     pending = (
         sa.select(jobs.c.id)
         .where(
@@ -564,7 +563,29 @@ def sweep(conn: Connection, now: datetime) -> list[Transition]:
         tats = _buckets(conn, stranded, now)
         for key in stranded:
             _set_bucket(conn, key, tats[key], now, True)  # reopen looks at once
+    _prune(conn, now)
     return moved
+
+
+def _prune(conn: Connection, now: datetime) -> None:
+    """Delete buckets that are full again and wait on nothing: as good as
+    none, and a client that used many rate keys leaves no trail of them."""
+    found = conn.execute(
+        sa.select(rate_buckets.c.queue, rate_buckets.c.key)
+        .where(~rate_buckets.c.waiting, rate_buckets.c.tat < now)
+        .limit(1000)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for queue in {q for q, _ in found}:
+        names = [k for q, k in found if q == queue]
+        conn.execute(
+            rate_buckets.delete().where(
+                rate_buckets.c.queue == queue,
+                rate_buckets.c.key.in_(names),
+                ~rate_buckets.c.waiting,
+                rate_buckets.c.tat < now,
+            )
+        )
 
 
 def _waiting_buckets(conn: Connection, keys: Sequence[Key]) -> set[Key]:

@@ -107,6 +107,8 @@ def submit_many(
     # The unique constraint and index decide between racing submits of one key.
     stored = insert_new(conn, values)
     if len(stored) == len(values):
+        if keyed:
+            _set_limits(conn, values, jobs_in, stored)
         dependencies.link(conn, jobs_in, stored)
         made = [SubmitResult(v["id"], JobState(v["state"]), False) for v in values]
         moved = [_submitted(v, job.submitted_by) for v, job in zip(values, jobs_in, strict=True)]
@@ -120,6 +122,8 @@ def submit_many(
         job_id, state = owner.get(v["id"], (v["id"], v["state"]))
         results.append(SubmitResult(job_id, _STATE[state], job_id != v["id"]))
     new = {r.job_id for r in results if not r.duplicate}
+    if keyed:
+        _set_limits(conn, values, jobs_in, new)
     dependencies.link(conn, jobs_in, new)  # after the expired keys' jobs went in too
     moved = [
         _submitted(v, job.submitted_by)
@@ -129,7 +133,26 @@ def submit_many(
     return _moved(conn, now, results, moved)
 
 
+def _set_limits(
+    conn: Connection, values: list[dict[str, Any]], jobs_in: Sequence[NewJob], stored: set[str]
+) -> None:
+    """Write the flow limits of the jobs stored (the insert leaves them NULL)."""
+    limited = [
+        rows.limit_values(v["id"], job.limits)
+        for v, job in zip(values, jobs_in, strict=True)
+        if job.limits is not None and v["id"] in stored
+    ]
+    if limited:
+        _SET_LIMITS.run_many(conn, limited)
+
+
 _STATE = {state.value: state for state in JobState}  # faster than JobState(value)
+_LIMIT_COLUMNS = ("concurrency_key", "concurrency_limit", "rate_key", "rate_count", "rate_period_s")
+_SET_LIMITS = Prepared(
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("b_id"))
+    .values({name: sa.bindparam(name) for name in _LIMIT_COLUMNS})
+)
 
 
 def _submitted(row: dict[str, Any], actor: str) -> Transition:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import NotFound, ResourceExhausted
+from jobbroker_server.domain.flow import JobLimits, RateLimit
 from jobbroker_server.domain.models import NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.schedules import CatchUp, JobTemplate, Schedule, Tick, Timing
@@ -56,7 +57,28 @@ def _options(t: JobTemplate) -> dict[str, Any]:
         "soft_timeout_us": _us(t.soft_timeout),
         "metadata": dict(t.metadata),
         "tags": list(t.tags),
+        "limits": None if t.limits is None else _limits(t.limits),
     }
+
+
+def _limits(limits: JobLimits) -> list[Any]:
+    rate = limits.rate_limit
+    return [
+        limits.concurrency_key,
+        limits.concurrency_limit,
+        limits.rate_key,
+        None if rate is None else rate.count,
+        None if rate is None else rate.period.total_seconds(),
+    ]
+
+
+def _limits_from(value: list[Any] | None) -> JobLimits | None:
+    """A template's limits (None in rows written before there were any)."""
+    if value is None:
+        return None
+    concurrency_key, concurrency_limit, rate_key, count, period_s = value
+    rate = None if count is None else RateLimit(count, timedelta(seconds=period_s))
+    return JobLimits(concurrency_key, concurrency_limit, rate_key, rate)
 
 
 def _definition(s: Schedule) -> dict[str, Any]:
@@ -88,6 +110,7 @@ def _schedule(row: Any) -> Schedule:
         soft_timeout=_delta(o["soft_timeout_us"]),
         metadata=o["metadata"],
         tags=tuple(o["tags"]),
+        limits=_limits_from(o.get("limits")),
     )
     state = getattr(row, "last_job_state", None)
     return Schedule(
