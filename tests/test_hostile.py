@@ -102,6 +102,10 @@ HOSTILE = {
         "rate_limit.period",
     ),
     "a rate of a billion": (_rate(10**9, duration_pb2.Duration(seconds=1)), "rate_limit"),
+    "a rate finer than a microsecond": (
+        _rate(1_000_000, duration_pb2.Duration(nanos=1_000_000)),
+        "microsecond",
+    ),
 }
 
 

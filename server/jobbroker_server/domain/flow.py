@@ -20,7 +20,13 @@ MAX_CONCURRENCY = 1_000_000
 MAX_RATE_COUNT = 1_000_000
 MIN_RATE_PERIOD = timedelta(milliseconds=1)
 MAX_RATE_PERIOD = timedelta(days=7)
+MIN_RATE_INTERVAL = timedelta(microseconds=1)  # between two starts
 
+
+Key = tuple[str, str]  # (queue, a concurrency or rate key)
+# Where the sweep of held-back jobs goes on: after these concurrency and rate
+# keys (None: from the first).
+SweepCursor = tuple[Key | None, Key | None]
 
 # What holds a job back (``jobs.held_by``), and what explain calls it.
 CONCURRENCY = "concurrency"
@@ -77,7 +83,13 @@ def rate_limit(count: int, period_s: float, what: str) -> RateLimit:
         raise InvalidArgument(
             f"{what}: period must be {low * 1000:g} ms to {high / 86400:g} days, got {period_s}s"
         )
-    return RateLimit(count, timedelta(seconds=period_s))
+    rate = RateLimit(count, timedelta(seconds=period_s))
+    if rate.interval < MIN_RATE_INTERVAL:
+        raise InvalidArgument(
+            f"{what}: {count} per {period_s:g}s is more than one start a microsecond, "
+            "the finest rate the broker keeps"
+        )
+    return rate
 
 
 def concurrency_limit(value: int, what: str) -> int:

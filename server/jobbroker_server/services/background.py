@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 
 from jobbroker_server.clock import Clock
+from jobbroker_server.domain.flow import SweepCursor
 from jobbroker_server.domain.states import JobState
 from jobbroker_server.domain.transitions import Reason, Transition
 from jobbroker_server.metrics import Metrics
@@ -40,11 +41,15 @@ class Reaper:
         self._clock = clock
         self._changes = changes
         self._interval = interval.total_seconds()
+        self._swept: SweepCursor = (None, None)  # where the flow limits' sweep goes on
 
     async def run_once(self) -> list[Transition]:
+        """End what expired; and let through the jobs held back by flow
+        limits that nothing else will (a few keys a time)."""
         reaped = await self._store.reap_expired(self._clock.now())
         self._changes.apply(reaped.transitions)
-        swept = await self._store.sweep_limits(self._clock.now())
+        swept = await self._store.sweep_limits(self._clock.now(), self._swept)
+        self._swept = swept.result
         self._changes.apply(swept.transitions)
         return reaped.transitions + swept.transitions
 

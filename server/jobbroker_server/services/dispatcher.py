@@ -145,6 +145,7 @@ class Dispatcher:
         # last known: one learnt late is only leased later, never past its
         # limits (the plain lease passes over it).
         self.limited: set[str] = set()
+        self.rated: set[str] = set()  # of those, the ones with a rate of their own
         self.on_rate_spent: Callable[[], None] = lambda: None
 
     def _limited(self, session: Session) -> tuple[str, ...]:
@@ -402,8 +403,8 @@ class Dispatcher:
         await self._hand_out(session, moved.result, now)
         self._changes.apply(moved.transitions)
         full = self._full(moved.result, limit)
-        if limited and not full:  # a rate may have been spent: the scheduler looks
-            self.on_rate_spent()
+        if not full and any(q in self.rated for q in limited):
+            self.on_rate_spent()  # its rate may be spent: the scheduler looks when it refills
         return full
 
     def _full(self, leases: Sequence[Lease], limit: int) -> bool:

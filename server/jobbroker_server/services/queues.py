@@ -35,7 +35,10 @@ class Queues:
     async def refresh(self) -> list[QueueSettings]:
         listed = await self._store.list_queues()
         self._known = {q.name: q for q in listed}
-        self._dispatcher.limited = {q.name for q in listed if q.limited}
+        # Limited stays limited: a queue marked by a submit that has not
+        # committed yet is kept.
+        self._dispatcher.limited |= {q.name for q in listed if q.limited}
+        self._dispatcher.rated = {q.name for q in listed if q.defaults.rate is not None}
         return listed
 
     async def run(self) -> None:
@@ -50,6 +53,10 @@ class Queues:
         self._known[queue] = made
         if made.limited:
             self._dispatcher.limited.add(queue)
+        if made.defaults.rate is not None:
+            self._dispatcher.rated.add(queue)
+        else:
+            self._dispatcher.rated.discard(queue)
         self._dispatcher.wake([queue])  # a limit raised or removed lets more through
         return made
 

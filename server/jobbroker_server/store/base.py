@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from jobbroker_server.domain import limits
+from jobbroker_server.domain.flow import SweepCursor
 from jobbroker_server.domain.keys import ApiKey
 from jobbroker_server.domain.models import (
     Completion,
@@ -170,8 +171,9 @@ class Store(abc.ABC):
         due; returns the queues whose own rate reopened."""
 
     @abc.abstractmethod
-    async def sweep_limits(self, now: datetime) -> Moved[int]:
-        """Let through held-back jobs that no end or budget will; how many."""
+    async def sweep_limits(self, now: datetime, after: SweepCursor) -> Moved[SweepCursor]:
+        """Let through held-back jobs that no end or budget will, a few keys
+        from ``after`` on; returns where the next sweep goes on."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:

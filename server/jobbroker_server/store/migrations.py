@@ -173,7 +173,13 @@ def _v13_flow_limits(conn: Connection) -> None:
             "limited": "BOOLEAN NOT NULL DEFAULT FALSE",
         },
     )
-    for name in ("ix_jobs_key_active", "ix_jobs_rate_pending", "ix_jobs_held_back"):
+    indexes = (
+        "ix_jobs_concurrency_key",
+        "ix_jobs_rate_key",
+        "ix_jobs_held_concurrency",
+        "ix_jobs_held_rate",
+    )
+    for name in indexes:
         _index(name).create(conn, checkfirst=True)
     rate_buckets.create(conn, checkfirst=True)
 

@@ -24,6 +24,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from jobbroker_server.domain import limits, states
 from jobbroker_server.domain.errors import Internal, NotFound, StorageFull
+from jobbroker_server.domain.flow import SweepCursor
 from jobbroker_server.domain.models import (
     AttemptOutcome,
     Completion,
@@ -201,9 +202,11 @@ def _not_before(value: sa.ColumnElement[Any], floor: sa.ColumnElement[Any]) -> A
 # LIMITed pick once, whatever plan the UPDATE gets.
 # The paused queues, and the limited ones (leased by ``flow.pick``), read by
 # each lease in its own statement: a pause holds on every replica from its
-# commit on. The table holds a row per queue with settings, at most a few:
-# the scan costs the lease next to nothing.
-PASSED_OVER = sa.select(queues.c.name).where(sa.or_(queues.c.paused, queues.c.limited))
+# commit on. Only the rows of the lease's own queues are read (by key),
+# however many queues have settings.
+PASSED_OVER = sa.select(queues.c.name).where(
+    queues.c.name.in_(_ids("queues")), sa.or_(queues.c.paused, queues.c.limited)
+)
 _CANDIDATES = (
     sa.select(jobs.c.id, jobs.c.priority, sa.func.length(jobs.c.payload).label("size"))
     .where(
@@ -325,10 +328,12 @@ def lease_many(
     holder: str = "",
     reports_starts: bool = True,
     limited: Sequence[str] = (),
+    first_pick: bool = True,
 ) -> Moved[list[Lease]]:
     """Lease up to ``limit`` pending jobs of ``queues``; of those in
     ``limited`` (queues the broker knows to be limited), those their flow
-    limits let through."""
+    limits let through. ``first_pick``: no lease of limited queues came
+    before in this transaction (``flow.pick`` may wait for its locks)."""
     if limit <= 0 or not queues:
         return Moved([], [])
     states.check(JobState.PENDING, JobState.LEASED)
@@ -342,18 +347,27 @@ def lease_many(
         "expires": expires,
         "max_bytes": max_bytes,
     }
-    # A stream of limited queues only needs no plain lease.
-    plain = not limited or any(q not in limited for q in queues)
-    found = _LEASE.rows(conn, params) if plain else []
+    plain = [q for q in queues if q not in limited] if limited else queues
+    # A stream of plain and limited queues gives half its batch to each side
+    # first, then what is left to the plain ones: neither starves the other.
+    # (A batch of one goes to either side by lot.)
+    share = limit
+    if limited and plain:
+        share = limit // 2 if limit > 1 else int(random.random() < 0.5)
+    found = _LEASE.rows(conn, {**params, "limit": share}) if plain and share else []
     held_back: list[Transition] = []
     if limited and len(found) < limit:
         taken = sum(len(row.payload) for row in found)
         if not found or taken < max_bytes:
             room = max_bytes - taken if found else max_bytes
-            picked = flow.pick(conn, limited, limit - len(found), now, room)
+            picked = flow.pick(conn, limited, limit - len(found), now, room, wait=first_pick)
             held_back = picked.moved
             if picked.ids:
                 found += _LEASE_PICKED.rows(conn, {**params, "ids": picked.ids})
+        taken = sum(len(row.payload) for row in found)
+        if plain and len(found) < limit and (not found or taken < max_bytes):
+            rest = {**params, "limit": limit - len(found), "max_bytes": max_bytes - taken}
+            found += _LEASE.rows(conn, rest if found else params)
     if not found:
         return _moved(conn, now, [], held_back) if held_back else Moved([], [])
     known = tuple(
@@ -405,7 +419,7 @@ def submit_and_lease(
     submitted = submit_many(conn, insert_new, jobs_in, now, dedup_window)
     moved = list(submitted.transitions)
     leased = []
-    for a in asks:
+    for i, a in enumerate(asks):
         taken = lease_many(
             conn,
             a.queues,
@@ -417,6 +431,7 @@ def submit_and_lease(
             a.holder,
             a.reports_starts,
             a.limited,
+            first_pick=i == 0,
         )
         leased.append(taken.result)
         moved += taken.transitions
@@ -855,9 +870,9 @@ def reopen_limits(conn: Connection, now: datetime) -> Moved[set[str]]:
     return _moved(conn, now, woken, moved)
 
 
-def sweep_limits(conn: Connection, now: datetime) -> Moved[int]:
-    moved = flow.sweep(conn, now)
-    return _moved(conn, now, len(moved), moved)
+def sweep_limits(conn: Connection, now: datetime, after: SweepCursor) -> Moved[SweepCursor]:
+    moved, cursor = flow.sweep(conn, now, after)
+    return _moved(conn, now, cursor, moved)
 
 
 # --- operators ---

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from jobbroker_server.store import faults, migrations, rows
 from jobbroker_server.store.sql import SqlStore
-from jobbroker_server.store.tables import jobs, json_dumps, json_loads
+from jobbroker_server.store.tables import READY_CHANNEL, jobs, json_dumps, json_loads
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -45,8 +45,6 @@ CONNECT_TIMEOUT = 5.0
 # A statement on a connection whose peer vanished without a reset would wait
 # for TCP to give up, many minutes; no store operation runs this long.
 COMMAND_TIMEOUT = 60.0
-
-READY_CHANNEL = "jobbroker_ready"
 
 # A job that becomes pending (submitted, retried, handed back, promoted,
 # replayed) wakes the streams of every replica. PostgreSQL delivers NOTIFY at
@@ -102,6 +100,9 @@ class PostgresStore(SqlStore):
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
+            # Flow limits count a key's jobs after taking its lock, and need
+            # each statement to see what committed before it (store/flow.py).
+            isolation_level="READ COMMITTED",
             connect_args={
                 "server_settings": server_settings,
                 "timeout": CONNECT_TIMEOUT,

@@ -59,25 +59,30 @@ def list_queues(conn: Connection) -> list[QueueSettings]:
     return [_settings(r) for r in conn.execute(sa.select(queues).order_by(queues.c.name))]
 
 
-def _ensure(conn: Connection, name: str, now: datetime) -> None:
-    """The queue's row, made with no settings if it has none yet."""
+def _ensure(conn: Connection, name: str, now: datetime, *, capped: bool = True) -> None:
+    """The queue's row, made with no settings if it has none yet (once,
+    however many transactions race to make it). ``capped``: refuse past
+    MAX_QUEUE_SETTINGS."""
     if conn.execute(sa.select(queues.c.name).where(queues.c.name == name)).first():
         return
     count = conn.execute(sa.select(sa.func.count()).select_from(queues)).scalar() or 0
-    if count >= MAX_QUEUE_SETTINGS:
+    if capped and count >= MAX_QUEUE_SETTINGS:
         raise ResourceExhausted(
             f"{count} queues have settings, the most a broker keeps; "
             "clear those of queues no longer used"
         )
-    conn.execute(
-        queues.insert().values(
-            name=name,
-            paused=False,
-            paused_by="",
-            lost_worker_counts=True,
-            updated_at=now,
-        )
-    )
+    row = {"name": name, "paused": False, "paused_by": "", "lost_worker_counts": True}
+    conn.execute(_insert_ignoring(conn, {**row, "updated_at": now}))
+
+
+def _insert_ignoring(conn: Connection, row: dict[str, Any]) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(queues).values(row).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(queues).values(row).on_conflict_do_nothing()
 
 
 def set_defaults(
@@ -124,8 +129,8 @@ def mark_limited(conn: Connection, names: Sequence[str], now: datetime) -> None:
     missing = set(names) - set(found.scalars())
     if not missing:
         return
-    for name in sorted(missing):
-        _ensure(conn, name, now)
+    for name in sorted(missing):  # a queue with jobs, not a setting: not capped
+        _ensure(conn, name, now, capped=False)
     conn.execute(
         queues.update().where(queues.c.name.in_(names), ~queues.c.limited).values(limited=True)
     )

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain import limits
+from jobbroker_server.domain.flow import SweepCursor
 from jobbroker_server.domain.keys import ApiKey
 from jobbroker_server.domain.models import (
     Completion,
@@ -206,8 +207,8 @@ class SqlStore(Store):
     async def reopen_limits(self, now: datetime) -> Moved[set[str]]:
         return await self._run(ops.reopen_limits, now)
 
-    async def sweep_limits(self, now: datetime) -> Moved[int]:
-        return await self._run(ops.sweep_limits, now)
+    async def sweep_limits(self, now: datetime, after: SweepCursor) -> Moved[SweepCursor]:
+        return await self._run(ops.sweep_limits, now, after)
 
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:
         return await self._run(ops.get_job, job_id, history=history)

@@ -68,6 +68,10 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 metadata = sa.MetaData()
 
+# PostgreSQL: the channel on which a job becoming pending (a trigger) or a
+# queue's rate reopening (store/flow.py) wakes every replica's streams.
+READY_CHANNEL = "jobbroker_ready"
+
 jobs = sa.Table(
     "jobs",
     metadata,
@@ -185,38 +189,48 @@ sa.Index(
     postgresql_where=_in_workflow,
 )
 
-# The jobs of a concurrency key that hold or may soon hold its slots, counted
-# at each lease and end of one; and the held-back jobs of a key, in the order
-# they are let through.
+# Flow limits (store/flow.py). A key's jobs by state: its leased and running
+# ones are counted at each lease and end of one, its pending ones held back.
 _keyed = jobs.c.concurrency_key.is_not(None)
-_active = sa.and_(_keyed, jobs.c.state.in_(["pending", "leased", "running"]))
 sa.Index(
-    "ix_jobs_key_active",
+    "ix_jobs_concurrency_key",
     jobs.c.queue,
     jobs.c.concurrency_key,
     jobs.c.state,
-    sqlite_where=_active,
-    postgresql_where=_active,
+    sqlite_where=_keyed,
+    postgresql_where=_keyed,
 )
-_rate_pending = sa.and_(jobs.c.rate_key.is_not(None), _pending)
+_rated = jobs.c.rate_key.is_not(None)
 sa.Index(
-    "ix_jobs_rate_pending",
+    "ix_jobs_rate_key",
     jobs.c.queue,
     jobs.c.rate_key,
-    sqlite_where=_rate_pending,
-    postgresql_where=_rate_pending,
+    jobs.c.state,
+    sqlite_where=_rated,
+    postgresql_where=_rated,
 )
-_held_back = jobs.c.held_by.is_not(None)
+# The held-back jobs of each key, in the order they are let through. The
+# conditions are written with their values in the SQL text, as queries must
+# repeat them for a planner to use the index (ops._is).
+HELD_BY_CONCURRENCY = jobs.c.held_by == sa.literal_column("'concurrency'")
+HELD_BY_RATE = jobs.c.held_by == sa.literal_column("'rate'")
 sa.Index(
-    "ix_jobs_held_back",
+    "ix_jobs_held_concurrency",
     jobs.c.queue,
-    jobs.c.held_by,
     jobs.c.concurrency_key,
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    sqlite_where=HELD_BY_CONCURRENCY,
+    postgresql_where=HELD_BY_CONCURRENCY,
+)
+sa.Index(
+    "ix_jobs_held_rate",
+    jobs.c.queue,
     jobs.c.rate_key,
     jobs.c.priority.desc(),
     jobs.c.id,
-    sqlite_where=_held_back,
-    postgresql_where=_held_back,
+    sqlite_where=HELD_BY_RATE,
+    postgresql_where=HELD_BY_RATE,
 )
 
 attempts = sa.Table(
