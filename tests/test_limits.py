@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from jobbroker import Client, InvalidArgumentError, Job, JobRequest, JobState
+from jobbroker import (
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    Job,
+    JobRequest,
+    JobState,
+)
 from jobbroker_server.config import Settings
 from jobbroker_server.testing import BrokerThread
 from tests import limit_tasks
@@ -352,3 +359,13 @@ def test_a_spent_queue_rate_or_a_plain_queue_does_not_starve_another_queue(
     assert len(set(got) & {j.id for j in slow}) <= 2
     assert len(got) <= 32
     assert set(got) & {j.id for j in plain}
+
+
+def test_a_refused_keyed_submit_leaves_its_queue_leased_as_before(client: Client) -> None:
+    first = client.submit("t", 1, queue="refused-keyed", idempotency_key="once")
+    with pytest.raises(FailedPreconditionError):
+        client.submit("t", 2, queue="refused-keyed", idempotency_key="once", concurrency_key="k")
+    with client.lease_stream(["refused-keyed"], prefetch=4) as stream:
+        lease = next(iter(stream))
+        assert lease.job.id == first.id
+        lease.complete(None)

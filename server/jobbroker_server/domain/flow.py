@@ -102,14 +102,15 @@ def allowed(tat: datetime | None, now: datetime, limit: RateLimit) -> int:
     """How many jobs may start now under ``limit``, whose bucket is at ``tat``
     (None: never used)."""
     start = now if tat is None or tat < now else tat
-    room = (now + limit.period - start) / limit.interval
+    room = (now + limit.period - start) * limit.count / limit.period
     return max(0, min(limit.count, math.floor(room + 1e-9)))
 
 
 def taken(tat: datetime | None, now: datetime, limit: RateLimit, count: int) -> datetime:
     """The bucket's instant once ``count`` jobs started now."""
     start = now if tat is None or tat < now else tat
-    return start + limit.interval * count
+    # One rounding to the microsecond for the whole count, not one per start.
+    return start + limit.period * count / limit.count
 
 
 def next_token_at(tat: datetime, limit: RateLimit) -> datetime:

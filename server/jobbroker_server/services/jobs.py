@@ -51,9 +51,6 @@ class Jobs:
         """One group's transaction, which also fills the worker streams with room
         for these jobs' queues; for the rest, the others are woken to lease."""
         now = self._clock.now()
-        keyed = {job.queue for job in jobs if job.limits is not None}
-        if keyed:  # the store marks them limited in this transaction
-            self._dispatcher.limited |= keyed
         ready = Counter(
             job.queue
             for job in jobs
@@ -69,6 +66,10 @@ class Jobs:
             results, leased = moved.result
         finally:
             await self._dispatcher.deliver(claimed, leased, now)
+        # The store marked them limited in that transaction. (A lease asked
+        # for before passed over them: their jobs' pending transitions wake
+        # the streams again.)
+        self._dispatcher.limited |= {job.queue for job in jobs if job.limits is not None}
         self._changes.apply(moved.transitions)
         return results
 

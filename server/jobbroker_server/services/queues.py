@@ -35,8 +35,8 @@ class Queues:
     async def refresh(self) -> list[QueueSettings]:
         listed = await self._store.list_queues()
         self._known = {q.name: q for q in listed}
-        # Limited stays limited: a queue marked by a submit that has not
-        # committed yet is kept.
+        # Limited stays limited: a queue marked by a submit that committed
+        # after this read is kept.
         self._dispatcher.limited |= {q.name for q in listed if q.limited}
         self._dispatcher.rated = {q.name for q in listed if q.defaults.rate is not None}
         return listed

@@ -16,16 +16,16 @@ lease of other keys nothing; each is held back once and let through once:
 - a rate key's, when its next budget is due (``reopen``, by the scheduler):
   as many as that budget allows, less the key's jobs already pending.
 
-``sweep`` (by the reaper, a few keys each time, resuming where it stopped)
-lets through what nothing else would: a key whose jobs were cancelled while
+The sweeps (by the reaper, a few keys each time, resuming where they
+stopped) let through what nothing else would: a key whose jobs were cancelled while
 pending, a limit raised. A held-back job is not counted as an attempt; the
 lease of a let-through job counts its limits again, so a let-through that
 races another lease only holds it back again.
 
 Locks: the first round of a transaction's first ``pick``, and ``admit``,
 wait for their keys' locks and buckets, taken in one order. Every later
-round or pick only tries them, and passes over a key another transaction
-holds: two leases never wait on each other in a circle.
+round or pick only tries them (and makes no bucket), and passes over a key
+another transaction holds: two leases never wait on each other in a circle.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from jobbroker_server.domain.flow import (
     Key,
     LimitFacts,
     RateLimit,
-    SweepCursor,
 )
 from jobbroker_server.domain.models import Job
 from jobbroker_server.domain.states import JobState
@@ -190,13 +189,14 @@ def _buckets(
     conn: Connection, keys: Iterable[Key], now: datetime, *, wait: bool = True
 ) -> dict[Key, _Bucket]:
     """The buckets, their rows locked (made if they have none); without
-    ``wait``, only those no other transaction holds."""
+    ``wait``, only those that exist and no other transaction holds (making
+    one waits for another transaction making it too)."""
     wanted = sorted(set(keys))
     if not wanted:
         return {}
     have = _bucket_rows(conn, wanted, wait)
     missing = [k for k in wanted if k not in have]
-    if missing:
+    if missing and wait:
         made = [
             {"queue": q, "key": k, "tat": now, "next_at": now, "waiting": False} for q, k in missing
         ]
@@ -576,7 +576,12 @@ def reopen(conn: Connection, now: datetime) -> tuple[list[Transition], set[str]]
             continue
         pending = _counts(conn, [key], _IS_PENDING, RATE)[key]
         count = flow.allowed(row.tat, now, rate) - pending
-        through = _let_through(conn, row.queue, RATE, row.key, count) if count > 0 else []
+        if count <= 0:
+            # Its pending jobs take the budget when they are leased, and that
+            # lease sets when the next is due; until then look once a period.
+            _set_bucket(conn, key, next_at=now + rate.period)
+            continue
+        through = _let_through(conn, row.queue, RATE, row.key, count)
         moved += through
         # When the budget after these and the pending ones is due.
         after = flow.taken(row.tat, now, rate, len(through) + pending)
@@ -595,23 +600,24 @@ def next_reopen_at(conn: Connection) -> datetime | None:
     return found
 
 
-def sweep(
-    conn: Connection, now: datetime, after: SweepCursor
-) -> tuple[list[Transition], SweepCursor]:
-    """Let through what no end or budget will: the held-back jobs of
-    concurrency keys with free slots, and of rate keys whose bucket waits on
-    nothing; SWEEP_KEYS of each kind a call, from where the last one stopped.
-    Then prune the buckets that are as good as none."""
-    concurrency = _held_back_keys(conn, CONCURRENCY, after[0])
-    moved = admit(conn, concurrency) if concurrency else []
-    rated = _held_back_keys(conn, RATE, after[1])
-    if rated:
-        buckets = _buckets(conn, rated, now, wait=False)
-        for key, bucket in buckets.items():
-            if not bucket.waiting:
-                _set_bucket(conn, key, waiting=True, next_at=now)  # reopen looks at once
+def sweep_concurrency(conn: Connection, after: Key | None) -> tuple[list[Transition], Key | None]:
+    """Let through what no end will: the held-back jobs of concurrency keys
+    with free slots (a key whose jobs were cancelled while pending, a limit
+    raised); SWEEP_KEYS keys a call, from where the last one stopped."""
+    keys = _held_back_keys(conn, CONCURRENCY, after)
+    return admit(conn, keys) if keys else [], _resume_at(keys)
+
+
+def sweep_rates(conn: Connection, now: datetime, after: Key | None) -> Key | None:
+    """Have reopen look at once at the rate keys with held-back jobs whose
+    bucket waits on nothing; then prune the buckets that are as good as
+    none. Its own transaction: it takes buckets, and no key's lock."""
+    keys = _held_back_keys(conn, RATE, after)
+    for key, bucket in _buckets(conn, keys, now).items():
+        if not bucket.waiting:
+            _set_bucket(conn, key, waiting=True, next_at=now)
     _prune(conn, now)
-    return moved, (_resume_at(concurrency), _resume_at(rated))
+    return _resume_at(keys)
 
 
 def _resume_at(keys: list[Key]) -> Key | None:

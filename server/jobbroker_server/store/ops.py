@@ -24,7 +24,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from jobbroker_server.domain import limits, states
 from jobbroker_server.domain.errors import Internal, NotFound, StorageFull
-from jobbroker_server.domain.flow import SweepCursor
+from jobbroker_server.domain.flow import Key
 from jobbroker_server.domain.models import (
     AttemptOutcome,
     Completion,
@@ -351,10 +351,12 @@ def lease_many(
     # A stream of plain and limited queues gives half its batch to each side
     # first, then what is left to the plain ones: neither starves the other.
     # (A batch of one goes to either side by lot.)
-    share = limit
+    share, share_bytes = limit, max_bytes
     if limited and plain:
         share = limit // 2 if limit > 1 else int(random.random() < 0.5)
-    found = _LEASE.rows(conn, {**params, "limit": share}) if plain and share else []
+        share_bytes = max_bytes // 2
+    first = {**params, "limit": share, "max_bytes": share_bytes}
+    found = _LEASE.rows(conn, first) if plain and share else []
     held_back: list[Transition] = []
     if limited and len(found) < limit:
         taken = sum(len(row.payload) for row in found)
@@ -365,7 +367,8 @@ def lease_many(
             if picked.ids:
                 found += _LEASE_PICKED.rows(conn, {**params, "ids": picked.ids})
         taken = sum(len(row.payload) for row in found)
-        if plain and len(found) < limit and (not found or taken < max_bytes):
+        more = plain and share < limit and len(found) < limit  # the plain share may have left some
+        if more and (not found or taken < max_bytes):
             rest = {**params, "limit": limit - len(found), "max_bytes": max_bytes - taken}
             found += _LEASE.rows(conn, rest if found else params)
     if not found:
@@ -419,7 +422,8 @@ def submit_and_lease(
     submitted = submit_many(conn, insert_new, jobs_in, now, dedup_window)
     moved = list(submitted.transitions)
     leased = []
-    for i, a in enumerate(asks):
+    picked = False  # a lease of limited queues came before in this transaction
+    for a in asks:
         taken = lease_many(
             conn,
             a.queues,
@@ -431,8 +435,9 @@ def submit_and_lease(
             a.holder,
             a.reports_starts,
             a.limited,
-            first_pick=i == 0,
+            first_pick=not picked,
         )
+        picked = picked or bool(a.limited)
         leased.append(taken.result)
         moved += taken.transitions
     return Moved((submitted.result, leased), moved)
@@ -870,9 +875,13 @@ def reopen_limits(conn: Connection, now: datetime) -> Moved[set[str]]:
     return _moved(conn, now, woken, moved)
 
 
-def sweep_limits(conn: Connection, now: datetime, after: SweepCursor) -> Moved[SweepCursor]:
-    moved, cursor = flow.sweep(conn, now, after)
+def sweep_concurrency(conn: Connection, now: datetime, after: Key | None) -> Moved[Key | None]:
+    moved, cursor = flow.sweep_concurrency(conn, after)
     return _moved(conn, now, cursor, moved)
+
+
+def sweep_rates(conn: Connection, now: datetime, after: Key | None) -> Key | None:
+    return flow.sweep_rates(conn, now, after)
 
 
 # --- operators ---

@@ -59,14 +59,14 @@ def list_queues(conn: Connection) -> list[QueueSettings]:
     return [_settings(r) for r in conn.execute(sa.select(queues).order_by(queues.c.name))]
 
 
-def _ensure(conn: Connection, name: str, now: datetime, *, capped: bool = True) -> None:
+def _ensure(conn: Connection, name: str, now: datetime) -> None:
     """The queue's row, made with no settings if it has none yet (once,
-    however many transactions race to make it). ``capped``: refuse past
+    however many transactions race to make it); refused past
     MAX_QUEUE_SETTINGS."""
     if conn.execute(sa.select(queues.c.name).where(queues.c.name == name)).first():
         return
     count = conn.execute(sa.select(sa.func.count()).select_from(queues)).scalar() or 0
-    if capped and count >= MAX_QUEUE_SETTINGS:
+    if count >= MAX_QUEUE_SETTINGS:
         raise ResourceExhausted(
             f"{count} queues have settings, the most a broker keeps; "
             "clear those of queues no longer used"
@@ -129,8 +129,8 @@ def mark_limited(conn: Connection, names: Sequence[str], now: datetime) -> None:
     missing = set(names) - set(found.scalars())
     if not missing:
         return
-    for name in sorted(missing):  # a queue with jobs, not a setting: not capped
-        _ensure(conn, name, now, capped=False)
+    for name in sorted(missing):
+        _ensure(conn, name, now)
     conn.execute(
         queues.update().where(queues.c.name.in_(names), ~queues.c.limited).values(limited=True)
     )

@@ -208,7 +208,9 @@ class SqlStore(Store):
         return await self._run(ops.reopen_limits, now)
 
     async def sweep_limits(self, now: datetime, after: SweepCursor) -> Moved[SweepCursor]:
-        return await self._run(ops.sweep_limits, now, after)
+        admitted = await self._run(ops.sweep_concurrency, now, after[0])
+        rates = await self._run(ops.sweep_rates, now, after[1])
+        return Moved((admitted.result, rates), admitted.transitions)
 
     async def get_job(self, job_id: str, *, history: bool = True) -> Job:
         return await self._run(ops.get_job, job_id, history=history)
