@@ -19,7 +19,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
@@ -123,6 +123,10 @@ def _messages(
             return
 
 
+if TYPE_CHECKING:  # a SubmitGrouped call: the type is the stubs' alone
+    _SyncCall = grpc.CallIterator[broker_pb2.SubmitBatchResponse]
+
+
 class _SyncStream:
     """One SubmitGrouped call: grpc's thread sends what `_messages` builds, and
     a reader thread of ours hands each answer's results to the waiting callers."""
@@ -133,8 +137,11 @@ class _SyncStream:
         self._lock = threading.Lock()
         self.broken = False
         self._room = threading.Semaphore(MESSAGES_IN_FLIGHT)
-        self._call = stub.SubmitGrouped(_messages(self._specs, self._room), metadata=metadata)
-        self._reader = threading.Thread(target=self._read, name="jobbroker-submits", daemon=True)
+        call = stub.SubmitGrouped(_messages(self._specs, self._room), metadata=metadata)
+        self._call: _SyncCall | None = call
+        self._reader = threading.Thread(
+            target=self._read, args=(call,), name="jobbroker-submits", daemon=True
+        )
         self._reader.start()
 
     def send(self, spec: job_pb2.JobSpec) -> Future[broker_pb2.SubmitResponse]:
@@ -147,10 +154,10 @@ class _SyncStream:
             self._specs.put(spec)
         return future
 
-    def _read(self) -> None:
+    def _read(self, call: _SyncCall) -> None:
         error: grpc.RpcError = _closed()
         try:
-            for answer in self._call:
+            for answer in call:
                 with self._lock:
                     futures = [self._waiting.popleft() for _ in answer.results]
                 self._room.release()
@@ -159,7 +166,7 @@ class _SyncStream:
         except grpc.RpcError as failed:
             error = failed
         except Exception:  # an answer that does not match what was sent
-            cast(Callable[[], bool], self._call.cancel)()
+            cast(Callable[[], bool], call.cancel)()
             log.exception("the submit stream broke")
         with self._lock:
             self.broken = True
@@ -170,9 +177,16 @@ class _SyncStream:
             future.set_exception(error)
 
     def close(self) -> None:
-        """End the call and wait (at most CLOSE_WAIT) for the reader to see it end."""
+        """End the call and wait (at most CLOSE_WAIT) for the reader to see it
+        end. The call is let go here, while grpc's threads still run: left to
+        the interpreter's exit, its finalizer waited on a lock that a daemon
+        thread, stopped there in mid-send, held for ever."""
         self._specs.put(None)
-        cast(Callable[[], bool], self._call.cancel)()  # the stubs leave cancel untyped
+        call, self._call = self._call, None
+        if call is None:
+            return
+        cast(Callable[[], bool], call.cancel)()  # the stubs leave cancel untyped
+        del call
         if self._reader is not threading.current_thread():
             self._reader.join(CLOSE_WAIT)
             if self._reader.is_alive():
