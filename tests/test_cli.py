@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -346,3 +347,9 @@ def test_schedule_errors_are_one_line(broker: BrokerThread) -> None:
     )
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     assert "Traceback" not in both.stderr
+
+
+def test_version_is_one_line_with_the_installed_version() -> None:
+    done = _broker("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"broker (jobbroker) {importlib.metadata.version('jobbroker')}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -532,8 +533,18 @@ def _seq(text: str) -> int:
     return seq
 
 
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("jobbroker")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description="jobbroker: a durable job broker")
+    parser.add_argument(
+        "--version", action="version", version=f"broker (jobbroker) {_installed_version()}"
+    )
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument(
         "--target", help=f"broker address (env BROKER_TARGET, default {DEFAULT_TARGET})"
