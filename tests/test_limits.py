@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,8 +47,10 @@ def replicas(settings: Settings) -> Iterator[list[BrokerThread]]:
             yield [first, second]
 
 
-def _workers(brokers: Sequence[BrokerThread], count: int, concurrency: int) -> list[Process]:
-    return [
+@contextmanager
+def _workers(brokers: Sequence[BrokerThread], count: int, concurrency: int) -> Iterator[None]:
+    """``count`` worker processes, spread over the brokers; killed on exit."""
+    workers = [
         Process(
             [
                 *BROKER,
@@ -62,6 +65,11 @@ def _workers(brokers: Sequence[BrokerThread], count: int, concurrency: int) -> l
         )
         for i in range(count)
     ]
+    try:
+        yield
+    finally:
+        for w in workers:
+            w.kill()
 
 
 def _jobs(client: Client, ids: Sequence[str]) -> list[Job]:
@@ -92,8 +100,7 @@ def test_a_concurrency_key_never_has_more_running_than_its_limit(
         handles = client.submit_many(
             [JobRequest(limit_tasks.keyed, {"key": keys[i % 3], "sleep": 0.02}) for i in range(90)]
         )
-        workers = _workers(replicas, 3, concurrency=8)
-        try:
+        with _workers(replicas, 3, concurrency=8):
             wait_for(
                 lambda: all(
                     j.state is JobState.SUCCEEDED for j in _jobs(client, [h.id for h in handles])
@@ -101,9 +108,6 @@ def test_a_concurrency_key_never_has_more_running_than_its_limit(
                 timeout=60,
                 what="every keyed job to succeed",
             )
-        finally:
-            for w in workers:
-                w.kill()
         done = _jobs(client, [h.id for h in handles])
     spans = defaultdict(list)
     for job in done:
@@ -192,8 +196,7 @@ def test_a_queue_rate_holds_across_workers_and_replicas(replicas: list[BrokerThr
     with Client(replicas[0].target, timeout=10) as client:
         client.set_queue(limit_tasks.RATED, rate="50/s")
         handles = client.submit_many([JobRequest(limit_tasks.rated, i) for i in range(1_600)])
-        workers = _workers(replicas, 3, concurrency=16)
-        try:
+        with _workers(replicas, 3, concurrency=16):
             first = wait_for(
                 lambda: client.get_job(handles[0].id).started_at, timeout=30, what="a start"
             )
@@ -203,9 +206,6 @@ def test_a_queue_rate_holds_across_workers_and_replicas(replicas: list[BrokerThr
                 timeout=60,
                 what="the 20 s window to pass",
             )
-        finally:
-            for w in workers:
-                w.kill()
         jobs = _jobs(client, [h.id for h in handles])
     starts = sorted(a.started_at for j in jobs for a in j.history)
     assert starts[0] <= first

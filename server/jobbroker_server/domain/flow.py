@@ -74,6 +74,14 @@ class LimitFacts:
     next_token_at: datetime | None = None  # rate: when the next job may start
 
 
+def stored_rate(count: int | None, period_s: float | None) -> RateLimit | None:
+    """A rate as the store keeps it (a count and a period in seconds, NULL
+    for none)."""
+    if count is None or period_s is None:
+        return None
+    return RateLimit(count, timedelta(seconds=period_s))
+
+
 def rate_limit(count: int, period_s: float, what: str) -> RateLimit:
     """A rate limit from a client's numbers, or InvalidArgument saying why not."""
     if not 1 <= count <= MAX_RATE_COUNT:

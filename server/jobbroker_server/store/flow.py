@@ -34,7 +34,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -105,12 +105,6 @@ class Picked:
     moved: list[Transition]
 
 
-def _rate(count: int | None, period_s: float | None) -> RateLimit | None:
-    if count is None or period_s is None:
-        return None
-    return RateLimit(count, timedelta(seconds=period_s))
-
-
 def _settings(
     conn: Connection, names: Iterable[str], *, leasable: bool = True
 ) -> dict[str, _Queue]:
@@ -122,8 +116,8 @@ def _settings(
     found = conn.execute(sa.select(queues).where(*where))
     return {
         r.name: _Queue(
-            _rate(r.rate_count, r.rate_period_s),
-            _rate(r.key_rate_count, r.key_rate_period_s),
+            flow.stored_rate(r.rate_count, r.rate_period_s),
+            flow.stored_rate(r.key_rate_count, r.key_rate_period_s),
             r.key_concurrency or 1,
         )
         for r in found
@@ -379,7 +373,7 @@ def _count_limits(
                 limits[key] = min(limits.get(key, own), own)
         if r.rate_key is not None:
             key = (r.queue, r.rate_key)
-            rate = _rate(r.rate_count, r.rate_period_s) or settings.key_rate
+            rate = flow.stored_rate(r.rate_count, r.rate_period_s) or settings.key_rate
             if rate is not None and key not in budget.rate_left:
                 known = rates.get(key)
                 rates[key] = rate if known is None or rate.interval > known.interval else known
@@ -569,7 +563,9 @@ def reopen(conn: Connection, now: datetime) -> tuple[list[Transition], set[str]]
             _set_bucket(conn, key, waiting=False)
             continue
         queue = settings.get(row.queue)
-        rate = _rate(first.rate_count, first.rate_period_s) or (queue.key_rate if queue else None)
+        rate = flow.stored_rate(first.rate_count, first.rate_period_s) or (
+            queue.key_rate if queue else None
+        )
         if rate is None:  # the limit was removed: let them through
             moved += _let_through(conn, row.queue, RATE, row.key, LET_THROUGH_AT_ONCE)
             _set_bucket(conn, key, next_at=now)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import ResourceExhausted
-from jobbroker_server.domain.flow import RateLimit
+from jobbroker_server.domain.flow import RateLimit, stored_rate
 from jobbroker_server.domain.queues import MAX_QUEUE_SETTINGS, QueueDefaults, QueueSettings
 from jobbroker_server.store.tables import queues
 
@@ -34,8 +34,8 @@ def _settings(row: Any) -> QueueSettings:
         timeout=_delta(row.timeout_s),
         soft_timeout=_delta(row.soft_timeout_s),
         lost_worker_counts=row.lost_worker_counts,
-        rate=_rate(row.rate_count, row.rate_period_s),
-        key_rate=_rate(row.key_rate_count, row.key_rate_period_s),
+        rate=stored_rate(row.rate_count, row.rate_period_s),
+        key_rate=stored_rate(row.key_rate_count, row.key_rate_period_s),
         key_concurrency=row.key_concurrency,
     )
     return QueueSettings(
@@ -47,12 +47,6 @@ def _settings(row: Any) -> QueueSettings:
         row.updated_at,
         row.limited,
     )
-
-
-def _rate(count: int | None, period_s: float | None) -> RateLimit | None:
-    if count is None or period_s is None:
-        return None
-    return RateLimit(count, timedelta(seconds=period_s))
 
 
 def list_queues(conn: Connection) -> list[QueueSettings]:

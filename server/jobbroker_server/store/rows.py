@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from jobbroker_server.domain import limits
-from jobbroker_server.domain.flow import JobLimits, RateLimit
+from jobbroker_server.domain.flow import JobLimits, stored_rate
 from jobbroker_server.domain.models import Attempt, AttemptOutcome, ErrorInfo, Job, NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.states import JobState
@@ -131,9 +131,7 @@ def limit_values(job_id: str, limits: JobLimits) -> dict[str, Any]:
 def job_limits(row: Any) -> JobLimits | None:
     if row.concurrency_key is None and row.rate_key is None:
         return None
-    rate = None
-    if row.rate_count is not None:
-        rate = RateLimit(row.rate_count, timedelta(seconds=row.rate_period_s))
+    rate = stored_rate(row.rate_count, row.rate_period_s)
     return JobLimits(row.concurrency_key, row.concurrency_limit, row.rate_key, rate)
 
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from jobbroker_server.domain.errors import NotFound, ResourceExhausted
-from jobbroker_server.domain.flow import JobLimits, RateLimit
+from jobbroker_server.domain.flow import JobLimits, stored_rate
 from jobbroker_server.domain.models import NewJob, Payload
 from jobbroker_server.domain.retry import RetryPolicy
 from jobbroker_server.domain.schedules import CatchUp, JobTemplate, Schedule, Tick, Timing
@@ -77,8 +77,7 @@ def _limits_from(value: list[Any] | None) -> JobLimits | None:
     if value is None:
         return None
     concurrency_key, concurrency_limit, rate_key, count, period_s = value
-    rate = None if count is None else RateLimit(count, timedelta(seconds=period_s))
-    return JobLimits(concurrency_key, concurrency_limit, rate_key, rate)
+    return JobLimits(concurrency_key, concurrency_limit, rate_key, stored_rate(count, period_s))
 
 
 def _definition(s: Schedule) -> dict[str, Any]:
